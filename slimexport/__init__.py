@@ -1,0 +1,25 @@
+"""slimexport: training-free slimming of diffusion UNets (SlimDiff), export, engines, parity and speed.
+
+``import slimexport`` is lean: it imports neither diffusers, onnxruntime, triton nor tensorrt, and does not
+initialise CUDA. The public functions below import what they need when called.
+"""
+
+from slimexport._version import __version__
+
+__all__ = ["__version__", "build", "compress", "load_model", "load_slim_unet"]
+
+
+def __getattr__(name):
+    if name in ("compress", "build"):
+        from slimexport import api
+
+        return getattr(api, name)
+    if name == "load_slim_unet":
+        from slimexport.slim.apply import load_slim_unet
+
+        return load_slim_unet
+    if name == "load_model":
+        from slimexport.models.load import load_model
+
+        return load_model
+    raise AttributeError(f"module 'slimexport' has no attribute {name!r}")

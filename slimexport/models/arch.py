@@ -1,0 +1,98 @@
+"""The map of compressible modules in a diffusers ``UNet2DConditionModel``.
+
+This file and ``slimexport/slim/`` are the only code that knows diffusers' module names. A *block* is one
+``BasicTransformerBlock`` (``...attentions.i.transformer_blocks.j``); it holds five compressible *modules*:
+
+====================  ==========================================  ============================
+module id suffix      weights                                      decomposition
+====================  ==========================================  ============================
+``attn1.qk``          ``attn1.to_q``, ``attn1.to_k``                Type II whitening-SVD
+``attn1.vo``          ``attn1.to_v``, ``attn1.to_out.0``            Type III whitening-SVD
+``attn2.qk``          ``attn2.to_q``, ``attn2.to_k``                Type II (keys: text tokens)
+``attn2.vo``          ``attn2.to_v``, ``attn2.to_out.0``            Type III (inputs: text tokens)
+``ff``                ``ff.net.0.proj`` (GEGLU), ``ff.net.2``        Type I Nyström
+====================  ==========================================  ============================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from slimexport.errors import UsageError
+
+ATTN_KINDS = ("attn1.qk", "attn1.vo", "attn2.qk", "attn2.vo")
+FFN_KIND = "ff"
+MODULE_KINDS = ATTN_KINDS + (FFN_KIND,)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Sizes of one transformer block (from the dense model).
+
+    Attributes:
+        path: module path of the ``BasicTransformerBlock`` in the UNet.
+        width: channels C of the block (query input width).
+        num_heads: attention heads H (both attentions).
+        head_dim: original per-head size d = C / H.
+        context_dim: width of the text tokens read by ``attn2.to_k``/``to_v``.
+        ffn_width: GEGLU intermediate width (4C in SD).
+    """
+
+    path: str
+    width: int
+    num_heads: int
+    head_dim: int
+    context_dim: int
+    ffn_width: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_geglu_ff(ff) -> bool:
+    net = getattr(ff, "net", None)
+    if net is None or len(net) < 3:
+        return False
+    first = net[0]
+    return type(first).__name__ == "GEGLU" and isinstance(getattr(first, "proj", None), nn.Linear) and isinstance(net[2], nn.Linear)
+
+
+def transformer_blocks(unet) -> list[tuple[str, nn.Module]]:
+    """All ``BasicTransformerBlock``s of the UNet, in module order."""
+    return [(name, mod) for name, mod in unet.named_modules() if type(mod).__name__ == "BasicTransformerBlock"]
+
+
+def block_info(path: str, block) -> BlockInfo:
+    """Check that a block has the SD layout the decompositions assume, and read its sizes."""
+    a1, a2 = block.attn1, getattr(block, "attn2", None)
+    if a2 is None or not getattr(a2, "is_cross_attention", True):
+        raise UsageError(f"{path} has no cross-attention (attn2)", "only SD-style blocks with self- and cross-attention are supported")
+    for name, attn in (("attn1", a1), ("attn2", a2)):
+        for proj in ("to_q", "to_k", "to_v"):
+            if getattr(attn, proj).bias is not None:
+                raise UsageError(f"{path}.{name}.{proj} has a bias", "only bias-free q/k/v projections (SD1.x/2.x) are supported")
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise UsageError(f"{path}.{name} normalises q/k", "QK-normed attention (SD3, Flux) is out of scope")
+    if not _is_geglu_ff(block.ff):
+        raise UsageError(f"{path}.ff is not a GEGLU feed-forward", "only SD-style GEGLU feed-forwards are supported")
+    width = a1.to_q.in_features
+    heads = a1.heads
+    inner = a1.to_q.out_features
+    return BlockInfo(
+        path=path, width=width, num_heads=heads, head_dim=inner // heads,
+        context_dim=a2.to_k.in_features, ffn_width=block.ff.net[2].in_features,
+    )
+
+
+def blocks(unet) -> list[BlockInfo]:
+    """``BlockInfo`` of every transformer block; raises a clear error for unsupported layouts."""
+    out = [block_info(p, b) for p, b in transformer_blocks(unet)]
+    if not out:
+        raise UsageError("the UNet has no transformer blocks", "slimexport compresses UNets with cross-attention blocks (SD1.x/2.x)")
+    return out
+
+
+def get_module(unet, path: str) -> nn.Module:
+    return unet.get_submodule(path)

@@ -1,0 +1,88 @@
+"""A loaded model: the UNet plus what the calibration sampler needs (prompt encoder, scheduler, sizes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class PromptEncoder(Protocol):
+    """Maps prompts to the UNet's conditioning.
+
+    ``encode(prompts) -> (hidden [B, L, D], pooled [B, P])``: ``hidden`` feeds ``encoder_hidden_states``,
+    ``pooled`` (L2-normalised by the caller) is the embedding SlimSet selects prompts with.
+    """
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class CLIPPromptEncoder:
+    """Stable Diffusion's conditioning: CLIP last hidden state, pooled EOS embedding for SlimSet."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.text_encoder.device)
+        out = self.text_encoder(ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+@dataclass
+class ModelBundle:
+    """Everything the stages need from a model.
+
+    Attributes:
+        name: what the user passed to ``--model``.
+        source: where the weights came from: ``builtin``, ``random``, ``local:PATH``, ``hf-cache:ID``, ``hub:ID``.
+        unet: the diffusers ``UNet2DConditionModel`` (eval mode, on CPU until a stage moves it).
+        encoder: prompt → conditioning.
+        scheduler_config: config of the DDIM sampler used for calibration and trajectories.
+        image_size: default (height, width) in pixels.
+        vae_scale_factor: pixels per latent cell.
+        components: extra pipeline parts (``tokenizer``, ``text_encoder``, ``vae``) where present.
+        prompt_pool: the default calibration prompt pool for this model (``None``: the shipped SD pool).
+    """
+
+    name: str
+    source: str
+    unet: Any
+    encoder: PromptEncoder
+    scheduler_config: dict
+    image_size: tuple[int, int]
+    vae_scale_factor: int
+    components: dict = field(default_factory=dict)
+    prompt_pool: list[str] | None = None
+    unet_source_dir: str | None = None
+
+    def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        h = height or self.image_size[0]
+        w = width or self.image_size[1]
+        return h // self.vae_scale_factor, w // self.vae_scale_factor
+
+    def make_scheduler(self):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def pipeline(self):
+        """A diffusers ``StableDiffusionPipeline`` around this bundle's UNet (needs tokenizer, text encoder, VAE)."""
+        from diffusers import StableDiffusionPipeline
+
+        missing = [k for k in ("tokenizer", "text_encoder", "vae") if k not in self.components]
+        if missing:
+            from slimexport.errors import UsageError
+
+            raise UsageError(f"model '{self.name}' has no {', '.join(missing)}", "load a full pipeline folder")
+        return StableDiffusionPipeline(
+            vae=self.components["vae"], text_encoder=self.components["text_encoder"],
+            tokenizer=self.components["tokenizer"], unet=self.unet, scheduler=self.make_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )

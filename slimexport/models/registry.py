@@ -1,0 +1,130 @@
+"""The model registry: exact names, hub ids and full UNet configs.
+
+``attention_head_dim`` in diffusers' SD1.x/SD2.x configs is (for historical reasons) the *number of heads*;
+this module is the one place that knows it. Everywhere else uses ``num_heads`` and ``head_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Stable Diffusion's own training schedule (scaled-linear betas); the calibration sampler is DDIM on it.
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+_SD1_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,  # = 8 heads (diffusers' legacy name)
+    "use_linear_projection": False,
+}
+
+_SD21_BASE_UNET = {
+    **_SD1_UNET,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],  # = heads per level: 64-dim heads
+    "use_linear_projection": True,
+}
+
+_SD1_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+}
+_SD2_TEXT = {
+    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+    "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry.
+
+    Attributes:
+        name: the ``--model`` name.
+        hub_id: Hugging Face repository of the real weights (``None`` for built-in models).
+        unet_config: full ``UNet2DConditionModel`` config: ``--random-weights`` builds this architecture offline.
+        text_config: ``CLIPTextModel`` config for random weights.
+        builtin: built by slimexport itself (``tiny``, ``digits``): no download ever.
+        scheduler: scheduler config of the calibration sampler.
+        default_image: default (height, width) in pixels.
+        vae_scale_factor: pixels per latent cell.
+    """
+
+    name: str
+    hub_id: str | None
+    unet_config: dict
+    text_config: dict | None
+    builtin: bool = False
+    scheduler: dict = field(default_factory=lambda: dict(SD_SCHEDULER))
+    default_image: tuple[int, int] = (512, 512)
+    vae_scale_factor: int = 8
+    description: str = ""
+
+
+TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,  # = 2 heads: head_dim 16 and 32
+    "use_linear_projection": False,
+}
+
+TINY_TEXT = {
+    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+}
+
+REGISTRY: dict[str, ModelSpec] = {
+    "sd14": ModelSpec("sd14", "CompVis/stable-diffusion-v1-4", _SD1_UNET, _SD1_TEXT,
+                      description="Stable Diffusion v1.4 (860M UNet)"),
+    "sd15": ModelSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", _SD1_UNET, _SD1_TEXT,
+                      description="Stable Diffusion v1.5 (860M UNet)"),
+    "sd21-base": ModelSpec("sd21-base", "stabilityai/stable-diffusion-2-1-base", _SD21_BASE_UNET, _SD2_TEXT,
+                           description="Stable Diffusion v2.1 base (865M UNet, linear proj_in/out, 64-dim heads)"),
+    "tiny": ModelSpec("tiny", None, TINY_UNET, TINY_TEXT, builtin=True, default_image=(32, 32), vae_scale_factor=2,
+                      description="SD1-shaped test UNet, random weights (seed 0), tiny text encoder and tokenizer"),
+}
+
+
+def register(spec: ModelSpec) -> None:
+    REGISTRY[spec.name] = spec
+
+
+def get_spec(name: str) -> ModelSpec | None:
+    return REGISTRY.get(name)
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)

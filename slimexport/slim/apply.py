@@ -1,0 +1,165 @@
+"""Apply a slim plan to a UNet, and save/load slim UNets as folders (config + plan JSON + safetensors).
+
+A slim UNet is an ordinary ``UNet2DConditionModel`` whose attention and feed-forward ``nn.Linear`` layers are
+narrower, with :class:`SlimAttnProcessor` installed on every attention of its transformer blocks. Folder:
+
+- ``config.json``: the dense UNet's diffusers config (the architecture before slimming);
+- ``slim_plan.json``: per-block shapes (``rank_qk``/``rank_vo`` per head, FFN width), provenance and digests;
+- ``diffusion_pytorch_model.safetensors``: the slim weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimexport._version import __version__
+from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
+from slimexport.errors import ArtifactError, IncompatibleArtifactError
+from slimexport.models.arch import transformer_blocks
+from slimexport.slim.attention import SlimAttnProcessor
+
+SLIM_FORMAT = "slimexport.slim/1"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def _set_linear(parent: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    old = getattr(parent, name) if not name.isdigit() else parent[int(name)]
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.requires_grad_(old.weight.requires_grad)
+    if name.isdigit():
+        parent[int(name)] = lin
+    else:
+        setattr(parent, name, lin)
+
+
+def replace_linears(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Replace each ``nn.Linear`` named by ``<path>.weight`` keys with one of the given weight (and bias) shape."""
+    for key, w in weights.items():
+        if not key.endswith(".weight"):
+            continue
+        path = key[: -len(".weight")]
+        parent_path, _, name = path.rpartition(".")
+        parent = unet.get_submodule(parent_path)
+        old = unet.get_submodule(path)
+        if not isinstance(old, nn.Linear):
+            raise ArtifactError(f"{path} is not a Linear layer in this UNet", "the slim weights belong to another architecture")
+        bias = weights.get(path + ".bias", old.bias.detach() if old.bias is not None else None)
+        _set_linear(parent, name, w.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype))
+
+
+def install_processors(unet: nn.Module, kernel=None) -> None:
+    """Put :class:`SlimAttnProcessor` (original scale kept) on every attention of every transformer block."""
+    for _, block in transformer_blocks(unet):
+        for attn in (block.attn1, getattr(block, "attn2", None)):
+            if attn is not None:
+                attn.set_processor(SlimAttnProcessor(attn.scale, kernel=kernel))
+
+
+def shapes_of(unet: nn.Module) -> dict[str, dict]:
+    """Per-block shapes: ``{path: {"attn1": {"rank_qk", "rank_vo"}, "attn2": {...}, "ffn_width": w}}``."""
+    out = {}
+    for path, block in transformer_blocks(unet):
+        entry = {}
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name)
+            entry[name] = {"rank_qk": attn.to_q.out_features // attn.heads, "rank_vo": attn.to_v.out_features // attn.heads}
+        entry["ffn_width"] = block.ff.net[2].in_features
+        out[path] = entry
+    return out
+
+
+def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
+    """Give ``unet`` the layer shapes of a slim plan (weights uninitialised: load a state dict next)."""
+    blocks = dict(transformer_blocks(unet))
+    missing = sorted(set(shapes) - set(blocks))
+    if missing:
+        raise IncompatibleArtifactError(f"slim plan names blocks this UNet lacks ({missing[0]}, ...)", "load it with the UNet config it was made from")
+    p = next(unet.parameters())
+    for path, entry in shapes.items():
+        block = blocks[path]
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name)
+            rqk, rvo = entry[name]["rank_qk"] * attn.heads, entry[name]["rank_vo"] * attn.heads
+            out_dim = attn.to_out[0].out_features
+            new = {
+                "to_q.weight": torch.empty(rqk, attn.to_q.in_features, dtype=p.dtype, device=p.device),
+                "to_k.weight": torch.empty(rqk, attn.to_k.in_features, dtype=p.dtype, device=p.device),
+                "to_v.weight": torch.empty(rvo, attn.to_v.in_features, dtype=p.dtype, device=p.device),
+                "to_out.0.weight": torch.empty(out_dim, rvo, dtype=p.dtype, device=p.device),
+            }
+            replace_linears(unet, {f"{path}.{name}.{k}": v for k, v in new.items()})
+        width = entry["ffn_width"]
+        proj = block.ff.net[0].proj
+        c = proj.in_features
+        replace_linears(unet, {
+            f"{path}.ff.net.0.proj.weight": torch.empty(2 * width, c, dtype=p.dtype, device=p.device),
+            f"{path}.ff.net.0.proj.bias": torch.empty(2 * width, dtype=p.dtype, device=p.device),
+            f"{path}.ff.net.2.weight": torch.empty(block.ff.net[2].out_features, width, dtype=p.dtype, device=p.device),
+        })
+
+
+def save_slim_unet(unet: nn.Module, out_dir: str | Path, plan: dict | None = None) -> Path:
+    """Write a slim UNet folder atomically. ``plan`` (rank plan, provenance) is stored in ``slim_plan.json``."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        config = json.loads(json.dumps(config, default=list))
+        write_json(tmp / "config.json", config)
+        digest = save_tensors(tmp / WEIGHTS_NAME, unet.state_dict(), metadata={"format": SLIM_FORMAT})
+        write_json(tmp / "slim_plan.json", {
+            "format": SLIM_FORMAT,
+            "slimexport_version": __version__,
+            "shapes": shapes_of(unet),
+            "weights": {"file": WEIGHTS_NAME, "sha256": digest},
+            "params": sum(p.numel() for p in unet.parameters()),
+            "plan": plan or {},
+        })
+    return out_dir
+
+
+def read_slim_plan(path: str | Path) -> dict:
+    meta = read_json(Path(path) / "slim_plan.json", "slim plan")
+    if meta.get("format") != SLIM_FORMAT:
+        raise IncompatibleArtifactError(
+            f"{path} has slim format {meta.get('format')!r}; this slimexport {__version__} reads {SLIM_FORMAT!r}",
+            "rebuild the slim UNet with this version (slimexport compress)",
+        )
+    return meta
+
+
+def load_slim_unet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, check: bool = True):
+    """Rebuild a slim UNet saved by :func:`save_slim_unet`.
+
+    The result drops into a diffusers pipeline (``pipe.unet = load_slim_unet(...)``).
+
+    Raises:
+        ArtifactError: the folder is incomplete, or its weights fail their sha256 check.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    meta = read_slim_plan(path)
+    config = read_json(path / "config.json", "UNet config")
+    weights_file = path / meta["weights"]["file"]
+    state = load_tensors(weights_file, meta["weights"]["sha256"] if check else None, what="slim weights")
+    unet = UNet2DConditionModel.from_config(config)
+    resize_to(unet, meta["shapes"])
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"slim weights in {weights_file} do not fit the plan's shapes ({str(err).splitlines()[0]})",
+                            "rebuild the slim UNet (slimexport compress)") from err
+    install_processors(unet)
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def slim_weights_sha256(path: str | Path) -> str:
+    return sha256_file(Path(path) / WEIGHTS_NAME)
