@@ -21,6 +21,18 @@ from slimexport.errors import ArtifactError, ResourceError, UsageError
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask-based mode."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -64,6 +76,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish_mode(Path(tmp), False)
         os.replace(tmp, final)
     except OSError as err:
         with contextlib.suppress(OSError):
@@ -83,6 +96,7 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     try:
         yield tmp
+        _publish_mode(tmp, True)
         if final.exists():
             old = final.with_name(TMP_PREFIX + final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

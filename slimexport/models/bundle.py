@@ -8,6 +8,12 @@ from typing import Any, Protocol
 import torch
 
 
+def move(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``nn.Module.to`` without diffusers' override (which warns on every dtype cast)."""
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return torch.nn.Module.to(module, **kwargs)
+
+
 class PromptEncoder(Protocol):
     """Maps prompts to the UNet's conditioning.
 
@@ -61,6 +67,21 @@ class ModelBundle:
     components: dict = field(default_factory=dict)
     prompt_pool: list[str] | None = None
     unet_source_dir: str | None = None
+    fingerprint: str | None = None
+
+    def identity(self) -> str:
+        """Content hash of what calibration depends on: UNet and encoder weights (or their seeded recipe)."""
+        if self.fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            modules = [self.unet] + [m for m in (self.encoder, getattr(self.encoder, "text_encoder", None)) if isinstance(m, torch.nn.Module)]
+            for mod in modules:
+                for name, t in sorted(mod.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self.fingerprint = h.hexdigest()
+        return self.fingerprint
 
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         h = height or self.image_size[0]

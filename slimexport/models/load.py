@@ -79,10 +79,17 @@ def _random_bundle(spec: ModelSpec, source: str, seed: int = 0) -> ModelBundle:
     components = {"tokenizer": tokenizer, "text_encoder": text_encoder}
     if spec.name == "tiny":
         components["vae"] = build_tiny_vae(seed + 2)
+    import diffusers
+    import transformers
+
+    from slimexport.artifacts import sha256_json
+
+    recipe = sha256_json({"unet": spec.unet_config, "text": spec.text_config, "seed": seed, "tokenizer": "char-v1",
+                          "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__})
     return ModelBundle(
         name=spec.name, source=source, unet=build_unet(spec.unet_config, seed), encoder=CLIPPromptEncoder(tokenizer, text_encoder),
         scheduler_config=dict(spec.scheduler), image_size=spec.default_image, vae_scale_factor=spec.vae_scale_factor,
-        components=components,
+        components=components, fingerprint=f"recipe:{recipe}",
     )
 
 

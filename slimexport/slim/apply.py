@@ -20,6 +20,7 @@ from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
 from slimexport.models.arch import transformer_blocks
+from slimexport.models.bundle import move
 from slimexport.slim.attention import SlimAttnProcessor
 
 SLIM_FORMAT = "slimexport.slim/1"
@@ -158,7 +159,7 @@ def load_slim_unet(path: str | Path, device: str | torch.device = "cpu", dtype: 
         raise ArtifactError(f"slim weights in {weights_file} do not fit the plan's shapes ({str(err).splitlines()[0]})",
                             "rebuild the slim UNet (slimexport compress)") from err
     install_processors(unet)
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return move(unet, device, dtype).eval().requires_grad_(False)
 
 
 def slim_weights_sha256(path: str | Path) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from slimexport.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""Stage E: module scores and costs → a rank plan under the budget.
+
+The plan is a plain JSON-able dict (``RankPlan``): ranks per module, per-module diagnostics, and parameter
+counts of the targeted modules and of the whole UNet before and after.
+"""
+
+from __future__ import annotations
+
+import math
+
+from slimexport.allocate.budget import ModuleCost, allocate_ranks, max_step_cost, softmax_weights
+from slimexport.allocate.scores import module_score
+from slimexport.calibrate.stats import CalibStats
+from slimexport.config import AllocConfig, DecomposeConfig
+from slimexport.models.arch import ATTN_KINDS, FFN_KIND, BlockInfo
+
+# Rank steps at SD size (method §7, export conventions §10): 8 per head keeps flash/SDPA kernels on their fast
+# path; 64 FFN channels keep GEMM widths tensor-core friendly. Tiny models scale both down.
+SD_ATTN_QUANTUM = 8
+SD_FFN_QUANTUM = 64
+SD_HEAD_DIM = 40
+SD_FFN_WIDTH = 1024
+
+
+def attn_quantum(head_dim: int, cfg: AllocConfig) -> int:
+    if cfg.attn_quantum is not None:
+        return min(cfg.attn_quantum, head_dim)
+    return SD_ATTN_QUANTUM if head_dim >= SD_HEAD_DIM else max(2, head_dim // 8)
+
+
+def ffn_quantum(width: int, cfg: AllocConfig) -> int:
+    if cfg.ffn_quantum is not None:
+        return min(cfg.ffn_quantum, width)
+    return SD_FFN_QUANTUM if width >= SD_FFN_WIDTH else max(4, width // 32)
+
+
+def unit_cost(block: BlockInfo, kind: str) -> int:
+    """Parameters per unit of rank: per-head rank for attention (all H heads), one channel for the FFN."""
+    h, c = block.num_heads, block.width
+    if kind == "attn1.qk" or kind == "attn1.vo":
+        return h * (c + c)
+    if kind == "attn2.qk":
+        return h * (c + block.context_dim)
+    if kind == "attn2.vo":
+        return h * (block.context_dim + c)
+    return 2 * (c + 1) + c  # GEGLU content + gate rows (with biases) + one down-projection column
+
+
+def max_rank(block: BlockInfo, kind: str) -> int:
+    return block.ffn_width if kind == FFN_KIND else block.head_dim
+
+
+def input_weight(unet, block: BlockInfo, kind: str):
+    """``A_m`` of the spectral influence score, as the torch weight ``Aᵀ``."""
+    b = unet.get_submodule(block.path)
+    return {"attn1.qk": b.attn1.to_q, "attn1.vo": b.attn1.to_v, "attn2.qk": b.attn2.to_q,
+            "attn2.vo": b.attn2.to_v, "ff": b.ff.net[2]}[kind].weight
+
+
+def targeted_kinds(cfg: AllocConfig) -> tuple[str, ...]:
+    return (ATTN_KINDS if "attn" in cfg.targets else ()) + ((FFN_KIND,) if "ffn" in cfg.targets else ())
+
+
+def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict[str, dict]:
+    """Per targeted module: kind, block, score, timestep weights (method §5)."""
+    out = {}
+    for block in stats.blocks:
+        for kind in targeted_kinds(acfg):
+            w = input_weight(unet, block, kind).detach().double()
+            ms = module_score(stats, block, kind, float((w**2).sum()), dcfg.timestep_weighting, acfg.propagation)
+            out[f"{block.path}.{kind}"] = {"block": block, "kind": kind, "ms": ms}
+    return out
+
+
+def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict:
+    """The rank plan: ``{"ranks": {module: rank}, "modules": {...}, "params": {...}, ...}``."""
+    scored = score_modules(unet, stats, dcfg, acfg)
+    modules = []
+    for name, s in scored.items():
+        block, kind = s["block"], s["kind"]
+        d = max_rank(block, kind)
+        q = ffn_quantum(d, acfg) if kind == FFN_KIND else attn_quantum(d, acfg)
+        modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=unit_cost(block, kind),
+                                  r_min=min(acfg.r_min, d), quantum=q, score=s["ms"].score))
+    temperature = math.inf if acfg.method == "uniform" else acfg.temperature
+    ranks = allocate_ranks(modules, acfg.budget, temperature)
+    pi = softmax_weights([m.score for m in modules], temperature)
+    targeted_dense = sum(m.dense_params for m in modules)
+    targeted_slim = sum(ranks[m.name] * m.unit_cost for m in modules)
+    unet_dense = sum(p.numel() for p in unet.parameters())
+    return {
+        "budget": acfg.budget,
+        "targets": list(acfg.targets),
+        "ranks": ranks,
+        "modules": {
+            m.name: {"kind": m.kind, "rank": ranks[m.name], "max_rank": m.max_rank, "keep": ranks[m.name] / m.max_rank,
+                     "unit_cost": m.unit_cost, "quantum": m.quantum, "r_min": m.r_min, "score": m.score, "softmax": p,
+                     "timestep_weights": [round(float(x), 6) for x in scored[m.name]["ms"].bin_weights]}
+            for m, p in zip(modules, pi)
+        },
+        "params": {
+            "targeted_dense": targeted_dense, "targeted_slim": targeted_slim,
+            "target": acfg.budget * targeted_dense, "max_step": max_step_cost(modules),
+            "dense_total": unet_dense, "slim_total": unet_dense - targeted_dense + targeted_slim,
+        },
+    }

@@ -1,0 +1,129 @@
+"""Stages A–B: pick the SlimSet, run the sampler with the collector, return :class:`CalibStats`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from slimexport.calibrate import slimset
+from slimexport.calibrate.collector import StatsCollector, addmm_accumulate
+from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
+from slimexport.calibrate.runner import denoise, initial_latents
+from slimexport.calibrate.stats import CalibStats
+from slimexport.config import CalibConfig
+from slimexport.errors import ResourceError
+from slimexport.models.arch import blocks as find_blocks
+from slimexport.models.bundle import ModelBundle, move
+
+log = logging.getLogger(__name__)
+ENCODE_BATCH = 64
+
+
+def embed_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
+    """Pooled text embeddings ``[N, P]`` (fp32, CPU) for SlimSet selection."""
+    out = []
+    for i in range(0, len(prompts), ENCODE_BATCH):
+        out.append(bundle.encoder.encode(prompts[i:i + ENCODE_BATCH])[1].float().cpu())
+    return torch.cat(out)
+
+
+def select_prompts(bundle: ModelBundle, cfg: CalibConfig) -> list[str]:
+    """SlimSet: ``cfg.num_prompts`` prompts from ``cfg.prompts_file``, the model's own pool, or the shipped pool."""
+    if cfg.prompts_file:
+        pool, tags = read_prompts_file(cfg.prompts_file), None
+    elif bundle.prompt_pool is not None:
+        pool, tags = list(bundle.prompt_pool), None
+    else:
+        pool, tags = shipped_pool()
+    if cfg.num_prompts >= len(pool):
+        if cfg.num_prompts > len(pool):
+            log.warning("asked for %d calibration prompts, the pool has %d: using all of them", cfg.num_prompts, len(pool))
+        return pool
+    emb = embed_prompts(bundle, pool)
+    idx = slimset.select_grouped(emb, tags, cfg.num_prompts) if tags else slimset.select(emb, cfg.num_prompts)
+    return [pool[i] for i in idx]
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=addmm_accumulate) -> CalibStats:
+    """Run the calibration sampler over ``prompts`` and collect statistics.
+
+    Under ``torch.distributed`` each rank takes every ``world``-th prompt (seed = global index) and the
+    statistics are all-reduced, so every rank returns the single-process result (up to float summation order).
+
+    Args:
+        bundle: the dense model (moved to ``device``/``dtype`` here).
+        prompts: the SlimSet (``select_prompts``).
+        cfg: sampler and binning settings.
+        device, dtype: where and in which precision the UNet runs; statistics are always fp32.
+        accumulate: ``acc += xᵀx`` implementation (reference or kernel dispatch).
+    """
+    device = torch.device(device)
+    unet = move(bundle.unet, device, dtype)
+    blocks = find_blocks(unet)
+    rank, world = _dist()
+    mine = list(range(rank, len(prompts), world))
+    h, w = bundle.latent_size(cfg.height, cfg.width)
+    shape = (int(unet.config.in_channels), h, w)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine) * cfg.num_steps, desc="calibrate", unit="step", dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    evals = 0
+    uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
+    collector = StatsCollector(unet, blocks, cfg.num_steps, cfg.num_bins, device, offload=cfg.offload, accumulate=accumulate)
+    try:
+        with collector:
+            for start in range(0, len(mine), cfg.batch_size):
+                idx = mine[start:start + cfg.batch_size]
+                cond = bundle.encoder.encode([prompts[i] for i in idx])[0].to(device=device, dtype=dtype)
+                uncond = uncond_one.expand(len(idx), -1, -1) if uncond_one is not None else None
+                scheduler = bundle.make_scheduler()
+                latents = initial_latents([cfg.seed + i for i in idx], shape, device, dtype, scheduler.init_noise_sigma)
+
+                def on_step(i, _n=len(idx)):
+                    collector.set_step(i)
+                    if bar is not None and i > 0:
+                        bar.update(_n)
+
+                denoise(unet, scheduler, cond, uncond, latents, cfg.num_steps, cfg.guidance_scale, on_step=on_step)
+                if bar is not None:
+                    bar.update(len(idx))
+                evals += len(idx) * cfg.num_steps * (2 if cfg.use_cfg else 1)
+    except torch.cuda.OutOfMemoryError as err:
+        raise ResourceError(
+            f"CUDA ran out of memory during calibration (batch {cfg.batch_size}, {h * bundle.vae_scale_factor}x{w * bundle.vae_scale_factor})",
+            "lower --calib-batch, add --calib-offload to keep finished timestep bins in CPU memory, or use --calib-dtype fp16",
+        ) from err
+    finally:
+        if bar is not None:
+            bar.close()
+    corr, counts, scalars = collector.finalize()
+    seconds = time.perf_counter() - t0
+    scheduler = bundle.make_scheduler()
+    scheduler.set_timesteps(cfg.num_steps)
+    meta = {
+        "model": bundle.name, "source": bundle.source, "config": cfg.to_dict(), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "seconds": seconds, "world_size": world,
+        "image_evals": evals * world, "image_evals_per_s": evals / seconds if seconds > 0 else math.nan,
+        "stats_bytes": sum(t.numel() * t.element_size() for t in corr.values()),
+    }
+    if device.type == "cuda":
+        meta["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return CalibStats(blocks=blocks, corr=corr, counts=counts, scalars=scalars,
+                      timesteps=[int(t) for t in scheduler.timesteps], num_bins=cfg.num_bins, prompts=list(prompts), meta=meta)

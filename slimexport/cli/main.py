@@ -1,0 +1,106 @@
+"""The ``slimexport`` command: a thin shell over :mod:`slimexport.api`.
+
+Errors a user can cause print one line (``error: ...``) and exit 2 (usage) or 1 (failed verification or run);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from slimexport._version import __version__
+from slimexport.cli.options import compress_config, compress_options, load_config_file
+
+log = logging.getLogger("slimexport")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for noisy in ("diffusers", "transformers", "torch.onnx", "polygraphy"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="slimexport")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and results only; no progress bars.")
+@click.pass_context
+def cli(ctx, debug, verbose, quiet):
+    """Training-free slimming of diffusion UNets (SlimDiff), export, engines, parity and speed in one run."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(debug=debug, progress=not quiet)
+    _setup_logging(verbose, quiet)
+
+
+@cli.command()
+@compress_options
+@click.option("--out", "-o", type=click.Path(), default=None, help="Output folder. [default: engines/<model>-b<budget>]")
+@click.pass_context
+def compress(ctx, out, config_file, dump_config, **opts):
+    """Calibrate, decompose and allocate: write a slim UNet folder."""
+    from slimexport.config import CompressConfig
+
+    cfg = compress_config(load_config_file(config_file, CompressConfig), opts)
+    if dump_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from slimexport import api
+
+    res = api.compress(cfg, out=out, progress=ctx.obj["progress"])
+    p = res.plan["params"]
+    click.echo(f"slim UNet: {res.slim_dir}")
+    click.echo(f"targeted parameters: {p['targeted_dense']:,} -> {p['targeted_slim']:,} "
+               f"({p['targeted_slim'] / p['targeted_dense']:.3f}, budget {cfg.alloc.budget:g})")
+    click.echo(f"UNet parameters:     {p['dense_total']:,} -> {p['slim_total']:,} ({p['slim_total'] / p['dense_total']:.3f})")
+
+
+@cli.command("models")
+def models_cmd():
+    """List the model registry."""
+    from slimexport.models.registry import REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        click.echo(f"{name:10s} {spec.hub_id or '(built in)':45s} {spec.description}")
+
+
+def main(argv=None) -> int:
+    """Entry point: runs the click group and turns :class:`SlimExportError` into one line and an exit code."""
+    from slimexport.errors import SlimExportError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="slimexport", standalone_mode=False)
+    except SlimExportError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        return err.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted: completed stages are kept; rerun the same command to resume", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Shared click option bundles: each command parses options into config objects and calls one api function."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from slimexport.config import (
+    ALLOCATIONS,
+    FFN_SELECTIONS,
+    QKVO_METHODS,
+    TARGETS,
+    TIMESTEP_WEIGHTINGS,
+    AllocConfig,
+    CalibConfig,
+    CompressConfig,
+    DecomposeConfig,
+)
+
+
+def _compose(*decorators):
+    def wrap(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return wrap
+
+
+def parse_targets(ctx, param, value: str | None):
+    if value is None:
+        return None
+    items = tuple(x.strip() for x in value.split(",") if x.strip())
+    bad = [x for x in items if x not in TARGETS]
+    if not items or bad:
+        raise click.BadParameter(f"{value!r}: expected a comma-separated subset of {','.join(TARGETS)}")
+    return items
+
+
+def parse_temperature(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        t = math.inf if value.strip().lower() in ("inf", "infinity") else float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number (use e.g. 1.0 or inf)") from None
+    return t
+
+
+model_options = _compose(
+    click.option("--model", "-m", default=None, help="Registry name (digits, tiny, sd14, sd15, sd21-base), local diffusers folder or hub id. [default: digits]"),
+    click.option("--random-weights", is_flag=True, default=None, help="Build the registry architecture with seeded random weights (no download)."),
+    click.option("--device", default=None, help="auto, cpu or cuda[:N]. [default: auto]"),
+)
+
+compress_options = _compose(
+    model_options,
+    click.option("--budget", "-b", type=float, default=None, help="Fraction of the targeted parameters kept, in (0, 1]. [default: 0.73]"),
+    click.option("--targets", callback=parse_targets, default=None, help="Module types compressed: attn,ffn. [default: attn,ffn]"),
+    click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
+    click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="softmax (score-driven) or uniform. [default: softmax]"),
+    click.option("--r-min", type=int, default=None, help="Smallest per-head rank / FFN width. [default: 8]"),
+    click.option("--attn-quantum", type=int, default=None, help="Per-head rank step. [default: 8 at SD size]"),
+    click.option("--ffn-quantum", type=int, default=None, help="FFN width step. [default: 64 at SD size]"),
+    click.option("--propagation", is_flag=True, default=None, help="Scale module scores by their relative output energy."),
+    click.option("--timestep-weighting", type=click.Choice(TIMESTEP_WEIGHTINGS), default=None, help="[default: spectral]"),
+    click.option("--ffn-selection", type=click.Choice(FFN_SELECTIONS), default=None, help="[default: cpqr]"),
+    click.option("--qkvo-method", type=click.Choice(QKVO_METHODS), default=None, help="[default: whiten]"),
+    click.option("--ridge", type=float, default=None, help="Relative ridge on correlations. [default: 1e-4]"),
+    click.option("--calib-prompts", type=int, default=None, help="SlimSet size. [default: 500]"),
+    click.option("--calib-steps", type=int, default=None, help="DDIM steps of the calibration sampler. [default: 25]"),
+    click.option("--calib-bins", type=int, default=None, help="Timestep bins of the statistics. [default: 5]"),
+    click.option("--calib-batch", type=int, default=None, help="Prompts per UNet call. [default: 8]"),
+    click.option("--guidance", type=float, default=None, help="CFG scale of the calibration sampler. [default: 7.5]"),
+    click.option("--calib-size", type=int, default=None, help="Calibration image size in pixels (square). [default: the model's]"),
+    click.option("--calib-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default=None, help="[default: fp16 on GPU, fp32 on CPU]"),
+    click.option("--calib-offload", is_flag=True, default=None, help="Keep finished timestep bins in CPU memory."),
+    click.option("--prompts", "prompts_file", type=click.Path(), default=None, help="Prompt pool file, one prompt per line."),
+    click.option("--seed", type=int, default=None, help="Seed of the calibration latents. [default: 0]"),
+    click.option("--config", "config_file", type=click.Path(), default=None, help="JSON config (from --dump-config); options override it."),
+    click.option("--dump-config", is_flag=True, help="Print the resolved config as JSON and exit."),
+)
+
+
+def load_config_file(path: str | None, cls):
+    if path is None:
+        return cls()
+    from slimexport.errors import UsageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist", "write one with --dump-config")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"config file {p} is not valid JSON ({err.msg} at line {err.lineno})", "write one with --dump-config") from err
+    if isinstance(data, dict) and "compress" in data and cls is not CompressConfig:
+        return cls.from_dict(data)
+    return cls.from_dict(data)
+
+
+def _set(obj, **changes):
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return obj.replace(**changes) if changes else obj
+
+
+def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
+    """Apply CLI options (``None`` = not given) on top of ``base``."""
+    size = o.get("calib_size")
+    calib = _set(base.calib, num_prompts=o.get("calib_prompts"), num_steps=o.get("calib_steps"), num_bins=o.get("calib_bins"),
+                 batch_size=o.get("calib_batch"), guidance_scale=o.get("guidance"), height=size, width=size,
+                 offload=o.get("calib_offload"), prompts_file=o.get("prompts_file"), seed=o.get("seed"))
+    if o.get("calib_steps") is not None and o.get("calib_bins") is None and calib.num_bins > calib.num_steps:
+        calib = calib.replace(num_bins=calib.num_steps)
+    decompose = _set(base.decompose, timestep_weighting=o.get("timestep_weighting"), ridge=o.get("ridge"),
+                     ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
+    alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
+                 method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
+                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"))
+    return _set(base, model=o.get("model"), random_weights=o.get("random_weights"), device=o.get("device"),
+                calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
+
+
+__all__ = ["AllocConfig", "CalibConfig", "DecomposeConfig", "compress_config", "compress_options", "load_config_file", "model_options"]

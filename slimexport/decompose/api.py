@@ -1,0 +1,167 @@
+"""Stage D driver: closed-form decompositions of every planned module, written into a copy of the UNet.
+
+All factorisations run in fp64 (on the UNet's device; pivoted Cholesky on the CPU through LAPACK) and are
+cast to the UNet's dtype at the end. Every module is computed from the *dense* model's statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from slimexport.allocate.scores import aggregate
+from slimexport.calibrate.stats import CalibStats
+from slimexport.config import DecomposeConfig
+from slimexport.decompose import ffn_nystrom as ffn
+from slimexport.decompose.linalg import check_finite, cholesky, ridge
+from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
+from slimexport.models.arch import BlockInfo
+from slimexport.slim.apply import install_processors, replace_linears
+
+log = logging.getLogger(__name__)
+
+
+def _weights_of(plan: dict, name: str) -> torch.Tensor | None:
+    w = plan["modules"].get(name, {}).get("timestep_weights")
+    return None if w is None else torch.tensor(w, dtype=torch.float64)
+
+
+class _Whitener:
+    """Cholesky factors of ridged, time-aggregated correlations, cached per (statistic, weighting)."""
+
+    def __init__(self, stats: CalibStats, block: BlockInfo, cfg: DecomposeConfig, device):
+        self.stats, self.block, self.cfg, self.device = stats, block, cfg, device
+        self.fallbacks = 0
+        self._cache: dict = {}
+
+    def corr(self, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+        ck = ("c", key, None if bin_weights is None else tuple(bin_weights.tolist()))
+        if ck not in self._cache:
+            if bin_weights is None:
+                bin_weights = torch.full((self.stats.num_bins,), 1.0 / self.stats.num_bins, dtype=torch.float64)
+            c = aggregate(self.stats, self.block, key, bin_weights).to(self.device)
+            check_finite(c, f"time-aggregated correlation '{key}' of {self.block.path}")
+            self._cache[ck] = ridge(c, self.cfg.ridge)
+        return self._cache[ck]
+
+    def chol(self, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+        ck = ("L", key, None if bin_weights is None else tuple(bin_weights.tolist()))
+        if ck not in self._cache:
+            L, fb = cholesky(self.corr(key, bin_weights), f"{self.block.path} '{key}' correlation")
+            self.fallbacks += int(fb)
+            self._cache[ck] = L
+        return self._cache[ck]
+
+
+def _random_factors(w1: torch.Tensor, w2: torch.Tensor, heads: int, seed: int, vo: bool) -> HeadFactors:
+    """Baseline: a random orthonormal r-dim subspace of each head (no activations, no spectrum)."""
+    from slimexport.decompose.whiten_svd import split_heads_in
+
+    a1 = split_heads_in(w1, heads)
+    if vo:
+        c_out, hd = w2.shape
+        a2 = w2.reshape(c_out, heads, hd // heads).permute(1, 0, 2)
+    else:
+        a2 = split_heads_in(w2, heads)
+    d = a1.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(heads, d, d, generator=g, dtype=torch.float64))[0].to(a1.device)
+    return HeadFactors(left=a1 @ q, right=a2 @ q, sigma=torch.zeros(heads, d, dtype=torch.float64, device=a1.device))
+
+
+def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+    """New weights (torch layout, fp64) for every planned module of one block, and each module's relative error.
+
+    The relative error is the whitened error at the planned rank over the error at rank 0 (for ``whiten``
+    and ``cpqr``/``leverage``), the quantity the closed forms minimise.
+    """
+    ranks = plan["ranks"]
+    mod = unet.get_submodule(block.path)
+    W = _Whitener(stats, block, cfg, device)
+    new: dict[str, torch.Tensor] = {}
+    errs: dict[str, float] = {}
+    whiten = cfg.qkvo_method == "whiten"
+    seed = cfg.seed + sum(map(ord, block.path))
+
+    def w(linear) -> torch.Tensor:
+        return linear.weight.detach().to(device=device, dtype=torch.float64)
+
+    for name, attn, ctx_key in (("attn1", mod.attn1, "x"), ("attn2", mod.attn2, "e")):
+        q_key = "x" if name == "attn1" else "y"
+        qk_id, vo_id = f"{block.path}.{name}.qk", f"{block.path}.{name}.vo"
+        if qk_id in ranks:
+            bw = _weights_of(plan, qk_id)
+            if cfg.qkvo_method == "random":
+                f = _random_factors(w(attn.to_q), w(attn.to_k), attn.heads, seed, vo=False)
+            else:
+                Lq = W.chol(q_key, bw) if whiten else None
+                Lk = (W.chol(ctx_key, bw if ctx_key != "e" else None) if whiten else None)
+                f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, Lq, Lk)
+            q, k = qk_weights(f, ranks[qk_id])
+            new[f"{block.path}.{name}.to_q.weight"], new[f"{block.path}.{name}.to_k.weight"] = q, k
+            errs[qk_id] = _rel(f, ranks[qk_id])
+        if vo_id in ranks:
+            bw = _weights_of(plan, vo_id)
+            if cfg.qkvo_method == "random":
+                f = _random_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, seed + 1, vo=True)
+            else:
+                Lv = W.chol(ctx_key, bw if ctx_key != "e" else None) if whiten else None
+                f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, Lv)
+            v, o = vo_weights(f, ranks[vo_id])
+            new[f"{block.path}.{name}.to_v.weight"], new[f"{block.path}.{name}.to_out.0.weight"] = v, o
+            errs[vo_id] = _rel(f, ranks[vo_id])
+    ff_id = f"{block.path}.ff"
+    if ff_id in ranks:
+        proj, down = mod.ff.net[0].proj, mod.ff.net[2]
+        w1, b1, w2 = w(proj), proj.bias.detach().to(device=device, dtype=torch.float64), w(down)
+        width = ranks[ff_id]
+        if cfg.ffn_selection in ("weight", "random"):
+            order = ffn.weight_norm_order(w2) if cfg.ffn_selection == "weight" else ffn.random_order(w2.shape[1], seed + 2)
+            keep = torch.sort(order[:width]).values.to(device)
+            nw1, nb1, nw2 = w1[torch.cat([keep, keep + w2.shape[1]])], b1[torch.cat([keep, keep + w2.shape[1]])], w2[:, keep]
+            errs[ff_id] = float("nan")
+        else:
+            c = W.corr("z", _weights_of(plan, ff_id))
+            order = ffn.pivoted_cholesky_order(c) if cfg.ffn_selection == "cpqr" else ffn.leverage_order(c)
+            order = order.to(device)
+            nw1, nb1, nw2 = ffn.ffn_slim_weights(w1, b1, w2, c, order, width)
+            total = float(torch.einsum("ij,ik,kj->", w2.T, c, w2.T))
+            errs[ff_id] = ffn.nystrom_errors(c, order, w2, [width])[width] / total if total > 0 else 0.0
+        new[f"{ff_id}.net.0.proj.weight"], new[f"{ff_id}.net.0.proj.bias"], new[f"{ff_id}.net.2.weight"] = nw1, nb1, nw2
+    for k, t in new.items():
+        check_finite(t, f"decomposed weight {k}")
+    return new, {"rel_error": errs, "cholesky_fallbacks": W.fallbacks}
+
+
+def _rel(f: HeadFactors, rank: int) -> float:
+    total = float(f.error(0))
+    return float(f.error(rank)) / total if total > 0 else 0.0
+
+
+def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=None, progress: bool = True):
+    """A slim copy of ``unet`` with every planned module replaced by its decomposition at the planned rank.
+
+    Returns:
+        ``(slim_unet, diagnostics)``; diagnostics hold per-module relative errors and Cholesky fallbacks.
+    """
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
+    slim = copy.deepcopy(unet)
+    diag = {"rel_error": {}, "cholesky_fallbacks": 0}
+    blocks = stats.blocks
+    it = blocks
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(blocks, desc="decompose", unit="block", dynamic_ncols=True)
+    for block in it:
+        new, d = decompose_block(unet, block, stats, plan, cfg, device)
+        replace_linears(slim, new)
+        diag["rel_error"].update(d["rel_error"])
+        diag["cholesky_fallbacks"] += d["cholesky_fallbacks"]
+    if diag["cholesky_fallbacks"]:
+        log.warning("%d correlation(s) were ill-conditioned and needed the Cholesky fallback (eigenvalue shift)",
+                    diag["cholesky_fallbacks"])
+    install_processors(slim)
+    return slim.eval().requires_grad_(False), diag
