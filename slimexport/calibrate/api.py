@@ -56,7 +56,7 @@ def _dist() -> tuple[int, int]:
 
 
 def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=addmm_accumulate) -> CalibStats:
+              dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=None) -> CalibStats:
     """Run the calibration sampler over ``prompts`` and collect statistics.
 
     Under ``torch.distributed`` each rank takes every ``world``-th prompt (seed = global index) and the
@@ -67,9 +67,10 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
         prompts: the SlimSet (``select_prompts``).
         cfg: sampler and binning settings.
         device, dtype: where and in which precision the UNet runs; statistics are always fp32.
-        accumulate: ``acc += xᵀx`` implementation (reference or kernel dispatch).
+        accumulate: ``acc += xᵀx`` implementation; ``None`` uses the fp32 reference.
     """
     device = torch.device(device)
+    accumulate = accumulate or addmm_accumulate
     unet = move(bundle.unet, device, dtype)
     blocks = find_blocks(unet)
     rank, world = _dist()

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from slimexport.cli.main import main
+
+SMALL = ["--calib-prompts", "4", "--calib-steps", "4", "--calib-bins", "2", "--calib-batch", "2"]
+
+
+def test_compress_command_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["-q", "compress", "--model", "tiny", "--budget", "0.73", "--out", str(tmp_path / "o"), *SMALL])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "targeted parameters" in out and (tmp_path / "o" / "slim_unet" / "slim_plan.json").exists()
+
+
+def test_dump_config_roundtrip(tmp_path, capsys):
+    assert main(["compress", "--model", "tiny", "--temperature", "inf", "--targets", "ffn", "--dump-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["alloc"]["temperature"] == "inf" and cfg["alloc"]["targets"] == ["ffn"]
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["compress", "--config", str(p), "--budget", "0.5", "--dump-config"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["alloc"]["budget"] == 0.5 and again["alloc"]["targets"] == ["ffn"]
+
+
+@pytest.mark.parametrize("args, code, pattern", [
+    (["compress", "--model", "tiny", "--budget", "0"], 2, "budget"),
+    (["compress", "--model", "tiny", "--budget", "1.5"], 2, "budget"),
+    (["compress", "--model", "tiny", "--budget", "abc"], 2, "budget"),
+    (["compress", "--model", "tiny", "--targets", "resnets"], 2, "targets"),
+    (["compress", "--model", "tiny", "--temperature", "-1"], 2, "temperature"),
+    (["compress", "--model", "tiny", "--calib-steps", "0"], 2, "num_steps"),
+    (["compress", "--model", "tiny", "--calib-bins", "9", "--calib-steps", "4"], 2, "num_bins"),
+    (["compress", "--model", "tiny", "--calib-size", "30"], 2, "multiple of 8"),
+    (["compress", "--model", "nope-model"], 2, "neither a registry name"),
+    (["compress", "--model", "sd14"], 2, "random-weights"),
+    (["compress", "--model", "tiny", "--device", "tpu"], 2, "device"),
+    (["compress", "--model", "tiny", "--config", "/nonexistent.json"], 2, "does not exist"),
+])
+def test_bad_input_exit_codes(args, code, pattern, capsys):
+    rc = main(args)
+    captured = capsys.readouterr()
+    msg = captured.err + captured.out
+    assert rc == code, msg
+    assert pattern.lower() in msg.lower()
+    assert "Traceback" not in msg
