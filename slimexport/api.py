@@ -13,6 +13,7 @@ import torch
 from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.cache import Manifest, share_dir, stage_key
 from slimexport.config import CompressConfig
+from slimexport.distributed import broadcast, dist_info
 from slimexport.errors import UsageError
 from slimexport.models.bundle import move
 
@@ -81,6 +82,24 @@ def _peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def _calibration_cached(manifest: Manifest, key: str, stats_dir: Path, shared: Path) -> bool:
+    """True when ``stats_dir`` holds statistics for ``key``, adopting (and checking) a shared copy if one exists."""
+    if manifest.cached("calibrate", key):
+        return True
+    if not (shared / "stats.json").exists():
+        return False
+    try:
+        share_dir(shared, stats_dir)
+        from slimexport.calibrate.stats import CalibStats
+
+        CalibStats.load(stats_dir)  # verifies the digest before trusting the shared copy
+        manifest.record("calibrate", key, [stats_dir], 0.0, shared_from=shared.name)
+        return True
+    except Exception as err:  # noqa: BLE001 - a bad shared copy is rebuilt, never trusted
+        log.warning("shared calibration cache %s is unusable (%s); recalibrating", shared, err)
+        return False
+
+
 class _Stage:
     """Times a stage, logs it, fills ``StageRecord``s."""
 
@@ -117,7 +136,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
             so a new budget reuses them.
 
     Returns:
-        :class:`CompressResult`.
+        :class:`CompressResult` (``None`` on ranks other than 0 under ``torch.distributed``).
     """
     from slimexport.models.load import load_model
 
@@ -127,45 +146,43 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     dtype = resolve_dtype(cfg.calib_dtype, device)
     records: dict[str, StageRecord] = {}
 
+    rank, world = dist_info()
     with _Stage(records, "load", False, torch.device("cpu")):
         bundle = bundle if bundle is not None else load_model(cfg.model, random_weights=cfg.random_weights)
     identity = {"model": cfg.model, "weights": bundle.identity()}
-    from slimexport.artifacts import ensure_dir
-
-    ensure_dir(out_dir)
-    manifest = Manifest(out_dir, identity=identity)
-    manifest.set("model", {"name": cfg.model, "source": bundle.source, "fingerprint": bundle.identity()})
-    manifest.set("config", cfg.to_dict())
-
-    # Stage A–B: calibration statistics (keyed by model + calibration settings + device class and dtype).
     calib_key = stage_key("calibrate", bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type)
     stats_dir = out_dir / "calib"
-    shared = cache_root / "calib" / calib_key[:32]
-    cached = manifest.cached("calibrate", calib_key)
-    if not cached and (shared / "stats.json").exists():
-        try:
-            share_dir(shared, stats_dir)
-            from slimexport.calibrate.stats import CalibStats
+    manifest = None
+    cached = False
+    if rank == 0:
+        from slimexport.artifacts import ensure_dir
 
-            CalibStats.load(stats_dir)  # verifies the digest before trusting the shared copy
-            manifest.record("calibrate", calib_key, [stats_dir], 0.0, shared_from=str(shared.name))
-            cached = True
-        except Exception as err:  # noqa: BLE001 - a bad shared copy is rebuilt, never trusted
-            log.warning("shared calibration cache %s is unusable (%s); recalibrating", shared, err)
+        ensure_dir(out_dir)
+        manifest = Manifest(out_dir, identity=identity)
+        manifest.set("model", {"name": cfg.model, "source": bundle.source, "fingerprint": bundle.identity()})
+        manifest.set("config", cfg.to_dict())
+        cached = _calibration_cached(manifest, calib_key, stats_dir, cache_root / "calib" / calib_key[:32])
+    cached = broadcast(cached)
+
+    # Stage A–B: calibration statistics (keyed by model + calibration settings + device class and dtype).
+    # Under torch.distributed every rank calibrates a shard; rank 0 alone goes on to write and decompose.
     with _Stage(records, "calibrate", cached, device):
         from slimexport.calibrate import CalibStats, calibrate, select_prompts
 
         if cached:
-            stats = CalibStats.load(stats_dir)
+            stats = CalibStats.load(stats_dir) if rank == 0 else None
         else:
             prompts = select_prompts(bundle, cfg.calib)
             stats = calibrate(bundle, prompts, cfg.calib, device=device, dtype=dtype, progress=progress)
-            stats.save(stats_dir)
-            manifest.record("calibrate", calib_key, [stats_dir], stats.meta["seconds"])
-            try:
-                share_dir(stats_dir, shared)
-            except OSError as err:
-                log.warning("could not share calibration statistics in %s (%s)", shared, err)
+            if rank == 0:
+                stats.save(stats_dir)
+                manifest.record("calibrate", calib_key, [stats_dir], stats.meta["seconds"])
+                try:
+                    share_dir(stats_dir, cache_root / "calib" / calib_key[:32])
+                except OSError as err:
+                    log.warning("could not share calibration statistics in %s (%s)", cache_root, err)
+    if rank != 0:
+        return None
 
     # Stage C–E: scores and the rank plan.
     unet = move(bundle.unet, device, torch.float32)

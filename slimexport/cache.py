@@ -30,7 +30,7 @@ class Manifest:
     """``manifest.json`` of an output folder: stage records plus free-form sections (model, io, results)."""
 
     def __init__(self, root: str | Path, identity: dict | None = None):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.path = self.root / MANIFEST
         self.data: dict = {"format": MANIFEST_FORMAT, "slimexport_version": __version__, "stages": {}}
         if self.path.exists():
@@ -75,11 +75,10 @@ class Manifest:
         return True
 
     def record(self, stage: str, key: str, files: list[str | Path], seconds: float, **extra) -> None:
-        """Record a finished stage; ``files`` are paths inside the root (digested now)."""
+        """Record a finished stage; ``files`` are paths (absolute or relative to the working directory) inside the root."""
         digests = {}
         for f in files:
-            p = Path(f)
-            rel = os.path.relpath(p if p.is_absolute() else self.root / p, self.root)
+            rel = os.path.relpath(Path(f).resolve(), self.root)
             check_inside(self.root, rel)
             full = self.root / rel
             if full.is_dir():

@@ -14,6 +14,7 @@ from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
 from slimexport.calibrate.runner import denoise, initial_latents
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import CalibConfig
+from slimexport.distributed import dist_info
 from slimexport.errors import ResourceError
 from slimexport.models.arch import blocks as find_blocks
 from slimexport.models.bundle import ModelBundle, move
@@ -47,14 +48,6 @@ def select_prompts(bundle: ModelBundle, cfg: CalibConfig) -> list[str]:
     return [pool[i] for i in idx]
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=None) -> CalibStats:
     """Run the calibration sampler over ``prompts`` and collect statistics.
@@ -73,7 +66,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     accumulate = accumulate or addmm_accumulate
     unet = move(bundle.unet, device, dtype)
     blocks = find_blocks(unet)
-    rank, world = _dist()
+    rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)
     shape = (int(unet.config.in_channels), h, w)
@@ -121,7 +114,8 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     meta = {
         "model": bundle.name, "source": bundle.source, "config": cfg.to_dict(), "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "seconds": seconds, "world_size": world,
-        "image_evals": evals * world, "image_evals_per_s": evals / seconds if seconds > 0 else math.nan,
+        "image_evals": len(prompts) * cfg.num_steps * (2 if cfg.use_cfg else 1),
+        "image_evals_per_s": world * evals / seconds if seconds > 0 else math.nan,
         "stats_bytes": sum(t.numel() * t.element_size() for t in corr.values()),
     }
     if device.type == "cuda":

@@ -40,8 +40,25 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def cli(ctx, debug, verbose, quiet):
     """Training-free slimming of diffusion UNets (SlimDiff), export, engines, parity and speed in one run."""
     ctx.ensure_object(dict)
-    ctx.obj.update(debug=debug, progress=not quiet)
+    from slimexport.distributed import init_from_env
+
+    dist_device = init_from_env()
+    if dist_device is not None:
+        ctx.call_on_close(_dist_shutdown)
+    ctx.obj.update(debug=debug, progress=not quiet, dist_device=dist_device)
     _setup_logging(verbose, quiet)
+
+
+def _dist_shutdown():
+    from slimexport.distributed import shutdown
+
+    shutdown()
+
+
+def _with_dist_device(ctx, cfg):
+    """Under torchrun, ``--device auto`` means this rank's GPU (or the CPU with gloo)."""
+    dev = ctx.obj.get("dist_device")
+    return cfg.replace(device=dev) if dev is not None and cfg.device == "auto" else cfg
 
 
 @cli.command()
@@ -52,13 +69,15 @@ def compress(ctx, out, config_file, dump_config, **opts):
     """Calibrate, decompose and allocate: write a slim UNet folder."""
     from slimexport.config import CompressConfig
 
-    cfg = compress_config(load_config_file(config_file, CompressConfig), opts)
+    cfg = _with_dist_device(ctx, compress_config(load_config_file(config_file, CompressConfig), opts))
     if dump_config:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
     from slimexport import api
 
     res = api.compress(cfg, out=out, progress=ctx.obj["progress"])
+    if res is None:  # a torchrun rank other than 0: its share of the statistics went into rank 0's result
+        return
     p = res.plan["params"]
     click.echo(f"slim UNet: {res.slim_dir}")
     click.echo(f"targeted parameters: {p['targeted_dense']:,} -> {p['targeted_slim']:,} "

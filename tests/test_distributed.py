@@ -1,0 +1,32 @@
+"""Distributed calibration: 2 gloo processes on the CPU give the single-process statistics and rank plan."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ARGS = ["-q", "compress", "--model", "tiny", "--calib-prompts", "6", "--calib-steps", "4", "--calib-bins", "2", "--calib-batch", "2"]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    from slimexport.calibrate import CalibStats
+
+    single = subprocess.run([sys.executable, "-m", "slimexport", *ARGS, "--out", str(tmp_path / "one")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or sys.executable
+    cmd = ([torchrun] if torchrun.endswith("torchrun") else [sys.executable, "-m", "torch.distributed.run"])
+    multi = subprocess.run([*cmd, "--nproc-per-node", "2", "-m", "slimexport", *ARGS, "--out", str(tmp_path / "two")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    a, b = CalibStats.load(tmp_path / "one" / "calib"), CalibStats.load(tmp_path / "two" / "calib")
+    assert b.meta["world_size"] == 2
+    for k, v in a.corr.items():
+        assert torch.allclose(v, b.corr[k], rtol=1e-5, atol=1e-5 * float(v.abs().max())), k
+    plan_a = json.loads((tmp_path / "one" / "plan.json").read_text())
+    plan_b = json.loads((tmp_path / "two" / "plan.json").read_text())
+    assert plan_a["ranks"] == plan_b["ranks"]
