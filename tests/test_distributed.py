@@ -15,13 +15,15 @@ ARGS = ["-q", "compress", "--model", "tiny", "--calib-prompts", "6", "--calib-st
 def test_two_gloo_ranks_match_single_process(tmp_path):
     from slimexport.calibrate import CalibStats
 
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # separate working folders: no shared calibration cache between the two runs
     single = subprocess.run([sys.executable, "-m", "slimexport", *ARGS, "--out", str(tmp_path / "one")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                            cwd=tmp_path / "a", capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = shutil.which("torchrun") or sys.executable
     cmd = ([torchrun] if torchrun.endswith("torchrun") else [sys.executable, "-m", "torch.distributed.run"])
     multi = subprocess.run([*cmd, "--nproc-per-node", "2", "-m", "slimexport", *ARGS, "--out", str(tmp_path / "two")],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           cwd=tmp_path / "b", capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a, b = CalibStats.load(tmp_path / "one" / "calib"), CalibStats.load(tmp_path / "two" / "calib")
     assert b.meta["world_size"] == 2
