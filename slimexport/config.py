@@ -15,7 +15,8 @@ from slimexport.errors import ConfigError, UsageError
 
 CONFIG_VERSION = 1
 
-TARGETS = ("attn", "ffn")
+TARGETS = ("attn", "ffn", "resnet")
+DEFAULT_TARGETS = ("attn", "ffn")
 TIMESTEP_WEIGHTINGS = ("spectral", "uniform")
 FFN_SELECTIONS = ("cpqr", "leverage", "weight", "random")
 QKVO_METHODS = ("whiten", "weight", "random")
@@ -165,7 +166,8 @@ class AllocConfig(_Config):
 
     Attributes:
         budget: fraction of the *targeted* parameters kept, in (0, 1].
-        targets: module types compressed: ``attn`` (Q/K/V/O of both attentions) and/or ``ffn``.
+        targets: module types compressed: ``attn`` (Q/K/V/O of both attentions), ``ffn``, ``resnet`` (inner
+            channels of ResNet blocks, whole GroupNorm groups; beyond the paper).
         temperature: τ of ``softmax(z(s)/τ)`` over z-scored module scores; ``inf`` gives uniform keep ratios.
         method: ``softmax`` (score-driven) or ``uniform`` (the same keep ratio everywhere).
         r_min: smallest per-head attention rank and smallest FFN width (clipped to the module's size).
@@ -175,7 +177,7 @@ class AllocConfig(_Config):
     """
 
     budget: float = 0.73
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     temperature: float = 1.0
     method: str = "softmax"
     r_min: int = 8

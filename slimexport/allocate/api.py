@@ -12,7 +12,7 @@ from slimexport.allocate.budget import ModuleCost, allocate_ranks, max_step_cost
 from slimexport.allocate.scores import module_score
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import AllocConfig, DecomposeConfig
-from slimexport.models.arch import ATTN_KINDS, FFN_KIND, BlockInfo
+from slimexport.models.arch import ATTN_KINDS, FFN_KIND, RESNET_KIND, BlockInfo, ResnetInfo
 
 # Rank steps at SD size (method §7, export conventions §10): 8 per head keeps flash/SDPA kernels on their fast
 # path; 64 FFN channels keep GEMM widths tensor-core friendly. Tiny models scale both down.
@@ -34,8 +34,26 @@ def ffn_quantum(width: int, cfg: AllocConfig) -> int:
     return SD_FFN_QUANTUM if width >= SD_FFN_WIDTH else max(4, width // 32)
 
 
-def unit_cost(block: BlockInfo, kind: str) -> int:
-    """Parameters per unit of rank: per-head rank for attention (all H heads), one channel for the FFN."""
+# ResNet inner widths are cut in whole GroupNorm groups; at SD size a step is the fewest groups whose channel
+# count is a multiple of 16 (tensor-core alignment: widths off multiples of 16 lose the speed-up).
+SD_RESNET_ALIGN = 16
+SD_RESNET_MIN_INNER = 320
+
+
+def resnet_quantum(r: ResnetInfo) -> int:
+    """Rank step in groups."""
+    if r.inner < SD_RESNET_MIN_INNER:
+        return 1
+    return math.lcm(r.group_size, SD_RESNET_ALIGN) // r.group_size
+
+
+def unit_cost(block: BlockInfo | ResnetInfo, kind: str) -> int:
+    """Parameters per unit of rank: per-head rank for attention (all H heads), one channel for the FFN, one
+    GroupNorm group for a ResNet block (conv1 rows + bias, time_emb_proj rows + bias, norm2 affine, conv2 columns)."""
+    if kind == RESNET_KIND:
+        per_channel = block.in_channels * block.kernel1 + 1 + (block.temb_dim + 1 if block.temb_dim else 0) + 2
+        per_channel += block.out_channels * block.kernel2
+        return block.group_size * per_channel
     h, c = block.num_heads, block.width
     if kind == "attn1.qk" or kind == "attn1.vo":
         return h * (c + c)
@@ -46,29 +64,41 @@ def unit_cost(block: BlockInfo, kind: str) -> int:
     return 2 * (c + 1) + c  # GEGLU content + gate rows (with biases) + one down-projection column
 
 
-def max_rank(block: BlockInfo, kind: str) -> int:
+def max_rank(block: BlockInfo | ResnetInfo, kind: str) -> int:
+    if kind == RESNET_KIND:
+        return block.groups
     return block.ffn_width if kind == FFN_KIND else block.head_dim
 
 
-def input_weight(unet, block: BlockInfo, kind: str):
+def input_weight(unet, block: BlockInfo | ResnetInfo, kind: str):
     """``A_m`` of the spectral influence score, as the torch weight ``Aᵀ``."""
     b = unet.get_submodule(block.path)
+    if kind == RESNET_KIND:
+        return b.conv2.weight
     return {"attn1.qk": b.attn1.to_q, "attn1.vo": b.attn1.to_v, "attn2.qk": b.attn2.to_q,
             "attn2.vo": b.attn2.to_v, "ff": b.ff.net[2]}[kind].weight
 
 
 def targeted_kinds(cfg: AllocConfig) -> tuple[str, ...]:
-    return (ATTN_KINDS if "attn" in cfg.targets else ()) + ((FFN_KIND,) if "ffn" in cfg.targets else ())
+    return ((ATTN_KINDS if "attn" in cfg.targets else ()) + ((FFN_KIND,) if "ffn" in cfg.targets else ())
+            + ((RESNET_KIND,) if "resnet" in cfg.targets else ()))
 
 
 def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict[str, dict]:
     """Per targeted module: kind, block, score, timestep weights (method §5)."""
     out = {}
-    for block in stats.blocks:
-        for kind in targeted_kinds(acfg):
-            w = input_weight(unet, block, kind).detach().double()
-            ms = module_score(stats, block, kind, float((w**2).sum()), dcfg.timestep_weighting, acfg.propagation)
-            out[f"{block.path}.{kind}"] = {"block": block, "kind": kind, "ms": ms}
+    units = [(b, k) for b in stats.blocks for k in targeted_kinds(acfg) if k != RESNET_KIND]
+    if RESNET_KIND in acfg.targets:
+        if not stats.resnets:
+            from slimexport.errors import UsageError
+
+            raise UsageError("--targets includes resnet but the calibration statistics hold no ResNet blocks",
+                             "recalibrate with this slimexport version (delete the calib/ folder)")
+        units += [(r, RESNET_KIND) for r in stats.resnets]
+    for block, kind in units:
+        w = input_weight(unet, block, kind).detach().double()
+        ms = module_score(stats, block, kind, float((w**2).sum()), dcfg.timestep_weighting, acfg.propagation)
+        out[f"{block.path}.{kind}"] = {"block": block, "kind": kind, "ms": ms}
     return out
 
 
@@ -79,9 +109,14 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     for name, s in scored.items():
         block, kind = s["block"], s["kind"]
         d = max_rank(block, kind)
-        q = ffn_quantum(d, acfg) if kind == FFN_KIND else attn_quantum(d, acfg)
+        if kind == RESNET_KIND:
+            q = resnet_quantum(block)
+            r_min = min(q, d)
+        else:
+            q = ffn_quantum(d, acfg) if kind == FFN_KIND else attn_quantum(d, acfg)
+            r_min = min(acfg.r_min, d)
         modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=unit_cost(block, kind),
-                                  r_min=min(acfg.r_min, d), quantum=q, score=s["ms"].score))
+                                  r_min=r_min, quantum=q, score=s["ms"].score))
     temperature = math.inf if acfg.method == "uniform" else acfg.temperature
     ranks = allocate_ranks(modules, acfg.budget, temperature)
     pi = softmax_weights([m.score for m in modules], temperature)

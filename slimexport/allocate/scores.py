@@ -1,6 +1,7 @@
 """Stage C: spectral influence scores, timestep weights and time-aggregated correlations (method §5).
 
-For module m with input-side weight ``A_m`` (in × out) and input correlation ``C_{m,t}`` at step t:
+For module m with input-side weight ``A_m`` (in × out; for a ResNet block, ``conv2`` with its kernel
+taps as extra output columns) and input correlation ``C_{m,t}`` at step t:
 
     SIS[m,t] = n_m · tr(A_mᵀ C_{m,t} A_m) / (tr(C_{m,t}) · ‖A_m‖²_F)
 
@@ -22,14 +23,17 @@ import torch
 
 from slimexport.calibrate.stats import CalibStats
 from slimexport.errors import NumericalError
-from slimexport.models.arch import BlockInfo
+from slimexport.models.arch import BlockInfo, ResnetInfo
 
-# module kind → (statistic key of its input, sub-layer for the propagation factor)
-MODULE_INPUT = {"attn1.qk": "x", "attn1.vo": "x", "attn2.qk": "y", "attn2.vo": "e", "ff": "z"}
-MODULE_SUBLAYER = {"attn1.qk": "attn1", "attn1.vo": "attn1", "attn2.qk": "attn2", "attn2.vo": "attn2", "ff": "ff"}
+# module kind → (statistic key of its input, scalar of its output energy for the propagation factor)
+MODULE_INPUT = {"attn1.qk": "x", "attn1.vo": "x", "attn2.qk": "y", "attn2.vo": "e", "ff": "z", "resnet": "r"}
+MODULE_OUTPUT = {"attn1.qk": "out.attn1", "attn1.vo": "out.attn1", "attn2.qk": "out.attn2", "attn2.vo": "out.attn2",
+                 "ff": "out.ff", "resnet": "resnet"}
 
 
-def input_width(block: BlockInfo, kind: str) -> int:
+def input_width(block: BlockInfo | ResnetInfo, kind: str) -> int:
+    if kind == "resnet":
+        return block.inner
     return {"x": block.width, "y": block.width, "e": block.context_dim, "z": block.ffn_width}[MODULE_INPUT[kind]]
 
 
@@ -52,7 +56,7 @@ class ModuleScore:
     propagation: float = 1.0
 
 
-def sis_per_step(stats: CalibStats, block: BlockInfo, kind: str, weight_fro2: float) -> torch.Tensor:
+def sis_per_step(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, weight_fro2: float) -> torch.Tensor:
     num = stats.scalars[f"{block.path}.{kind}"].double()
     den = stats.scalars[f"{block.path}.{MODULE_INPUT[kind]}"].double()
     if bool((den <= 0).any()):
@@ -60,7 +64,7 @@ def sis_per_step(stats: CalibStats, block: BlockInfo, kind: str, weight_fro2: fl
     return input_width(block, kind) * num / (den * weight_fro2)
 
 
-def module_score(stats: CalibStats, block: BlockInfo, kind: str, weight_fro2: float, weighting: str, propagation: bool) -> ModuleScore:
+def module_score(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, weight_fro2: float, weighting: str, propagation: bool) -> ModuleScore:
     """SIS, timestep weights and score of one module (``weight_fro2`` = ‖A_m‖²_F of its input-side weight)."""
     sis = sis_per_step(stats, block, kind, weight_fro2)
     t = sis.numel()
@@ -70,14 +74,14 @@ def module_score(stats: CalibStats, block: BlockInfo, kind: str, weight_fro2: fl
     score = float((w * sis).sum())
     g = 1.0
     if propagation:
-        out = stats.scalars[f"{block.path}.out.{MODULE_SUBLAYER[kind]}"].double().sum()
+        out = stats.scalars[f"{block.path}.{MODULE_OUTPUT[kind]}"].double().sum()
         res = stats.scalars[f"{block.path}.out.block_in"].double().sum()
         g = float((out / res).sqrt()) if float(res) > 0 else 1.0
         score *= g
     return ModuleScore(sis=sis, weights=w, bin_weights=bins, score=score, propagation=g)
 
 
-def aggregate(stats: CalibStats, block: BlockInfo, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+def aggregate(stats: CalibStats, block: BlockInfo | ResnetInfo, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
     """Time-aggregated, trace-normalised correlation ``C̄`` (fp64) of ``<block>.<key>``."""
     c = stats.corr[f"{block.path}.{key}"].double()
     if c.dim() == 2:

@@ -15,8 +15,9 @@ from slimexport.calibrate.runner import denoise, initial_latents
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import CalibConfig
 from slimexport.distributed import dist_info
-from slimexport.errors import ResourceError
+from slimexport.errors import ResourceError, UsageError
 from slimexport.models.arch import blocks as find_blocks
+from slimexport.models.arch import resnet_blocks
 from slimexport.models.bundle import ModelBundle, move
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     accumulate = accumulate or addmm_accumulate
     unet = move(bundle.unet, device, dtype)
     blocks = find_blocks(unet)
+    try:
+        resnets = resnet_blocks(unet)
+    except UsageError as err:
+        log.info("ResNet statistics not collected: %s", err)
+        resnets = []
     rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)
@@ -80,7 +86,8 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     t0 = time.perf_counter()
     evals = 0
     uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
-    collector = StatsCollector(unet, blocks, cfg.num_steps, cfg.num_bins, device, offload=cfg.offload, accumulate=accumulate)
+    collector = StatsCollector(unet, blocks, cfg.num_steps, cfg.num_bins, device, offload=cfg.offload, accumulate=accumulate,
+                               resnets=resnets)
     try:
         with collector:
             for start in range(0, len(mine), cfg.batch_size):
@@ -120,5 +127,5 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     }
     if device.type == "cuda":
         meta["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return CalibStats(blocks=blocks, corr=corr, counts=counts, scalars=scalars,
-                      timesteps=[int(t) for t in scheduler.timesteps], num_bins=cfg.num_bins, prompts=list(prompts), meta=meta)
+    return CalibStats(blocks=blocks, corr=corr, counts=counts, scalars=scalars, timesteps=[int(t) for t in scheduler.timesteps],
+                      num_bins=cfg.num_bins, prompts=list(prompts), meta=meta, resnets=resnets)

@@ -8,6 +8,9 @@ The collector owns its hooks: it registers them in ``__enter__`` and removes exa
 - ``e``: ``Σ eᵀe`` of ``attn2.to_v``'s input (text tokens), all steps together → attn2 keys and VO
 - ``z``: ``Σ zᵀz`` of ``ff.net.2``'s input (GEGLU output), per bin             → FFN Nyström
 
+and per ``ResnetBlock2D`` ``r``: the channel correlation of ``conv2``'s input (post-activation inner
+channels, every pixel a token), per bin → group-pivoted Nyström of the inner width;
+
 plus token counts, and per step the two scalars of each module's spectral influence score:
 ``‖x A_m‖²_F`` (read off the layer's own output, so it costs nothing) and ``‖x‖²_F``; and, for the optional
 propagation factor, each sub-layer's output energy against its block's input energy.
@@ -20,9 +23,9 @@ from collections.abc import Callable
 import torch
 
 from slimexport.errors import NumericalError
-from slimexport.models.arch import BlockInfo
+from slimexport.models.arch import BlockInfo, ResnetInfo
 
-BINNED = ("x", "y", "z")
+BINNED = ("x", "y", "z", "r")
 
 
 def addmm_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -46,12 +49,15 @@ class StatsCollector:
         device: where the accumulators live (the UNet's device).
         offload: keep only the current bin on ``device`` and add finished bins into CPU memory.
         accumulate: ``(acc, x) -> None`` doing ``acc += xᵀx`` (reference or kernel).
+        resnets: the ResNet blocks whose inner-channel statistics are collected too.
     """
 
     def __init__(self, unet, blocks: list[BlockInfo], num_steps: int, num_bins: int, device, offload: bool = False,
-                 accumulate: Callable[[torch.Tensor, torch.Tensor], None] = addmm_accumulate):
+                 accumulate: Callable[[torch.Tensor, torch.Tensor], None] = addmm_accumulate,
+                 resnets: list[ResnetInfo] | None = None):
         self.unet = unet
         self.blocks = blocks
+        self.resnets = list(resnets or [])
         self.num_steps = num_steps
         self.num_bins = num_bins
         self.device = torch.device(device)
@@ -63,10 +69,11 @@ class StatsCollector:
         self.corr: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self._live: dict[str, torch.Tensor] = {}
-        for b in blocks:
-            sizes = {"x": b.width, "y": b.width, "z": b.ffn_width, "e": b.context_dim}
+        sized = [(b.path, {"x": b.width, "y": b.width, "z": b.ffn_width, "e": b.context_dim}) for b in blocks]
+        sized += [(r.path, {"r": r.inner}) for r in self.resnets]
+        for path, sizes in sized:
             for k, n in sizes.items():
-                key = f"{b.path}.{k}"
+                key = f"{path}.{k}"
                 if k in BINNED:
                     home = "cpu" if self.offload else self.device
                     self.corr[key] = torch.zeros(num_bins, n, n, device=home, **f32)
@@ -82,6 +89,8 @@ class StatsCollector:
             scalar_keys += [f"{b.path}.{s}" for s in ("attn1.qk", "attn1.vo", "attn2.qk", "attn2.vo", "ff")]
             scalar_keys += [f"{b.path}.{s}" for s in ("x", "y", "e", "z")]
             scalar_keys += [f"{b.path}.out.{s}" for s in ("attn1", "attn2", "ff", "block_in")]
+        for r in self.resnets:
+            scalar_keys += [f"{r.path}.resnet", f"{r.path}.r", f"{r.path}.out.block_in"]
         self.scalars = {k: torch.zeros(num_steps, device=self.device, dtype=torch.float64) for k in scalar_keys}
         self._counts_dev = {k: torch.zeros(num_bins if k.rsplit(".", 1)[1] in BINNED else 1, device=self.device, dtype=torch.float64)
                             for k in self.counts}
@@ -168,9 +177,24 @@ class StatsCollector:
         reg.append(block.register_forward_pre_hook(on_block_in, with_kwargs=True))
         return reg
 
+    def _resnet_hooks(self, r: ResnetInfo, block) -> list:
+        p = r.path
+
+        def on_conv2(mod, args, out):
+            h = args[0]
+            self._acc(f"{p}.r", h.movedim(1, -1))  # channels last: every pixel is a token
+            self._energy(f"{p}.resnet", out, None if mod.bias is None else mod.bias[:, None, None])
+
+        def on_block_in(mod, args, kwargs):
+            self._energy(f"{p}.out.block_in", args[0] if args else kwargs["input_tensor"])
+
+        return [block.conv2.register_forward_hook(on_conv2), block.register_forward_pre_hook(on_block_in, with_kwargs=True)]
+
     def __enter__(self):
         for b in self.blocks:
             self._handles += self._hooks_for(b, self.unet.get_submodule(b.path))
+        for r in self.resnets:
+            self._handles += self._resnet_hooks(r, self.unet.get_submodule(r.path))
         return self
 
     def __exit__(self, *exc):
@@ -228,4 +252,4 @@ def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
             )
 
 
-STAT_NAMES = {"x": "attn1 input", "y": "attn2 query input", "e": "text tokens", "z": "GEGLU output"}
+STAT_NAMES = {"x": "attn1 input", "y": "attn2 query input", "e": "text tokens", "z": "GEGLU output", "r": "ResNet inner channels"}

@@ -14,7 +14,7 @@ from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from slimexport.calibrate.collector import step_to_bin
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
-from slimexport.models.arch import BlockInfo
+from slimexport.models.arch import BlockInfo, ResnetInfo
 
 STATS_FORMAT = "slimexport.calib/1"
 TENSORS = "stats.safetensors"
@@ -35,6 +35,7 @@ class CalibStats:
         num_bins: timestep bins.
         prompts: the calibration prompts.
         meta: provenance: model, calibration config, timings, memory.
+        resnets: the ResNet blocks measured (``<path>.r`` correlations, ``<path>.resnet`` scalars).
     """
 
     blocks: list[BlockInfo]
@@ -45,6 +46,7 @@ class CalibStats:
     num_bins: int
     prompts: list[str]
     meta: dict = field(default_factory=dict)
+    resnets: list[ResnetInfo] = field(default_factory=list)
 
     @property
     def num_steps(self) -> int:
@@ -63,7 +65,8 @@ class CalibStats:
             write_json(tmp / META, {
                 "format": STATS_FORMAT, "slimexport_version": __version__,
                 "tensors": {"file": TENSORS, "sha256": digest},
-                "blocks": [b.to_dict() for b in self.blocks], "timesteps": self.timesteps,
+                "blocks": [b.to_dict() for b in self.blocks], "resnets": [r.to_dict() for r in self.resnets],
+                "timesteps": self.timesteps,
                 "num_bins": self.num_bins, "prompts": self.prompts, "meta": self.meta,
             })
         return out_dir
@@ -84,4 +87,5 @@ class CalibStats:
             out[kind][name] = v
         return cls(blocks=[BlockInfo(**b) for b in meta["blocks"]], corr=out["corr"], counts=out["count"],
                    scalars=out["scalar"], timesteps=list(meta["timesteps"]), num_bins=int(meta["num_bins"]),
-                   prompts=list(meta["prompts"]), meta=meta.get("meta", {}))
+                   prompts=list(meta["prompts"]), meta=meta.get("meta", {}),
+                   resnets=[ResnetInfo(**r) for r in meta.get("resnets", [])])

@@ -15,9 +15,10 @@ from slimexport.allocate.scores import aggregate
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import DecomposeConfig
 from slimexport.decompose import ffn_nystrom as ffn
+from slimexport.decompose import resnet_nystrom
 from slimexport.decompose.linalg import check_finite, cholesky, ridge
 from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
-from slimexport.models.arch import BlockInfo
+from slimexport.models.arch import RESNET_KIND, BlockInfo, ResnetInfo
 from slimexport.slim.apply import install_processors, replace_linears
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,35 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
     return new, {"rel_error": errs, "cholesky_fallbacks": W.fallbacks}
 
 
+def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+    """Group-pivoted Nyström of one ResNet block's inner channels at the planned number of groups."""
+    name = f"{r.path}.{RESNET_KIND}"
+    keep_groups = plan["ranks"][name]
+    mod = unet.get_submodule(r.path)
+    c = ridge(aggregate(stats, r, "r", _weights_of(plan, name)).to(device), cfg.ridge)
+    check_finite(c, f"time-aggregated correlation of {r.path}'s inner channels")
+    order = resnet_nystrom.group_pivoted_order(c, r.group_size)
+    keep = resnet_nystrom.kept_channels(order, keep_groups, r.group_size).to(device)
+    f64 = dict(device=device, dtype=torch.float64)
+    w2 = mod.conv2.weight.detach().to(**f64)
+    new = {
+        f"{r.path}.conv1.weight": mod.conv1.weight.detach().to(**f64)[keep],
+        f"{r.path}.conv1.bias": mod.conv1.bias.detach().to(**f64)[keep],
+        f"{r.path}.norm2.weight": mod.norm2.weight.detach().to(**f64)[keep],
+        f"{r.path}.norm2.bias": mod.norm2.bias.detach().to(**f64)[keep],
+        f"{r.path}.conv2.weight": resnet_nystrom.fold_conv2(w2, resnet_nystrom.reconstruction(c, keep)),
+    }
+    if mod.time_emb_proj is not None:
+        new[f"{r.path}.time_emb_proj.weight"] = mod.time_emb_proj.weight.detach().to(**f64)[keep]
+        new[f"{r.path}.time_emb_proj.bias"] = mod.time_emb_proj.bias.detach().to(**f64)[keep]
+    a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
+    total = float(torch.einsum("ij,ik,kj->", a, c, a))
+    rel = resnet_nystrom.residual(c, keep, w2) / total if total > 0 else 0.0
+    for k, t in new.items():
+        check_finite(t, f"decomposed weight {k}")
+    return new, {"rel_error": {name: max(rel, 0.0)}}
+
+
 def _rel(f: HeadFactors, rank: int) -> float:
     total = float(f.error(0))
     return float(f.error(rank)) / total if total > 0 else 0.0
@@ -160,6 +190,11 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
         replace_linears(slim, new)
         diag["rel_error"].update(d["rel_error"])
         diag["cholesky_fallbacks"] += d["cholesky_fallbacks"]
+    for r in stats.resnets:
+        if f"{r.path}.{RESNET_KIND}" in plan["ranks"]:
+            new, d = decompose_resnet(unet, r, stats, plan, cfg, device)
+            replace_linears(slim, new)
+            diag["rel_error"].update(d["rel_error"])
     if diag["cholesky_fallbacks"]:
         log.warning("%d correlation(s) were ill-conditioned and needed the Cholesky fallback (eigenvalue shift)",
                     diag["cholesky_fallbacks"])

@@ -96,3 +96,61 @@ def blocks(unet) -> list[BlockInfo]:
 
 def get_module(unet, path: str) -> nn.Module:
     return unet.get_submodule(path)
+
+
+RESNET_KIND = "resnet"
+
+
+@dataclass(frozen=True)
+class ResnetInfo:
+    """Sizes of one ``ResnetBlock2D`` (from the dense model).
+
+    The *inner* channels (``conv1`` outputs = ``norm2`` channels = ``conv2`` inputs, with the matching rows of
+    ``time_emb_proj``) are the analogue of the FFN's intermediate width; they are kept or removed in whole
+    GroupNorm groups so that the kept channels are normalised exactly as before.
+
+    Attributes:
+        path: module path of the block.
+        in_channels, out_channels: block input and output channels (unchanged by slimming).
+        inner: inner channels (``conv1.out_channels``).
+        groups: GroupNorm groups of ``norm2``; ``group_size = inner // groups``.
+        temb_dim: input width of ``time_emb_proj`` (0 when absent).
+        kernel1, kernel2: ``conv1``/``conv2`` kernel elements (9 for 3×3).
+    """
+
+    path: str
+    in_channels: int
+    out_channels: int
+    inner: int
+    groups: int
+    temb_dim: int
+    kernel1: int
+    kernel2: int
+
+    @property
+    def group_size(self) -> int:
+        return self.inner // self.groups
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resnet_info(path: str, block) -> ResnetInfo:
+    if getattr(block, "time_embedding_norm", "default") != "default":
+        raise UsageError(f"{path} uses time_embedding_norm={block.time_embedding_norm!r}", "only SD-style ResNet blocks can be slimmed")
+    c1, c2, n2 = block.conv1, block.conv2, block.norm2
+    if not isinstance(n2, nn.GroupNorm) or n2.num_channels != c1.out_channels or c2.in_channels != c1.out_channels:
+        raise UsageError(f"{path} is not an SD-style ResNet block (conv1 → GroupNorm → conv2)", "drop 'resnet' from --targets")
+    if c1.groups != 1 or c2.groups != 1:
+        raise UsageError(f"{path} has grouped convolutions", "drop 'resnet' from --targets")
+    temb = block.time_emb_proj
+    return ResnetInfo(
+        path=path, in_channels=c1.in_channels, out_channels=c2.out_channels, inner=c1.out_channels,
+        groups=n2.num_groups, temb_dim=temb.in_features if temb is not None else 0,
+        kernel1=c1.kernel_size[0] * c1.kernel_size[1], kernel2=c2.kernel_size[0] * c2.kernel_size[1],
+    )
+
+
+def resnet_blocks(unet) -> list[ResnetInfo]:
+    """``ResnetInfo`` of every ``ResnetBlock2D`` of the UNet, in module order."""
+    return [resnet_info(n, m) for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]

@@ -1,10 +1,11 @@
 """Apply a slim plan to a UNet, and save/load slim UNets as folders (config + plan JSON + safetensors).
 
-A slim UNet is an ordinary ``UNet2DConditionModel`` whose attention and feed-forward ``nn.Linear`` layers are
-narrower, with :class:`SlimAttnProcessor` installed on every attention of its transformer blocks. Folder:
+A slim UNet is an ordinary ``UNet2DConditionModel`` whose attention and feed-forward ``nn.Linear`` layers (and,
+with the ``resnet`` target, ResNet inner convolutions) are narrower, with :class:`SlimAttnProcessor` installed on every attention of its transformer blocks. Folder:
 
 - ``config.json``: the dense UNet's diffusers config (the architecture before slimming);
-- ``slim_plan.json``: per-block shapes (``rank_qk``/``rank_vo`` per head, FFN width), provenance and digests;
+- ``slim_plan.json``: per-block shapes (``rank_qk``/``rank_vo`` per head, FFN width, ResNet inner width),
+  provenance and digests;
 - ``diffusion_pytorch_model.safetensors``: the slim weights.
 """
 
@@ -27,22 +28,28 @@ SLIM_FORMAT = "slimexport.slim/1"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def _set_linear(parent: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    old = getattr(parent, name) if not name.isdigit() else parent[int(name)]
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    lin.requires_grad_(old.weight.requires_grad)
-    if name.isdigit():
-        parent[int(name)] = lin
+def _resized(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A module like ``old`` (Linear, Conv2d or GroupNorm) holding the given weight and bias."""
+    kw = dict(device=weight.device, dtype=old.weight.dtype)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **kw)
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(weight.shape[1], weight.shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
+                        dilation=old.dilation, bias=bias is not None, padding_mode=old.padding_mode, **kw)
+    elif isinstance(old, nn.GroupNorm):
+        group_size = old.num_channels // old.num_groups
+        new = nn.GroupNorm(weight.shape[0] // group_size, weight.shape[0], eps=old.eps, affine=True, **kw)
     else:
-        setattr(parent, name, lin)
+        raise ArtifactError(f"cannot resize a {type(old).__name__}", "the slim weights belong to another architecture")
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.requires_grad_(old.weight.requires_grad)
 
 
 def replace_linears(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Replace each ``nn.Linear`` named by ``<path>.weight`` keys with one of the given weight (and bias) shape."""
+    """Replace each Linear/Conv2d/GroupNorm named by ``<path>.weight`` keys with one of the given weight (and bias) shape."""
     for key, w in weights.items():
         if not key.endswith(".weight"):
             continue
@@ -50,10 +57,15 @@ def replace_linears(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         parent_path, _, name = path.rpartition(".")
         parent = unet.get_submodule(parent_path)
         old = unet.get_submodule(path)
-        if not isinstance(old, nn.Linear):
-            raise ArtifactError(f"{path} is not a Linear layer in this UNet", "the slim weights belong to another architecture")
+        if not isinstance(old, (nn.Linear, nn.Conv2d, nn.GroupNorm)):
+            raise ArtifactError(f"{path} is a {type(old).__name__}, not a Linear/Conv2d/GroupNorm layer",
+                                "the slim weights belong to another architecture")
         bias = weights.get(path + ".bias", old.bias.detach() if old.bias is not None else None)
-        _set_linear(parent, name, w.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype))
+        new = _resized(old, w.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype))
+        if name.isdigit():
+            parent[int(name)] = new
+        else:
+            setattr(parent, name, new)
 
 
 def install_processors(unet: nn.Module, kernel=None) -> None:
@@ -74,17 +86,24 @@ def shapes_of(unet: nn.Module) -> dict[str, dict]:
             entry[name] = {"rank_qk": attn.to_q.out_features // attn.heads, "rank_vo": attn.to_v.out_features // attn.heads}
         entry["ffn_width"] = block.ff.net[2].in_features
         out[path] = entry
+    for path, mod in unet.named_modules():
+        if type(mod).__name__ == "ResnetBlock2D":
+            out[path] = {"resnet_inner": mod.conv1.out_channels}
     return out
 
 
 def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
     """Give ``unet`` the layer shapes of a slim plan (weights uninitialised: load a state dict next)."""
     blocks = dict(transformer_blocks(unet))
-    missing = sorted(set(shapes) - set(blocks))
+    known = set(blocks) | {n for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"}
+    missing = sorted(set(shapes) - known)
     if missing:
         raise IncompatibleArtifactError(f"slim plan names blocks this UNet lacks ({missing[0]}, ...)", "load it with the UNet config it was made from")
     p = next(unet.parameters())
     for path, entry in shapes.items():
+        if "resnet_inner" in entry:
+            _resize_resnet(unet, path, entry["resnet_inner"], p)
+            continue
         block = blocks[path]
         for name in ("attn1", "attn2"):
             attn = getattr(block, name)
@@ -105,6 +124,25 @@ def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
             f"{path}.ff.net.0.proj.bias": torch.empty(2 * width, dtype=p.dtype, device=p.device),
             f"{path}.ff.net.2.weight": torch.empty(block.ff.net[2].out_features, width, dtype=p.dtype, device=p.device),
         })
+
+
+def _resize_resnet(unet: nn.Module, path: str, inner: int, p: torch.Tensor) -> None:
+    block = unet.get_submodule(path)
+    if block.conv1.out_channels == inner:
+        return
+    kw = dict(dtype=p.dtype, device=p.device)
+    c1, c2 = block.conv1, block.conv2
+    new = {
+        f"{path}.conv1.weight": torch.empty(inner, *c1.weight.shape[1:], **kw),
+        f"{path}.conv1.bias": torch.empty(inner, **kw),
+        f"{path}.norm2.weight": torch.empty(inner, **kw),
+        f"{path}.norm2.bias": torch.empty(inner, **kw),
+        f"{path}.conv2.weight": torch.empty(c2.out_channels, inner, *c2.weight.shape[2:], **kw),
+    }
+    if block.time_emb_proj is not None:
+        new[f"{path}.time_emb_proj.weight"] = torch.empty(inner, block.time_emb_proj.in_features, **kw)
+        new[f"{path}.time_emb_proj.bias"] = torch.empty(inner, **kw)
+    replace_linears(unet, new)
 
 
 def save_slim_unet(unet: nn.Module, out_dir: str | Path, plan: dict | None = None) -> Path:
