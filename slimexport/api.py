@@ -212,6 +212,11 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
             for name, err in diag["rel_error"].items():
                 plan["modules"][name]["rel_error"] = err
             plan["cholesky_fallbacks"] = diag["cholesky_fallbacks"]
+            from slimexport.models.macs import count_macs
+
+            lh, lw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
+            plan["macs"] = {"latent": [lh, lw], "batch": 1, "dense": count_macs(unet, 1, lh, lw)["total"],
+                            "slim": count_macs(slim, 1, lh, lw)["total"]}
             write_json(plan_path, plan)
             manifest.record("plan", plan_key, [plan_path], 0.0)
             save_slim_unet(move(slim, "cpu"), slim_dir, plan={"model": cfg.model, "fingerprint": bundle.identity(),

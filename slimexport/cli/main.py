@@ -83,6 +83,10 @@ def compress(ctx, out, config_file, dump_config, **opts):
     click.echo(f"targeted parameters: {p['targeted_dense']:,} -> {p['targeted_slim']:,} "
                f"({p['targeted_slim'] / p['targeted_dense']:.3f}, budget {cfg.alloc.budget:g})")
     click.echo(f"UNet parameters:     {p['dense_total']:,} -> {p['slim_total']:,} ({p['slim_total'] / p['dense_total']:.3f})")
+    if "macs" in res.plan:
+        m = res.plan["macs"]
+        click.echo(f"UNet MACs (batch 1, {m['latent'][0]}x{m['latent'][1]} latents): {m['dense'] / 1e9:.3f} G -> "
+                   f"{m['slim'] / 1e9:.3f} G ({m['slim'] / m['dense']:.3f})")
 
 
 @cli.command("models")

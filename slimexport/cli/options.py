@@ -110,11 +110,12 @@ def _set(obj, **changes):
 def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
     """Apply CLI options (``None`` = not given) on top of ``base``."""
     size = o.get("calib_size")
-    calib = _set(base.calib, num_prompts=o.get("calib_prompts"), num_steps=o.get("calib_steps"), num_bins=o.get("calib_bins"),
+    bins = o.get("calib_bins")
+    if bins is None and o.get("calib_steps") is not None and o["calib_steps"] >= 1:
+        bins = min(base.calib.num_bins, o["calib_steps"])  # fewer steps than bins: one bin per step
+    calib = _set(base.calib, num_prompts=o.get("calib_prompts"), num_steps=o.get("calib_steps"), num_bins=bins,
                  batch_size=o.get("calib_batch"), guidance_scale=o.get("guidance"), height=size, width=size,
                  offload=o.get("calib_offload"), prompts_file=o.get("prompts_file"), seed=o.get("seed"))
-    if o.get("calib_steps") is not None and o.get("calib_bins") is None and calib.num_bins > calib.num_steps:
-        calib = calib.replace(num_bins=calib.num_steps)
     decompose = _set(base.decompose, timestep_weighting=o.get("timestep_weighting"), ridge=o.get("ridge"),
                      ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
     alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
