@@ -23,6 +23,7 @@ QKVO_METHODS = ("whiten", "weight", "random")
 ALLOCATIONS = ("softmax", "uniform")
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BUDGET_SCOPES = ("targeted", "unet")
 
 
 def _check(cls: str, name: str, value, ok: bool, allowed: str) -> None:
@@ -174,6 +175,8 @@ class AllocConfig(_Config):
         attn_quantum: per-head rank step; ``None`` picks 8 for heads of 40+ dims, less for tiny models.
         ffn_quantum: FFN width step; ``None`` picks 64 for 1024+ wide FFNs, less for tiny models.
         propagation: multiply scores by each module's relative output energy (the method's optional g_m).
+        scope: what ``budget`` is a fraction of: ``targeted`` parameters (the paper's reading) or the whole
+            ``unet`` (the targeted modules then absorb the whole cut).
     """
 
     budget: float = 0.73
@@ -184,9 +187,11 @@ class AllocConfig(_Config):
     attn_quantum: int | None = None
     ffn_quantum: int | None = None
     propagation: bool = False
+    scope: str = "targeted"
 
     def __post_init__(self):
         n = type(self).__name__
+        _check(n, "scope", self.scope, self.scope in BUDGET_SCOPES, " or ".join(BUDGET_SCOPES))
         _check(n, "budget", self.budget, _is_num(self.budget) and 0 < self.budget <= 1, "a number in (0, 1], e.g. 0.73")
         t = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
         _check(

@@ -84,6 +84,23 @@ def targeted_kinds(cfg: AllocConfig) -> tuple[str, ...]:
             + ((RESNET_KIND,) if "resnet" in cfg.targets else ()))
 
 
+def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> float:
+    """The budget as a fraction of the targeted parameters (``scope=unet`` puts the whole cut on the targets)."""
+    if acfg.scope == "targeted":
+        return acfg.budget
+    fixed = unet_dense - targeted_dense
+    b = (acfg.budget * unet_dense - fixed) / targeted_dense
+    if b <= 0:
+        from slimexport.errors import UsageError
+
+        raise UsageError(
+            f"a whole-UNet budget of {acfg.budget:g} needs more than all targeted parameters ({', '.join(acfg.targets)}: "
+            f"{targeted_dense / unet_dense:.1%} of the UNet)",
+            f"use --budget above {fixed / unet_dense:.3f} or add targets (e.g. --targets attn,ffn,resnet)",
+        )
+    return b
+
+
 def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict[str, dict]:
     """Per targeted module: kind, block, score, timestep weights (method §5)."""
     out = {}
@@ -118,13 +135,16 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=unit_cost(block, kind),
                                   r_min=r_min, quantum=q, score=s["ms"].score))
     temperature = math.inf if acfg.method == "uniform" else acfg.temperature
-    ranks = allocate_ranks(modules, acfg.budget, temperature)
-    pi = softmax_weights([m.score for m in modules], temperature)
     targeted_dense = sum(m.dense_params for m in modules)
-    targeted_slim = sum(ranks[m.name] * m.unit_cost for m in modules)
     unet_dense = sum(p.numel() for p in unet.parameters())
+    budget = targeted_budget(acfg, targeted_dense, unet_dense)
+    ranks = allocate_ranks(modules, budget, temperature)
+    pi = softmax_weights([m.score for m in modules], temperature)
+    targeted_slim = sum(ranks[m.name] * m.unit_cost for m in modules)
     return {
         "budget": acfg.budget,
+        "scope": acfg.scope,
+        "targeted_budget": budget,
         "targets": list(acfg.targets),
         "ranks": ranks,
         "modules": {
@@ -135,7 +155,7 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         },
         "params": {
             "targeted_dense": targeted_dense, "targeted_slim": targeted_slim,
-            "target": acfg.budget * targeted_dense, "max_step": max_step_cost(modules),
+            "target": budget * targeted_dense, "max_step": max_step_cost(modules),
             "dense_total": unet_dense, "slim_total": unet_dense - targeted_dense + targeted_slim,
         },
     }

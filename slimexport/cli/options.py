@@ -37,6 +37,8 @@ def parse_targets(ctx, param, value: str | None):
     bad = [x for x in items if x not in TARGETS]
     if not items or bad:
         raise click.BadParameter(f"{value!r}: expected a comma-separated subset of {','.join(TARGETS)}")
+    if len(set(items)) != len(items):
+        raise click.BadParameter(f"{value!r} names a target twice")
     return items
 
 
@@ -59,6 +61,8 @@ model_options = _compose(
 compress_options = _compose(
     model_options,
     click.option("--budget", "-b", type=float, default=None, help="Fraction of the targeted parameters kept, in (0, 1]. [default: 0.73]"),
+    click.option("--budget-scope", type=click.Choice(["targeted", "unet"]), default=None,
+                 help="budget is a fraction of the targeted parameters or of the whole UNet. [default: targeted]"),
     click.option("--targets", callback=parse_targets, default=None, help="Module types compressed: attn,ffn. [default: attn,ffn]"),
     click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
     click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="softmax (score-driven) or uniform. [default: softmax]"),
@@ -120,7 +124,7 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
                      ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
     alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
                  method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
-                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"))
+                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"))
     return _set(base, model=o.get("model"), random_weights=o.get("random_weights"), device=o.get("device"),
                 calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
 
