@@ -1,0 +1,173 @@
+"""Latency timing and the dense-vs-slim speed comparison.
+
+Timers: on a CUDA device, CUDA events recorded around each call on the current stream (GPU time, no host
+sync inside the loop; for engines that synchronise themselves this approaches wall time); on the CPU,
+``time.perf_counter`` around each call. Percentiles use numpy's linear interpolation. All times are ms.
+
+``compare_speed`` times the dense and the slim engine in the same process, on the same backend, device and
+feeds, alternating between them (ABBA order per iteration by default) so that clock, thermal and cache drift
+hits both alike. ``speedup = p50_dense / p50_slim``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from slimexport.errors import UsageError
+
+PERCENTILES = (50, 90, 99)
+
+
+def _summary(times_ms: list[float]) -> dict:
+    t = np.asarray(times_ms, dtype=np.float64)
+    out = {f"p{p}": float(np.percentile(t, p)) for p in PERCENTILES}
+    out.update(mean=float(t.mean()), min=float(t.min()), iterations=int(t.size))
+    return out
+
+
+def _is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+class _Timer:
+    """One timed call: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = _is_cuda(device)
+        if self.cuda:
+            import torch
+
+            self.torch = torch
+            self.device = torch.device(device)
+            self.pending: list[tuple] = []
+
+    def time(self, fn: Callable[[], object]) -> float | None:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        start = self.torch.cuda.Event(enable_timing=True)
+        end = self.torch.cuda.Event(enable_timing=True)
+        stream = self.torch.cuda.current_stream(self.device)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        self.pending.append((start, end))
+        return None
+
+    def collect(self) -> list[float]:
+        """Elapsed ms of the CUDA calls recorded since the last collect (synchronises once)."""
+        if not self.cuda:
+            return []
+        self.torch.cuda.synchronize(self.device)
+        out = [s.elapsed_time(e) for s, e in self.pending]
+        self.pending = []
+        return out
+
+
+def time_callable(fn: Callable[[], object], warmup: int = 5, iterations: int = 20, device: str = "cpu") -> dict:
+    """Latency of ``fn()`` in ms.
+
+    Args:
+        fn: a zero-argument call (e.g. ``engine.prepare(feeds)``).
+        warmup: untimed calls first.
+        iterations: timed calls.
+        device: ``cpu`` (perf_counter) or ``cuda[:N]`` (CUDA events).
+
+    Returns:
+        ``{"p50", "p90", "p99", "mean", "min", "iterations", "warmup", "timer"}`` (ms).
+    """
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise UsageError(f"warmup={warmup!r} is invalid", "use an integer >= 0")
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise UsageError(f"iterations={iterations!r} is invalid", "use an integer >= 1")
+    timer = _Timer(device)
+    for _ in range(warmup):
+        fn()
+    if timer.cuda:
+        timer.torch.cuda.synchronize(timer.device)
+    times = [timer.time(fn) for _ in range(iterations)]
+    if timer.cuda:
+        times = timer.collect()
+    return {**_summary(times), "warmup": warmup, "timer": "cuda_events" if timer.cuda else "perf_counter"}
+
+
+def environment(device: str) -> dict:
+    """Device name, CPU threads and library versions for a benchmark record."""
+    import torch
+
+    from slimexport.engines.torch_runner import available_cpus, device_name
+
+    env = {"device": device, "device_name": device_name(device), "cpus_available": available_cpus(),
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+           "python": platform.python_version(), "versions": {"torch": torch.__version__}}
+    if _is_cuda(device):
+        env["versions"]["cuda"] = torch.version.cuda
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        env["compute_capability"] = f"{major}.{minor}"
+    env["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    return env
+
+
+def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *, warmup: int = 5,
+                  iterations: int = 20, interleave: bool = True, rounds: int = 5) -> dict:
+    """Time the dense and the slim engine on the same feeds in this process; ``speedup = p50_dense / p50_slim``.
+
+    Args:
+        dense_engine, slim_engine: engines of the same backend on the same device.
+        feeds: one input set, staged once per engine (``engine.prepare``).
+        warmup: untimed calls of each engine first.
+        iterations: timed calls of each engine.
+        interleave: alternate every call in ABBA order (dense, slim, slim, dense, ...); ``False``: ``rounds``
+            alternating blocks of ``iterations / rounds`` calls each.
+
+    Returns:
+        ``{"dense_ms": {...}, "slim_ms": {...}, "speedup", "backend", "device", "shapes", "mode", "warmup",
+        "environment": {...}, "dense_engine": info, "slim_engine": info}``.
+
+    Raises:
+        UsageError: the engines differ in backend or device.
+    """
+    if dense_engine.name != slim_engine.name or dense_engine.device != slim_engine.device:
+        raise UsageError(f"dense ({dense_engine.name} on {dense_engine.device}) and slim ({slim_engine.name} on "
+                         f"{slim_engine.device}) must run on the same backend and device", "build both with the same --backend and --device")
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise UsageError(f"iterations={iterations!r} is invalid", "use an integer >= 1")
+    device = dense_engine.device
+    calls = {"dense": dense_engine.prepare(feeds), "slim": slim_engine.prepare(feeds)}
+    for _ in range(warmup):
+        calls["dense"]()
+        calls["slim"]()
+    timer = _Timer(device)
+    if timer.cuda:
+        timer.torch.cuda.synchronize(timer.device)
+    order: list[str] = []
+    if interleave:
+        for i in range(iterations):
+            order += ["dense", "slim"] if i % 2 == 0 else ["slim", "dense"]
+    else:
+        rounds = max(1, min(rounds, iterations))
+        sizes = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+        for r, n in enumerate(sizes):
+            first, second = ("dense", "slim") if r % 2 == 0 else ("slim", "dense")
+            order += [first] * n + [second] * n
+    raw = [timer.time(calls[k]) for k in order]
+    if timer.cuda:
+        raw = timer.collect()
+    times = {"dense": [], "slim": []}
+    for k, t in zip(order, raw):
+        times[k].append(t)
+    dense, slim = _summary(times["dense"]), _summary(times["slim"])
+    return {
+        "dense_ms": dense, "slim_ms": slim, "speedup": dense["p50"] / slim["p50"],
+        "backend": dense_engine.name, "device": device,
+        "shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
+        "mode": "interleaved ABBA" if interleave else f"{rounds} alternating blocks", "warmup": warmup,
+        "timer": "cuda_events" if timer.cuda else "perf_counter",
+        "environment": environment(device), "dense_engine": dense_engine.info(), "slim_engine": slim_engine.info(),
+    }

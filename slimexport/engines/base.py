@@ -1,0 +1,334 @@
+"""The engine interface: one ``run(feeds) -> outputs`` for every backend, shape profiles, and the registry.
+
+An *engine* runs a UNet with the TensorRT demo's I/O (``sample``, ``timestep``, ``encoder_hidden_states`` →
+``latent``) on numpy arrays, whatever executes it (PyTorch, ONNX Runtime, TensorRT). The same feeds go to the
+dense and the slim engine, and to the torch reference, so parity and speed compare like with like.
+
+Units used throughout: ``batch`` is the leading dimension of ``sample`` (``2B`` with classifier-free guidance:
+two rows per prompt), ``height``/``width`` are latent cells (pixels / VAE scale factor, 8 for SD).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from slimexport.config import _check, _Config, _is_int
+from slimexport.errors import UsageError
+
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+CONTEXT = "encoder_hidden_states"
+INPUT_NAMES = (SAMPLE, TIMESTEP, CONTEXT)
+OUTPUT_NAMES = ("latent", "out_sample")  # TensorRT demo, Hugging Face Optimum
+BATCH_AXIS, HEIGHT_AXIS, WIDTH_AXIS = "2B", "H", "W"
+NUM_TRAIN_TIMESTEPS = 1000  # SD's training schedule: timesteps live in [0, 1000)
+
+NP_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels: int, seq_len: int,
+                 context_dim: int) -> dict:
+    """The I/O spec recorded in export results and manifests.
+
+    Shapes use the axis names ``2B``, ``H``, ``W`` for dynamic dimensions and integers for static ones.
+    ``timestep`` is always float32 (fp16 cannot hold fractional timesteps near 1000), shape ``[2B]``.
+
+    Returns:
+        ``{"inputs": [{"name", "dtype", "shape"}...], "outputs": [...], "dynamic_axes": {name: {label: axis}}}``
+        (keyed by label, e.g. ``{"sample": {"2B": 0, "H": 2, "W": 3}}``, so it survives a JSON round trip).
+    """
+    if dtype not in NP_DTYPES:
+        raise UsageError(f"dtype={dtype!r} is not supported for UNet I/O", "use fp32 or fp16")
+    if output_name not in OUTPUT_NAMES:
+        raise UsageError(f"output_name={output_name!r} is not supported", f"use one of {', '.join(OUTPUT_NAMES)}")
+    act = NP_DTYPES[dtype]
+    inputs = [
+        {"name": SAMPLE, "dtype": act, "shape": [BATCH_AXIS, in_channels, HEIGHT_AXIS, WIDTH_AXIS]},
+        {"name": TIMESTEP, "dtype": "float32", "shape": [BATCH_AXIS]},
+        {"name": CONTEXT, "dtype": act, "shape": [BATCH_AXIS, seq_len, context_dim]},
+    ]
+    outputs = [{"name": output_name, "dtype": act, "shape": [BATCH_AXIS, out_channels, HEIGHT_AXIS, WIDTH_AXIS]}]
+    dynamic_axes = {
+        e["name"]: {d: i for i, d in enumerate(e["shape"]) if isinstance(d, str)} for e in inputs + outputs
+    }
+    return {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes}
+
+
+def io_spec_for_unet(unet, *, dtype: str = "fp32", output_name: str = "latent", seq_len: int = 77) -> dict:
+    """:func:`unet_io_spec` read off a diffusers ``UNet2DConditionModel``'s config."""
+    cfg = unet.config
+    return unet_io_spec(dtype=dtype, output_name=output_name, in_channels=int(cfg.in_channels),
+                        out_channels=int(cfg.out_channels), seq_len=seq_len, context_dim=int(cfg.cross_attention_dim))
+
+
+def make_feeds(io_spec: dict, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs matching ``io_spec``: ``sample`` and ``encoder_hidden_states`` ~ N(0, 1), timesteps
+    spread over [0, 1000) (fractional, as samplers produce them).
+
+    Args:
+        batch: the ``2B`` axis; height, width: latent cells.
+    """
+    rng = np.random.default_rng(seed)
+    dims = {BATCH_AXIS: batch, HEIGHT_AXIS: height, WIDTH_AXIS: width}
+    feeds = {}
+    for entry in io_spec["inputs"]:
+        shape = [dims[d] if isinstance(d, str) else int(d) for d in entry["shape"]]
+        if entry["name"] == TIMESTEP:
+            feeds[TIMESTEP] = rng.uniform(0, NUM_TRAIN_TIMESTEPS - 1, size=shape).astype(np.float32)
+        else:
+            feeds[entry["name"]] = rng.standard_normal(shape).astype(entry["dtype"])
+    return feeds
+
+
+def check_feeds(io_spec: dict, feeds: Mapping[str, np.ndarray]) -> None:
+    """Refuse feeds whose names, dtypes, ranks or static sizes differ from ``io_spec``, or whose ``2B``/``H``/``W``
+    sizes disagree between inputs, with a one-line :class:`UsageError`."""
+    names = [e["name"] for e in io_spec["inputs"]]
+    missing = [n for n in names if n not in feeds]
+    extra = sorted(set(feeds) - set(names))
+    if missing or extra:
+        raise UsageError(f"engine inputs are {', '.join(names)}; got {', '.join(sorted(feeds)) or 'none'}",
+                         "pass exactly the engine's input names")
+    seen: dict[str, tuple[int, str]] = {}
+    for entry in io_spec["inputs"]:
+        name, arr = entry["name"], feeds[entry["name"]]
+        if str(arr.dtype) != entry["dtype"]:
+            raise UsageError(f"input {name} has dtype {arr.dtype}, the engine takes {entry['dtype']}",
+                             f"cast it with .astype(np.{entry['dtype']})")
+        if arr.ndim != len(entry["shape"]):
+            raise UsageError(f"input {name} has shape {list(arr.shape)}, the engine takes rank {len(entry['shape'])} "
+                             f"({entry['shape']})", "reshape the input")
+        for axis, (want, got) in enumerate(zip(entry["shape"], arr.shape)):
+            if isinstance(want, str):
+                if want in seen and seen[want][0] != got:
+                    raise UsageError(f"axis {want} is {seen[want][0]} in {seen[want][1]} but {got} in {name}",
+                                     "give every input the same batch (2B) size")
+                seen.setdefault(want, (int(got), name))
+            elif int(want) != got:
+                raise UsageError(f"input {name} has size {got} on axis {axis}, the engine takes {want}",
+                                 f"pass shape {entry['shape']}")
+
+
+@dataclass(frozen=True)
+class EngineProfile(_Config):
+    """The range of input shapes an engine accepts (a TensorRT optimization profile), recorded in manifests.
+
+    Attributes:
+        min_batch, opt_batch, max_batch: the ``2B`` axis (UNet rows: two per prompt with CFG).
+        min_height, opt_height, max_height, min_width, opt_width, max_width: latent cells.
+        latent_multiple: heights and widths must be multiples of this: the UNet's total downsampling factor
+            (``2 ** (len(block_out_channels) - 1)``: 8 for SD1.x/2.x), so skip connections line up.
+    """
+
+    min_batch: int = 1
+    opt_batch: int = 2
+    max_batch: int = 4
+    min_height: int = 32
+    opt_height: int = 64
+    max_height: int = 96
+    min_width: int = 32
+    opt_width: int = 64
+    max_width: int = 96
+    latent_multiple: int = 8
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(n, "latent_multiple", self.latent_multiple, _is_int(self.latent_multiple) and self.latent_multiple >= 1,
+               "an integer >= 1")
+        for axis in ("batch", "height", "width"):
+            lo, opt, hi = (getattr(self, f"{k}_{axis}") for k in ("min", "opt", "max"))
+            for k, v in (("min", lo), ("opt", opt), ("max", hi)):
+                _check(n, f"{k}_{axis}", v, _is_int(v) and v >= 1, "an integer >= 1")
+                if axis != "batch":
+                    m = self.latent_multiple
+                    _check(n, f"{k}_{axis}", v, v % m == 0, f"a multiple of latent_multiple={m} (latent cells)")
+            _check(n, f"opt_{axis}", opt, lo <= opt <= hi, f"min_{axis} <= opt_{axis} <= max_{axis} ({lo} <= {opt} <= {hi})")
+
+    @classmethod
+    def static(cls, batch: int, height: int, width: int, latent_multiple: int = 8) -> EngineProfile:
+        """A profile of one shape (what CUDA graphs and the fastest TensorRT engines want)."""
+        return cls(batch, batch, batch, height, height, height, width, width, width, latent_multiple)
+
+    @classmethod
+    def from_pixels(cls, *, batch: tuple[int, int, int], height: tuple[int, int, int], width: tuple[int, int, int],
+                    vae_scale_factor: int = 8, cfg: bool = True, latent_multiple: int = 8) -> EngineProfile:
+        """Build a profile from what users type: prompts per call and image sizes in pixels.
+
+        Args:
+            batch: (min, opt, max) prompts per call; doubled when ``cfg`` (two UNet rows per prompt).
+            height, width: (min, opt, max) pixels; divided by ``vae_scale_factor``.
+        """
+        rows = 2 if cfg else 1
+        for name, trip in (("height", height), ("width", width)):
+            for v in trip:
+                if not _is_int(v) or v % vae_scale_factor:
+                    raise UsageError(f"{name} {v} px is not a multiple of the VAE scale factor {vae_scale_factor}",
+                                     f"pass a {name} that is a multiple of {vae_scale_factor * latent_multiple}")
+        lat = [tuple(v // vae_scale_factor for v in t) for t in (height, width)]
+        return cls(*(b * rows for b in batch), *lat[0], *lat[1], latent_multiple=latent_multiple)
+
+    def describe(self) -> str:
+        return (f"batch {self.min_batch}..{self.max_batch}, height {self.min_height}..{self.max_height}, "
+                f"width {self.min_width}..{self.max_width} latent cells")
+
+    def check(self, batch: int, height: int, width: int) -> None:
+        """Refuse a ``sample`` shape outside the profile with a one-line :class:`UsageError`."""
+        problems = []
+        for axis, v in (("batch", batch), ("height", height), ("width", width)):
+            lo, hi = getattr(self, f"min_{axis}"), getattr(self, f"max_{axis}")
+            if v < lo:
+                problems.append(f"{axis} {v} < min {lo}")
+            elif v > hi:
+                problems.append(f"{axis} {v} > max {hi}")
+            elif axis != "batch" and v % self.latent_multiple:
+                problems.append(f"{axis} {v} is not a multiple of {self.latent_multiple}")
+        if problems:
+            raise UsageError(
+                f"input shape (batch {batch}, {height}x{width} latent) is outside the engine profile: "
+                f"{'; '.join(problems)} (profile: {self.describe()})",
+                "rebuild the engine with a profile that covers it (--min/--max batch, height, width)",
+            )
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        shape = feeds[SAMPLE].shape
+        self.check(int(shape[0]), int(shape[2]), int(shape[3]))
+
+
+@dataclass(frozen=True)
+class EngineConfig(_Config):
+    """How to build or load an engine (one config for every backend; each reads the fields it needs).
+
+    Attributes:
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads (ONNX Runtime intra-op threads, ``torch.set_num_threads``); ``None``: the cores
+            this process may use.
+        profile: accepted shapes; TensorRT builds its optimization profile from it, every backend refuses
+            inputs outside it. ``None``: any shape the model accepts (not for TensorRT).
+        dtype: torch backend: weights and activations, ``fp32`` or ``fp16``; ONNX backends take the ONNX's types.
+        channels_last: torch backend: NHWC memory format (the fast layout for cuDNN convolutions).
+        cuda_graphs: torch backend on CUDA: capture one CUDA graph per input shape and replay it.
+        providers: onnxruntime: execution providers, e.g. ``("CUDAExecutionProvider",)``; ``None`` picks from
+            ``device``.
+        optimization_level: TensorRT builder optimization level, 0..5 (3 is TensorRT's default).
+        cache_dir: TensorRT: folder of the timing caches; ``None``: beside the engine.
+        output_name: torch backend: name of the output (``latent`` or ``out_sample``).
+    """
+
+    device: str = "cpu"
+    threads: int | None = None
+    profile: EngineProfile | None = None
+    dtype: str = "fp32"
+    channels_last: bool = False
+    cuda_graphs: bool = False
+    providers: tuple[str, ...] | None = None
+    optimization_level: int = 3
+    cache_dir: str | None = None
+    output_name: str = "latent"
+
+    _nested: ClassVar[dict[str, type]] = {"profile": EngineProfile}
+
+    def __post_init__(self):
+        n = type(self).__name__
+        dev_ok = isinstance(self.device, str) and (self.device == "cpu" or self.device.split(":")[0] == "cuda")
+        _check(n, "device", self.device, dev_ok, "cpu, cuda or cuda:N")
+        _check(n, "threads", self.threads, self.threads is None or (_is_int(self.threads) and self.threads >= 1),
+               "None or an integer >= 1")
+        _check(n, "profile", self.profile, self.profile is None or isinstance(self.profile, EngineProfile),
+               "None or an EngineProfile")
+        _check(n, "dtype", self.dtype, self.dtype in NP_DTYPES, " or ".join(NP_DTYPES))
+        _check(n, "optimization_level", self.optimization_level,
+               _is_int(self.optimization_level) and 0 <= self.optimization_level <= 5, "an integer in [0, 5]")
+        _check(n, "output_name", self.output_name, self.output_name in OUTPUT_NAMES, " or ".join(OUTPUT_NAMES))
+        if self.cuda_graphs:
+            _check(n, "cuda_graphs", self.cuda_graphs, self.device.startswith("cuda"), "False on CPU (CUDA graphs need a GPU)")
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+
+
+class Engine(ABC):
+    """A runnable UNet. Subclasses set ``name``, ``device``, ``io_spec`` and implement :meth:`_run`.
+
+    Attributes:
+        name: backend name (``torch``, ``onnxruntime``, ``tensorrt``).
+        device: ``cpu`` or ``cuda:N``.
+        io_spec: as :func:`unet_io_spec`.
+        profile: accepted shapes, or ``None`` for any.
+    """
+
+    name: str = "engine"
+    device: str = "cpu"
+    io_spec: dict
+    profile: EngineProfile | None = None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on host arrays; returns host arrays keyed by output name.
+
+        Raises:
+            UsageError: wrong names, dtypes or ranks, or a shape outside :attr:`profile`.
+        """
+        self.check(feeds)
+        return self._run(feeds)
+
+    def check(self, feeds: Mapping[str, np.ndarray]) -> None:
+        check_feeds(self.io_spec, feeds)
+        if self.profile is not None:
+            self.profile.check_feeds(feeds)
+
+    @abstractmethod
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+        """Stage ``feeds`` once and return a zero-argument call that runs the engine on them (what timing loops
+        call). Backends that can keep inputs and outputs on the device override this; the default runs
+        :meth:`run` and so includes host transfers."""
+        self.check(feeds)
+        staged = dict(feeds)
+        return lambda: self._run(staged)
+
+    def info(self) -> dict:
+        """Backend, device, threads and versions, for manifests and benchmark reports."""
+        return {"backend": self.name, "device": self.device}
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
+        """Release sessions and device memory."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+BACKENDS: dict[str, str] = {
+    "torch": "slimexport.engines.torch_runner:create",
+    "onnxruntime": "slimexport.engines.onnxruntime:create",
+    "tensorrt": "slimexport.engines.tensorrt:create",
+}
+
+
+def register_backend(name: str, factory: str) -> None:
+    """Register ``"module:function"``; the function takes ``(source, cfg: EngineConfig)`` and returns an Engine."""
+    BACKENDS[name] = factory
+
+
+def build_engine(backend: str, source, cfg: EngineConfig | None = None) -> Engine:
+    """Make an engine of ``backend`` (imported only now: ``onnxruntime``/``tensorrt`` stay unimported otherwise).
+
+    Args:
+        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
+        source: for ``torch`` a ``UNet2DConditionModel``; for ``onnxruntime`` an export folder or ``model.onnx``;
+            for ``tensorrt`` an export folder or ``model.onnx`` (built, or reused if a matching engine exists)
+            or a ``.plan`` file.
+        cfg: settings; ``None`` uses :class:`EngineConfig` defaults.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", f"use one of {', '.join(sorted(BACKENDS))}")
+    module, _, func = BACKENDS[backend].partition(":")
+    factory = getattr(importlib.import_module(module), func)
+    return factory(source, cfg or EngineConfig())

@@ -1,0 +1,321 @@
+"""The TensorRT backend: strongly typed engines built from the exported ONNX with Polygraphy's Python API.
+
+- The network is *strongly typed* (``network_from_onnx_path(..., strongly_typed=True)``): every tensor keeps
+  its ONNX type, so fp16 comes from an fp16 export (whose norms stay fp32), never from ``BuilderFlag.FP16``
+  (removed in TensorRT 11).
+- One optimization profile from :class:`~slimexport.engines.base.EngineProfile`; builder optimization level 3
+  unless asked otherwise.
+- The timing cache is keyed by GPU name, compute capability and TensorRT version (a cache from another GPU or
+  version is never mixed in); engine files carry compute capability and TensorRT version in their names
+  (``unet.sm90.trt10.8.0.plan``), with a JSON sidecar saying what they were built for and from.
+- Loading refuses an engine built for another GPU, compute capability or TensorRT version, naming what differs.
+
+``tensorrt`` is imported only when an engine is built or loaded; the naming, cache keys, compatibility check
+and profile shapes are pure functions, testable anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimexport.artifacts import atomic_path, read_json, sha256_file, write_json
+from slimexport.engines.base import BATCH_AXIS, HEIGHT_AXIS, WIDTH_AXIS, Engine, EngineConfig, EngineProfile
+from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError, require
+
+log = logging.getLogger(__name__)
+
+ENGINE_STEM = "unet"
+PLAN_SUFFIX = ".plan"
+SIDECAR_FORMAT = "slimexport.trt/1"
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 4-5 search longer for little gain on the UNet
+
+
+def _require_trt():
+    return require("tensorrt", "trt", "--backend tensorrt")
+
+
+# ---------------------------------------------------------------- pure parts: names, keys, compatibility
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What an engine is tied to.
+
+    Attributes:
+        gpu_name: e.g. ``NVIDIA H100 80GB HBM3``.
+        compute_capability: ``major.minor``, e.g. ``9.0``.
+        trt_version: TensorRT's full version string, e.g. ``10.8.0.43``.
+    """
+
+    gpu_name: str
+    compute_capability: str
+    trt_version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sm_tag(compute_capability: str | tuple[int, int]) -> str:
+    """``"9.0"`` or ``(9, 0)`` -> ``"sm90"``."""
+    if isinstance(compute_capability, str):
+        parts = compute_capability.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UsageError(f"compute capability {compute_capability!r} is not major.minor", "pass e.g. '9.0'")
+        major, minor = (int(p) for p in parts)
+    else:
+        major, minor = compute_capability
+    return f"sm{major}{minor}"
+
+
+def trt_tag(trt_version: str) -> str:
+    """``"10.8.0.43"`` -> ``"trt10.8.0"`` (major.minor.patch)."""
+    parts = trt_version.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:3]):
+        raise UsageError(f"TensorRT version {trt_version!r} is not of the form major.minor[.patch]", "pass e.g. '10.8.0'")
+    return "trt" + ".".join(parts[:3])
+
+
+def engine_filename(compute_capability: str | tuple[int, int], trt_version: str, stem: str = ENGINE_STEM) -> str:
+    """``unet.sm90.trt10.8.0.plan``: the name says which GPUs and TensorRT can load it."""
+    return f"{stem}.{sm_tag(compute_capability)}.{trt_tag(trt_version)}{PLAN_SUFFIX}"
+
+
+def sidecar_path(plan: str | Path) -> Path:
+    """``unet.sm90.trt10.8.0.plan`` -> ``unet.sm90.trt10.8.0.json``."""
+    plan = Path(plan)
+    return plan.with_name(plan.name[: -len(PLAN_SUFFIX)] + ".json" if plan.name.endswith(PLAN_SUFFIX) else plan.name + ".json")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def timing_cache_key(gpu_name: str, compute_capability: str | tuple[int, int], trt_version: str) -> str:
+    """``nvidia-h100-80gb-hbm3.sm90.trt10.8.0``: tactic timings are valid for one GPU model and TensorRT version."""
+    return f"{_slug(gpu_name)}.{sm_tag(compute_capability)}.{trt_tag(trt_version)}"
+
+
+def timing_cache_filename(info: DeviceInfo) -> str:
+    return f"timing.{timing_cache_key(info.gpu_name, info.compute_capability, info.trt_version)}.cache"
+
+
+def incompatibilities(built: Mapping[str, Any], here: DeviceInfo) -> list[str]:
+    """What differs between the machine an engine was built for (its sidecar) and this one; empty: loadable."""
+    out = []
+    if built.get("compute_capability") != here.compute_capability:
+        out.append(f"compute capability {built.get('compute_capability')} vs {here.compute_capability} here")
+    if built.get("gpu_name") != here.gpu_name:
+        out.append(f"GPU '{built.get('gpu_name')}' vs '{here.gpu_name}' here")
+    if built.get("trt_version") != here.trt_version:
+        out.append(f"TensorRT {built.get('trt_version')} vs {here.trt_version} here")
+    return out
+
+
+def check_compatible(built: Mapping[str, Any], here: DeviceInfo, plan: str | Path = "the engine") -> None:
+    """Refuse an engine built for another GPU, compute capability or TensorRT version.
+
+    Raises:
+        IncompatibleArtifactError: naming each difference.
+    """
+    diffs = incompatibilities(built, here)
+    if diffs:
+        raise IncompatibleArtifactError(
+            f"TensorRT engine {plan} was built for another machine: {'; '.join(diffs)}",
+            "rebuild it on this machine (slimexport build --backend tensorrt); engines are not portable across "
+            "GPUs or TensorRT versions",
+        )
+
+
+def profile_shapes(profile: EngineProfile, io_spec: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``{input name: (min shape, opt shape, max shape)}`` for ``polygraphy.backend.trt.Profile.add``."""
+    out = {}
+    for entry in io_spec["inputs"]:
+        shapes = []
+        for k in ("min", "opt", "max"):
+            dims = {BATCH_AXIS: getattr(profile, f"{k}_batch"), HEIGHT_AXIS: getattr(profile, f"{k}_height"),
+                    WIDTH_AXIS: getattr(profile, f"{k}_width")}
+            shape = []
+            for d in entry["shape"]:
+                if isinstance(d, str) and d not in dims:
+                    raise UsageError(f"input {entry['name']} has a dynamic axis {d!r} the profile does not cover",
+                                     "export with the standard axes 2B, H, W")
+                shape.append(dims[d] if isinstance(d, str) else int(d))
+            shapes.append(tuple(shape))
+        out[entry["name"]] = tuple(shapes)
+    return out
+
+
+def reusable(sidecar: Mapping[str, Any], *, onnx_sha256: str, profile: EngineProfile, optimization_level: int,
+             here: DeviceInfo) -> bool:
+    """True when an engine on disk was built from this ONNX, with this profile and level, for this machine
+    (engines are reused by content, never by file existence alone)."""
+    return (
+        sidecar.get("format") == SIDECAR_FORMAT
+        and sidecar.get("onnx_sha256") == onnx_sha256
+        and sidecar.get("profile") == profile.to_dict()
+        and sidecar.get("optimization_level") == optimization_level
+        and not incompatibilities(sidecar, here)
+    )
+
+
+# ---------------------------------------------------------------- parts that need a GPU and TensorRT
+
+
+def current_device_info(device: str = "cuda:0") -> DeviceInfo:
+    """GPU name and compute capability (via PyTorch) and the installed TensorRT's version.
+
+    Raises:
+        MissingExtraError: TensorRT is not installed. UsageError: no CUDA GPU.
+    """
+    trt = _require_trt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("the tensorrt backend needs a CUDA GPU and PyTorch sees none", "use --backend onnxruntime on CPU")
+    dev = torch.device(device if device.startswith("cuda") else "cuda:0")
+    major, minor = torch.cuda.get_device_capability(dev)
+    return DeviceInfo(torch.cuda.get_device_name(dev), f"{major}.{minor}", trt.__version__)
+
+
+@dataclass(frozen=True)
+class TrtBuildResult:
+    plan: Path
+    sidecar: dict
+    reused: bool
+
+
+def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, profile: EngineProfile, *,
+                     optimization_level: int = DEFAULT_OPT_LEVEL, cache_dir: str | Path | None = None,
+                     stem: str = ENGINE_STEM, device: str = "cuda:0", io_spec: dict | None = None,
+                     rebuild: bool = False) -> TrtBuildResult:
+    """Build (or reuse) a strongly typed engine for ``onnx_path`` with one optimization profile.
+
+    Args:
+        onnx_path: ``model.onnx`` (with ``model.onnx_data`` beside it) or its export folder.
+        out_dir: where ``<stem>.sm<cc>.trt<ver>.plan`` and its ``.json`` sidecar go.
+        profile: min/opt/max batch, height, width (latent cells).
+        optimization_level: builder optimization level 0..5.
+        cache_dir: folder of timing caches (``timing.<gpu>.sm<cc>.trt<ver>.cache``); default ``out_dir``.
+        rebuild: build even if a matching engine exists.
+
+    Raises:
+        MissingExtraError: TensorRT is not installed.
+    """
+    trt = _require_trt()
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_bytes_from_network,
+        network_from_onnx_path,
+    )
+
+    from slimexport.engines.onnxruntime import io_spec_from_model, resolve_onnx
+
+    onnx_path = resolve_onnx(onnx_path)
+    io_spec = io_spec or io_spec_from_model(onnx_path)
+    here = current_device_info(device)
+    out_dir = Path(out_dir)
+    plan = out_dir / engine_filename(here.compute_capability, here.trt_version, stem)
+    onnx_sha = sha256_file(onnx_path)
+    side = sidecar_path(plan)
+    if not rebuild and plan.exists() and side.exists():
+        old = read_json(side, "engine sidecar")
+        if reusable(old, onnx_sha256=onnx_sha, profile=profile, optimization_level=optimization_level, here=here) \
+                and old.get("plan_sha256") == sha256_file(plan):
+            log.info("reusing %s (same ONNX, profile, level and machine)", plan)
+            return TrtBuildResult(plan, old, True)
+    cache = Path(cache_dir or out_dir) / timing_cache_filename(here)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    trt_profile = Profile()
+    for name, (lo, opt, hi) in profile_shapes(profile, io_spec).items():
+        trt_profile.add(name, min=lo, opt=opt, max=hi)
+    config = CreateConfig(profiles=[trt_profile], builder_optimization_level=optimization_level,
+                          load_timing_cache=str(cache) if cache.exists() else None)
+    log.info("building TensorRT engine %s (optimization level %d): this takes minutes", plan.name, optimization_level)
+    t0 = time.perf_counter()
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+    data = engine_bytes_from_network(network, config=config, save_timing_cache=str(cache))
+    seconds = time.perf_counter() - t0
+    with atomic_path(plan) as tmp:
+        Path(tmp).write_bytes(bytes(data))
+    sidecar = {
+        "format": SIDECAR_FORMAT, **here.to_dict(), "onnx": onnx_path.name, "onnx_sha256": onnx_sha,
+        "plan_sha256": sha256_file(plan), "profile": profile.to_dict(), "optimization_level": optimization_level,
+        "strongly_typed": True, "build_seconds": round(seconds, 1), "timing_cache": cache.name, "io_spec": io_spec,
+        "tensorrt_module": trt.__name__,
+    }
+    write_json(side, sidecar)
+    return TrtBuildResult(plan, sidecar, False)
+
+
+class TrtEngine(Engine):
+    """A deserialized TensorRT engine behind the engine interface (Polygraphy ``TrtRunner``)."""
+
+    name = "tensorrt"
+
+    def __init__(self, plan: str | Path, cfg: EngineConfig | None = None):
+        _require_trt()
+        from polygraphy.backend.trt import TrtRunner, engine_from_bytes
+
+        cfg = cfg or EngineConfig(device="cuda")
+        plan = Path(plan)
+        side = sidecar_path(plan)
+        if not plan.exists() or not side.exists():
+            raise ArtifactError(f"TensorRT engine {plan} or its sidecar {side.name} is missing",
+                                "build it (slimexport build --backend tensorrt)")
+        self.sidecar = read_json(side, "engine sidecar")
+        self.here = current_device_info(cfg.device)
+        check_compatible(self.sidecar, self.here, plan)
+        if self.sidecar.get("plan_sha256") != sha256_file(plan):
+            raise ArtifactError(f"TensorRT engine {plan} does not match its sidecar's sha256", "rebuild it")
+        self.plan = plan
+        self.io_spec = self.sidecar["io_spec"]
+        self.profile = cfg.profile or EngineProfile.from_dict(self.sidecar["profile"])
+        self.device = cfg.device if ":" in cfg.device else "cuda:0"
+        self.runner = TrtRunner(engine_from_bytes(plan.read_bytes()), name=plan.stem)
+        self.runner.activate()
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.runner.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, check_inputs=False)
+        return {k: np.asarray(v) for k, v in outs.items()}
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+        """Inputs are staged on the GPU once (as torch tensors); outputs stay there."""
+        import torch
+
+        self.check(feeds)
+        staged = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
+        return lambda: self.runner.infer(staged, check_inputs=False, copy_outputs_to_host=False)
+
+    def info(self) -> dict:
+        return {"backend": self.name, "device": self.device, "device_name": self.here.gpu_name,
+                "compute_capability": self.here.compute_capability, "plan": self.plan.name,
+                "versions": {"tensorrt": self.here.trt_version}}
+
+    def close(self) -> None:
+        if getattr(self, "runner", None) is not None and self.runner.is_active:
+            self.runner.deactivate()
+        self.runner = None
+
+
+def create(source, cfg: EngineConfig) -> TrtEngine:
+    """Registry factory: ``source`` is a ``.plan`` file, or an export folder / ``model.onnx`` to build (or reuse)
+    an engine beside, for ``cfg.profile``."""
+    _require_trt()
+    path = Path(source)
+    if path.suffix == PLAN_SUFFIX:
+        return TrtEngine(path, cfg)
+    if cfg.profile is None:
+        raise UsageError("building a TensorRT engine needs a shape profile", "set EngineConfig.profile (--min/--opt/--max sizes)")
+    folder = path if path.is_dir() else path.parent
+    res = build_trt_engine(path, folder, cfg.profile, optimization_level=cfg.optimization_level,
+                           cache_dir=cfg.cache_dir, device=cfg.device if cfg.device != "cpu" else "cuda:0")
+    return TrtEngine(res.plan, cfg)

@@ -1,0 +1,335 @@
+"""Choosing between an op's torch reference and its Triton twin.
+
+Every op in :mod:`slimexport.kernels` has a reference ``<op>_ref`` (plain torch, exported to ONNX, the ground
+truth of the tests) and a Triton twin ``<op>_triton`` with the same signature. :func:`dispatch` picks one:
+
+1. Under ``torch.onnx`` export, ``torch.jit`` tracing or ``torch.compile`` the reference, always: the graph
+   must hold plain torch ops.
+2. The environment variable ``SLIMEXPORT_KERNELS=torch|triton|auto`` overrides the ``impl`` argument.
+3. ``TORCH`` is the reference. ``TRITON`` is the twin, and raises :class:`MissingExtraError` when triton is not
+   installed.
+4. Tensors not on CUDA get the reference, whatever was asked, except that a forced ``TRITON`` runs the twin on
+   CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+5. ``AUTO`` on CUDA measures both once per key (op, shapes, strides, dtypes, device) with CUDA events, a few
+   runs each after warm-up runs (which also compile and autotune the twin), and caches the faster. The twin
+   must beat the reference by :data:`AUTO_MIN_SPEEDUP` to be chosen: at a tie the reference's numerics win.
+   Arguments named in ``mutates`` are cloned for the measurement, so an in-place op adds exactly once.
+   During CUDA graph capture nothing is measured: a cached choice is used, else the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib.util
+import os
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from slimexport.errors import MissingExtraError, UsageError
+
+ENV_VAR = "SLIMEXPORT_KERNELS"
+# "0" makes each Triton kernel launch its first config (after pruning) instead of autotuning over all of them:
+# fewer compilations, e.g. for tests on a GPU.
+AUTOTUNE_ENV_VAR = "SLIMEXPORT_KERNELS_AUTOTUNE"
+
+# AUTO picks the Triton twin only when it takes at most this fraction of the reference's time (3% margin: the
+# spread of back-to-back CUDA-event timings of one small kernel is about that).
+AUTO_MIN_SPEEDUP = 0.97
+# Measurement of an AUTO choice: untimed warm-up calls of each candidate (the first compiles and autotunes the
+# Triton kernel), then timed calls of each, interleaved; the minimum counts.
+AUTO_WARMUP_CALLS = 2
+AUTO_TIMED_CALLS = 5
+
+
+class KernelImpl(str, enum.Enum):
+    """Which implementation of a kernel op runs: chosen per call (``AUTO``), the reference, or Triton."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+    @classmethod
+    def parse(cls, value: KernelImpl | str, where: str = "impl") -> KernelImpl:
+        """``KernelImpl`` from an enum member or its name in any case; a clear error otherwise."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise UsageError(f"{where}={value!r} is not a kernel implementation",
+                             "expected one of: auto, torch, triton") from None
+
+
+_AVAILABLE: bool | None = None
+_CHOICES: dict[tuple, KernelImpl] = {}
+_LOCK = threading.Lock()
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported. Looks for the package without importing it (cached)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            _AVAILABLE = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def autotune_enabled() -> bool:
+    """Whether the Triton kernels autotune over their configs (``$SLIMEXPORT_KERNELS_AUTOTUNE``, default on)."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def require_triton(op_name: str):
+    """Import and return triton, or raise :class:`MissingExtraError` naming the ``kernels`` extra."""
+    if not triton_available():
+        raise MissingExtraError("triton", "kernels", f"the Triton kernel '{op_name}'")
+    try:
+        import triton
+    except ImportError as err:
+        raise MissingExtraError("triton", "kernels", f"the Triton kernel '{op_name}'") from err
+    return triton
+
+
+def in_graph_capture() -> bool:
+    """True while torch exports to ONNX, traces with ``torch.jit`` or compiles with ``torch.compile``."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def requested_impl(impl: KernelImpl | str = KernelImpl.AUTO) -> KernelImpl:
+    """The implementation asked for: ``$SLIMEXPORT_KERNELS`` when set, else ``impl``."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return KernelImpl.parse(env, where=ENV_VAR)
+    return KernelImpl.parse(impl)
+
+
+def _tensors(args: Sequence) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def shape_key(op_name: str, args: Sequence) -> tuple:
+    """Cache key of an AUTO choice: op, and per argument its shape/strides/dtype/device or its value."""
+    parts: list = [op_name]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((tuple(a.shape), tuple(a.stride()), str(a.dtype), str(a.device)))
+        elif a is None or isinstance(a, (bool, int, str)):
+            parts.append(a)
+        else:  # floats (a softmax scale) and the like do not change which implementation is faster
+            parts.append(type(a).__name__)
+    return tuple(parts)
+
+
+def choose_impl(op_name: str, *args, impl: KernelImpl | str = KernelImpl.AUTO, supported: bool = True) -> KernelImpl:
+    """The implementation :func:`dispatch` would run, before any AUTO measurement.
+
+    Returns ``TORCH`` or ``TRITON`` when that is settled, and ``AUTO`` when a measurement (or its cached
+    result, see :func:`cached_choice`) decides.
+    """
+    if in_graph_capture():
+        return KernelImpl.TORCH
+    want = requested_impl(impl)
+    if want is KernelImpl.TORCH:
+        return KernelImpl.TORCH
+    tensors = _tensors(args)
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    if want is KernelImpl.TRITON:
+        require_triton(op_name)
+        if on_cuda or (interpreter_enabled() and not any(t.is_cuda for t in tensors)):
+            return KernelImpl.TRITON
+        return KernelImpl.TORCH
+    if not on_cuda or not supported or not triton_available():
+        return KernelImpl.TORCH
+    return KernelImpl.AUTO
+
+
+def cached_choice(op_name: str, *args) -> KernelImpl | None:
+    """The measured AUTO choice for these arguments, or ``None`` if none was measured yet."""
+    return _CHOICES.get(shape_key(op_name, args))
+
+
+def clear_choices() -> None:
+    """Forget all measured AUTO choices."""
+    with _LOCK:
+        _CHOICES.clear()
+
+
+def choices() -> dict[tuple, KernelImpl]:
+    """A copy of the measured AUTO choices, keyed by :func:`shape_key`."""
+    with _LOCK:
+        return dict(_CHOICES)
+
+
+def _time_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
+    call_args = list(args)
+    for i in mutates:
+        call_args[i] = args[i].clone()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*call_args)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure(ref_fn: Callable, triton_fn: Callable, args: Sequence, mutates: Sequence[int] = ()) -> tuple[float, float]:
+    """``(reference ms, triton ms)``: the fastest of :data:`AUTO_TIMED_CALLS` CUDA-event timings each."""
+    for _ in range(AUTO_WARMUP_CALLS):
+        _time_ms(ref_fn, args, mutates)
+        _time_ms(triton_fn, args, mutates)
+    ref_ms, tri_ms = float("inf"), float("inf")
+    for _ in range(AUTO_TIMED_CALLS):
+        ref_ms = min(ref_ms, _time_ms(ref_fn, args, mutates))
+        tri_ms = min(tri_ms, _time_ms(triton_fn, args, mutates))
+    return ref_ms, tri_ms
+
+
+def _auto_choice(op_name: str, ref_fn: Callable, triton_fn: Callable, args: Sequence,
+                 mutates: Sequence[int]) -> KernelImpl:
+    key = shape_key(op_name, args)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return KernelImpl.TORCH  # cannot synchronise inside a capture; measure on an eager call first
+    try:
+        ref_ms, tri_ms = measure(ref_fn, triton_fn, args, mutates)
+    except Exception as err:  # noqa: BLE001 - an optional fast path that fails falls back to the reference
+        warnings.warn(f"slimexport.kernels: the Triton kernel '{op_name}' failed for {key[1:]} and the torch "
+                      f"reference is used for this shape instead ({type(err).__name__}: {err}); set "
+                      f"{ENV_VAR}=triton to see the error raised", RuntimeWarning, stacklevel=3)
+        choice = KernelImpl.TORCH
+    else:
+        choice = KernelImpl.TRITON if tri_ms <= AUTO_MIN_SPEEDUP * ref_ms else KernelImpl.TORCH
+    with _LOCK:
+        _CHOICES[key] = choice
+    return choice
+
+
+def dispatch(op_name: str, ref_fn: Callable, triton_fn: Callable, *args, impl: KernelImpl | str = KernelImpl.AUTO,
+             mutates: Sequence[int] = (), supported: bool = True):
+    """Run ``ref_fn(*args)`` or ``triton_fn(*args)`` as described in the module docstring.
+
+    Args:
+        op_name: the op's name, for the cache key and messages.
+        ref_fn, triton_fn: the two implementations, same signature.
+        *args: positional arguments of both.
+        impl: ``AUTO``, ``TORCH`` or ``TRITON`` (or their names); ``$SLIMEXPORT_KERNELS`` overrides it.
+        mutates: indices of arguments the op writes in place; AUTO measures on clones of them.
+        supported: ``False`` when the Triton twin cannot take these arguments; AUTO then uses the reference
+            (a forced ``TRITON`` still calls the twin, which raises a clear error).
+    """
+    choice = choose_impl(op_name, *args, impl=impl, supported=supported)
+    if choice is KernelImpl.AUTO:
+        choice = _auto_choice(op_name, ref_fn, triton_fn, args, mutates)
+    if choice is KernelImpl.TRITON:
+        return triton_fn(*args)
+    return ref_fn(*args)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of streaming multiprocessors of a CUDA device (cached); 1 for other devices.
+
+    The Triton wrappers size their grids with it (split-K, split-N) so that small problems still fill the GPU.
+    """
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+INT32_MAX = 2**31 - 1  # the Triton kernels index memory with 32-bit offsets
+
+
+def fits_int32(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset of these tensors, strides included, fits in int32."""
+    for t in tensors:
+        if t.numel() and sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) > INT32_MAX:
+            return False
+    return True
+
+
+def check_triton_device(where: str, *tensors: torch.Tensor) -> None:
+    """Raise unless the tensors can go to a Triton kernel: all on one CUDA device, or on CPU under the interpreter."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise UsageError(f"{where}: tensors on {sorted(map(str, devices))}", "put them on one device")
+    device = devices.pop()
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreter_enabled():
+        return
+    raise UsageError(f"{where}: Triton kernels run on CUDA tensors, got {device}",
+                     "move the tensors to a CUDA device, use impl='torch', or set TRITON_INTERPRET=1 "
+                     "before triton is imported to run the kernel in Triton's CPU interpreter")
+
+
+def on_device(device: torch.device):
+    """``torch.cuda.device(device)`` when ``device`` is a CUDA device other than the current one (Triton launches
+    on the current device), else a no-op."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# Widest group of channels a Triton kernel loads as one vector: 8 fp16/bf16 values are 16 bytes.
+MAX_VECTOR_CHANNELS = 8
+
+
+def vector_channels(size: int) -> int:
+    """Largest power of two dividing ``size``, at most :data:`MAX_VECTOR_CHANNELS` (a mask granularity)."""
+    return min(MAX_VECTOR_CHANNELS, size & -size) if size > 0 else 1
+
+
+class TunedLauncher:
+    """Autotune a Triton kernel once per key, then launch it with the chosen config directly.
+
+    ``triton.autotune`` re-derives its cache key from every argument on every call; for the small kernels here
+    that bookkeeping costs as much as the kernel. The first call of a key goes through the autotuner (compile,
+    benchmark the configs); later calls launch the plain ``@triton.jit`` kernel with the remembered config.
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+        tuned: ``triton.autotune(...)`` of it (possibly through ``triton.heuristics``).
+    """
+
+    def __init__(self, kernel, tuned):
+        self.kernel = kernel
+        self.tuned = tuned
+        self.best: dict[tuple, dict] = {}
+
+    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict, derived=None) -> None:
+        """Launch ``kernel[grid(config)](*args, **constexprs, **config)``.
+
+        ``key`` must determine the autotuner's choice (its key arguments and dtypes, at least); ``derived`` is
+        an optional ``(config) -> dict`` of constexprs that depend on the config, computed by a
+        ``triton.heuristics`` inside ``tuned`` on the first call.
+        """
+        config = self.best.get(key)
+        if config is None:
+            self.tuned[grid](*args, **constexprs)
+            self.best[key] = self.tuned.best_config.all_kwargs()
+            return
+        extra = derived(config) if derived is not None else {}
+        self.kernel[grid(config)](*args, **constexprs, **extra, **config)

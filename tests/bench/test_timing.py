@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from slimexport.bench.timing import compare_speed, time_callable
+from slimexport.engines.base import Engine, make_feeds, unet_io_spec
+from slimexport.errors import UsageError
+
+SPEC = unet_io_spec(dtype="fp32", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32)
+
+
+class SleepEngine(Engine):
+    """An engine whose every call takes ``ms`` milliseconds."""
+
+    def __init__(self, ms: float, name: str = "fake", device: str = "cpu"):
+        self.ms, self.name, self.device, self.io_spec, self.calls = ms, name, device, SPEC, 0
+
+    def _run(self, feeds):
+        self.calls += 1
+        time.sleep(self.ms / 1e3)
+        return {"latent": feeds["sample"]}
+
+
+def test_time_callable_percentiles():
+    res = time_callable(lambda: time.sleep(0.002), warmup=2, iterations=15)
+    assert res["iterations"] == 15 and res["warmup"] == 2 and res["timer"] == "perf_counter"
+    assert 2.0 <= res["min"] <= res["p50"] <= res["p90"] <= res["p99"]
+    assert res["p50"] < 50.0 and res["mean"] >= 2.0
+
+
+def test_time_callable_counts_calls_and_validates():
+    n = []
+    time_callable(lambda: n.append(1), warmup=3, iterations=7)
+    assert len(n) == 10
+    with pytest.raises(UsageError):
+        time_callable(lambda: None, iterations=0)
+    with pytest.raises(UsageError):
+        time_callable(lambda: None, warmup=-1)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_compare_speed_fake_engines(interleave):
+    dense, slim = SleepEngine(6.0), SleepEngine(3.0)
+    feeds = make_feeds(SPEC, 2, 8, 8)
+    res = compare_speed(dense, slim, feeds, warmup=1, iterations=8, interleave=interleave, rounds=2)
+    assert dense.calls == slim.calls == 9
+    assert res["dense_ms"]["iterations"] == res["slim_ms"]["iterations"] == 8
+    assert 1.4 < res["speedup"] < 2.8
+    assert res["speedup"] == pytest.approx(res["dense_ms"]["p50"] / res["slim_ms"]["p50"])
+    assert res["shapes"]["sample"] == [2, 4, 8, 8] and res["backend"] == "fake"
+    env = res["environment"]
+    assert env["device_name"] and env["cpus_available"] >= 1 and env["versions"]["torch"] == torch.__version__
+
+
+def test_compare_speed_refuses_mixed_backends():
+    feeds = make_feeds(SPEC, 2, 8, 8)
+    with pytest.raises(UsageError, match="same backend and device"):
+        compare_speed(SleepEngine(1, name="torch"), SleepEngine(1, name="onnxruntime"), feeds)
+    with pytest.raises(UsageError, match="same backend and device"):
+        compare_speed(SleepEngine(1), SleepEngine(1, device="cuda:0"), feeds)
+
+
+def test_compare_speed_torch_dense_vs_slim():
+    from slimexport.engines.torch_runner import TorchEngine
+    from slimexport.models.load import build_unet
+    from slimexport.models.registry import TINY_UNET
+
+    dense = TorchEngine(build_unet(TINY_UNET))
+    slim = TorchEngine(build_unet(TINY_UNET))
+    feeds = make_feeds(dense.io_spec, 2, 16, 16)
+    res = compare_speed(dense, slim, feeds, warmup=1, iterations=3)
+    assert res["dense_ms"]["p50"] > 0 and res["slim_ms"]["p50"] > 0 and np.isfinite(res["speedup"])
+    assert res["dense_engine"]["backend"] == "torch" and res["dense_engine"]["threads"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_events():
+    x = torch.randn(2048, 2048, device="cuda")
+    res = time_callable(lambda: x @ x, warmup=3, iterations=20, device="cuda")
+    assert res["timer"] == "cuda_events" and 0 < res["p50"] <= res["p99"]
+    big = time_callable(lambda: (x @ x) @ x, warmup=3, iterations=20, device="cuda")
+    assert big["p50"] > res["p50"]  # two products take longer than one: events time the GPU work

@@ -1,0 +1,59 @@
+"""Kernel tests: Triton's CPU interpreter on CPU tensors here, compiled kernels on CUDA tensors on a GPU machine.
+
+``TRITON_INTERPRET`` must be set before triton decorates a kernel (``triton.jit`` picks interpreted or compiled
+then), and the brief is to set it before anything imports triton (diffusers does). So it is set here, at the top,
+unless the caller set it: ``1`` without CUDA, ``0`` with CUDA. The ``kernel_device`` fixture gives the device the
+odd-shape tests run on (``cpu`` under the interpreter, else ``cuda``) and skips them without triton. Tests marked
+``gpu`` need CUDA and compiled kernels; they are skipped otherwise (bf16 is wrong in the interpreter).
+"""
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from slimexport.kernels import dispatch as kd  # noqa: E402
+
+NO_TRITON = "triton is not installed (pip install 'slimexport[kernels]')"
+
+
+def _cuda_compiled() -> bool:
+    return torch.cuda.is_available() and not kd.interpreter_enabled() and kd.triton_available()
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not _cuda_compiled():
+        pytest.skip("needs a CUDA GPU, triton, and TRITON_INTERPRET unset or 0")
+
+
+@pytest.fixture(autouse=True)
+def _clean_dispatch(monkeypatch):
+    """No SLIMEXPORT_KERNELS from the caller's shell, and no AUTO choices carried between tests."""
+    monkeypatch.delenv(kd.ENV_VAR, raising=False)
+    kd.clear_choices()
+    yield
+    kd.clear_choices()
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where the Triton twins run in the odd-shape tests: the interpreter on CPU, else the GPU."""
+    if not kd.triton_available():
+        pytest.skip(NO_TRITON)
+    if kd.interpreter_enabled():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA: nowhere to run Triton kernels")
+
+
+@pytest.fixture
+def cuda() -> str:
+    if not _cuda_compiled():
+        pytest.skip("needs a CUDA GPU, triton, and TRITON_INTERPRET unset or 0")
+    return "cuda"
