@@ -4,6 +4,7 @@ verify → bench). Each stage is a function between artifacts, cached by a conte
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,3 +229,301 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     manifest.set("params", plan["params"])
     manifest.save()
     return CompressResult(out_dir=out_dir, slim_dir=slim_dir, stats_dir=stats_dir, plan=plan, stages=records, bundle=bundle)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build: compress → export → engine → verify → bench → report
+
+
+@dataclass
+class BuildResult:
+    """What ``build`` returns: the folder, the report (as in ``report.json``) and the verdict."""
+
+    out_dir: Path
+    report: dict
+    passed: bool
+
+
+def _latent_multiple(unet) -> int:
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def engine_profile(cfg, bundle):
+    """The engine profile from the build config (pixels and prompts) and the model's sizes."""
+    from slimexport.engines.base import EngineProfile
+
+    step = bundle.vae_scale_factor * _latent_multiple(bundle.unet)
+
+    def around(size: int) -> tuple[int, int, int]:
+        def snap(v: float) -> int:
+            return max(step, int(round(v / step)) * step)
+
+        return snap(size / 2), snap(size), snap(size * 1.5)
+
+    height = cfg.height or around(bundle.image_size[0])
+    width = cfg.width or around(bundle.image_size[1])
+    return EngineProfile.from_pixels(batch=cfg.batch, height=height, width=width, vae_scale_factor=bundle.vae_scale_factor,
+                                     cfg=True, latent_multiple=_latent_multiple(bundle.unet))
+
+
+def resolve_engine_device(cfg) -> str:
+    if cfg.engine_device != "auto":
+        return "cuda" if cfg.engine_device.startswith("cuda") and cfg.backend != "onnxruntime" else cfg.engine_device
+    if not torch.cuda.is_available():
+        return "cpu"
+    if cfg.backend == "onnxruntime":
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    return "cuda"
+
+
+def _check_backend_available(backend: str) -> None:
+    import importlib.util
+
+    from slimexport.errors import MissingExtraError
+
+    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        raise MissingExtraError("tensorrt", "trt", "--backend tensorrt")
+
+
+def _engine_config(cfg, device: str, profile):
+    from slimexport.engines.base import EngineConfig
+
+    cuda = device.startswith("cuda")
+    return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype if cfg.backend != "torch" or cuda else "fp32",
+                        channels_last=cuda and cfg.backend == "torch", cuda_graphs=cuda and cfg.backend == "torch",
+                        optimization_level=cfg.optimization_level, output_name=cfg.export.output_name)
+
+
+def _make_engines(cfg, exports: dict, models: dict, device: str, profile):
+    from slimexport.engines.base import build_engine
+
+    ecfg = _engine_config(cfg, device, profile)
+    if cfg.backend == "torch":
+        return {k: build_engine("torch", models[k], ecfg) for k in ("dense", "slim")}
+    return {k: build_engine(cfg.backend, exports[k].folder, ecfg) for k in ("dense", "slim")}
+
+
+def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
+    """The three parity comparisons on fixed inputs at the profile's optimal latent size."""
+    from slimexport.verify import parity
+
+    hw = (profile.opt_height, profile.opt_width)
+    inputs = parity.fixed_inputs(bundle, cfg.verify, hw)
+    tol = parity.export_tolerance(engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp"), cfg.verify)
+    out = {}
+    for kind in ("dense", "slim"):
+        out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)
+    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, cfg.verify, hw)
+    return out
+
+
+def run_bench(cfg, engines: dict, profile) -> dict:
+    from slimexport.bench.timing import compare_speed
+    from slimexport.engines.base import make_feeds
+
+    device = engines["dense"].device
+    iters = cfg.bench.iterations or (100 if device.startswith("cuda") else 20)
+    feeds = make_feeds(engines["dense"].io_spec, cfg.bench.batch or profile.opt_batch, cfg.bench.height or profile.opt_height,
+                       cfg.bench.width or profile.opt_width, seed=0)
+    res = compare_speed(engines["dense"], engines["slim"], feeds, warmup=cfg.bench.warmup, iterations=iters)
+    res["iterations"] = iters
+    if device.startswith("cuda"):
+        res["device_name"] = torch.cuda.get_device_name()
+    else:
+        from slimexport.engines.torch_runner import device_name
+
+        res["device_name"] = device_name("cpu")
+    return res
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: str | Path | None = None) -> BuildResult | None:
+    """The whole pipeline in one call; every stage cached by a content hash of its inputs.
+
+    Writes ``manifest.json``, ``report.json`` and ``report.md`` into the output folder and returns the report.
+    A failed parity gate does not raise here: ``BuildResult.passed`` is ``False`` and the report says which
+    comparison and metric failed (the CLI turns that into exit code 1).
+    """
+    from slimexport.engines.onnx_export import export_unet_onnx, read_export
+    from slimexport.report import make_report, write_report
+
+    _check_backend_available(cfg.backend)
+    out_dir = Path(out) if out is not None else default_out(cfg.compress.model, cfg.compress.alloc.budget, f"-{cfg.backend}")
+    res = compress(cfg.compress, out=out_dir, progress=progress, cache_dir=cache_dir)
+    if res is None:
+        return None
+    records = dict(res.stages)
+    bundle = res.bundle
+    manifest = Manifest(out_dir)
+    profile = engine_profile(cfg, bundle)
+    device = resolve_engine_device(cfg)
+    models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": res.load_slim()}
+    cpu = torch.device("cpu")
+
+    exports, keys = {}, {}
+    upstream = {"dense": bundle.identity(), "slim": manifest.stage("slim")["key"]}
+    for kind in ("dense", "slim"):
+        keys[kind] = stage_key("export", kind, upstream[kind], cfg.export.to_dict(), profile.to_dict())
+        folder = out_dir / "onnx" / kind
+        cached = manifest.cached(f"export_{kind}", keys[kind])
+        with _Stage(records, f"export_{kind}", cached, cpu):
+            if not cached:
+                unet = models[kind]
+                c = int(unet.config.in_channels)
+                r = export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=cfg.export.dtype, output_name=cfg.export.output_name,
+                                     sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width))
+                manifest.record(f"export_{kind}", keys[kind], [folder], r.export_seconds)
+            exports[kind] = read_export(folder)
+
+    engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level)
+    with _Stage(records, "engine", manifest.cached("engine", engine_key), torch.device(device)):
+        engines = _make_engines(cfg, exports, models, device, profile)
+        files = [f for f in (out_dir / "onnx").rglob("*.plan")] if cfg.backend == "tensorrt" else []
+        manifest.record("engine", engine_key, files, 0.0, backend=cfg.backend, device=device,
+                        engine_info={k: e.info() for k, e in engines.items()})
+    try:
+        verify_key = stage_key("verify", engine_key, cfg.verify.to_dict())
+        cached = manifest.cached("verify", verify_key) and (out_dir / "verify.json").exists()
+        with _Stage(records, "verify", cached, cpu):
+            if cached:
+                parity = read_json(out_dir / "verify.json", "verification results")
+            else:
+                parity = run_verify(cfg, bundle, models, engines, profile)
+                write_json(out_dir / "verify.json", parity)
+                manifest.record("verify", verify_key, [out_dir / "verify.json"], 0.0)
+        bench_key = stage_key("bench", engine_key, cfg.bench.to_dict())
+        cached = manifest.cached("bench", bench_key) and (out_dir / "bench.json").exists()
+        with _Stage(records, "bench", cached, torch.device(device)):
+            if cached:
+                speed = read_json(out_dir / "bench.json", "benchmark results")
+            else:
+                speed = run_bench(cfg, engines, profile)
+                write_json(out_dir / "bench.json", speed)
+                manifest.record("bench", bench_key, [out_dir / "bench.json"], 0.0)
+    finally:
+        for e in engines.values():
+            e.close()
+
+    stages = {k: {"seconds": v.seconds, "cached": v.cached} for k, v in records.items()}
+    report = make_report(cfg.compress.model, res.plan, parity, speed, stages,
+                         extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict()})
+    manifest.set("build_config", cfg.to_dict())
+    manifest.set("profile", profile.to_dict())
+    manifest.set("io", exports["dense"].io_spec)
+    manifest.set("onnx", {k: {"model": os.path.relpath(e.onnx_path, out_dir), "sha256": e.onnx_sha256,
+                              "data": os.path.relpath(e.data_path, out_dir), "data_sha256": e.data_sha256, "opset": e.opset,
+                              "dtype": e.dtype, "size_bytes": e.size_bytes} for k, e in exports.items()})
+    manifest.set("slim_weights", {"path": "slim_unet/diffusion_pytorch_model.safetensors",
+                                  "plan_sha256": sha256_json(res.plan["ranks"])})
+    manifest.set("versions", _versions())
+    manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(),
+                            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))} if device.startswith("cuda") else {})})
+    manifest.set("results", {"parity": {k: v["passed"] for k, v in parity.items()}, "speedup": speed.get("speedup")})
+    manifest.set("built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    manifest.save()
+    write_report(out_dir, report)
+    return BuildResult(out_dir=out_dir, report=report, passed=report["passed"])
+
+
+def _load_build(folder: str | Path):
+    """Read a build folder's manifest and config, reload its model, and check the model is the same one."""
+    from slimexport.config import BuildConfig
+    from slimexport.errors import IncompatibleArtifactError
+    from slimexport.models.load import load_model
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").exists():
+        raise UsageError(f"{folder} is not a build folder (no manifest.json)", "pass a folder written by slimexport build")
+    manifest = Manifest(folder)
+    if "build_config" not in manifest.data:
+        raise UsageError(f"{folder} holds no finished build (its manifest has no build config)", "run slimexport build first")
+    cfg = BuildConfig.from_dict(manifest.data["build_config"])
+    bundle = load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+    want = manifest.data.get("model", {}).get("fingerprint")
+    if want is not None and bundle.identity() != want:
+        raise IncompatibleArtifactError(
+            f"model '{cfg.compress.model}' is not the one {folder} was built from (weights fingerprint "
+            f"{bundle.identity()[:19]}… here, {want[:19]}… there)", "rebuild the folder with slimexport build",
+        )
+    return folder, manifest, cfg, bundle
+
+
+def _integrity(manifest: Manifest) -> dict:
+    problems = [f"{p}: {why}" for stage in manifest.data["stages"] for p, why in manifest.altered(stage)]
+    return {"passed": not problems, "problems": problems, "reason": "; ".join(problems) or None}
+
+
+def verify_folder(folder: str | Path) -> BuildResult:
+    """``slimexport verify DIR``: check every artifact's sha256, then rerun the three comparisons.
+
+    Altered files are reported (``integrity``), never rebuilt here; the comparisons still run on what is on disk,
+    so a corrupted slim weight shows up as the failing comparison too.
+    """
+    from slimexport.engines.onnx_export import read_export
+    from slimexport.report import write_report
+    from slimexport.slim.apply import load_slim_unet
+
+    folder, manifest, cfg, bundle = _load_build(folder)
+    integrity = _integrity(manifest)
+    profile = engine_profile(cfg, bundle)
+    device = resolve_engine_device(cfg)
+    models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
+    exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
+    engines = _make_engines(cfg, exports, models, device, profile)
+    try:
+        parity = run_verify(cfg, bundle, models, engines, profile)
+    finally:
+        for e in engines.values():
+            e.close()
+    parity["integrity"] = integrity
+    write_json(folder / "verify.json", parity)
+    report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
+    report["parity"] = parity
+    report["passed"] = all(v.get("passed", False) for v in parity.values())
+    if report.get("params"):
+        write_report(folder, report)
+    return BuildResult(out_dir=folder, report=report, passed=report["passed"])
+
+
+def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResult:
+    """``slimexport bench DIR``: time the folder's dense and slim engines again (same backend, same shapes)."""
+    from slimexport.engines.onnx_export import read_export
+    from slimexport.report import write_report
+
+    folder, manifest, cfg, bundle = _load_build(folder)
+    if iterations is not None:
+        cfg = cfg.replace(bench=cfg.bench.replace(iterations=iterations))
+    profile = engine_profile(cfg, bundle)
+    device = resolve_engine_device(cfg)
+    exports = {k: read_export(folder / "onnx" / k, verify=True) for k in ("dense", "slim")}
+    models = {}
+    if cfg.backend == "torch":
+        from slimexport.slim.apply import load_slim_unet
+
+        models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet")}
+    engines = _make_engines(cfg, exports, models, device, profile)
+    try:
+        speed = run_bench(cfg, engines, profile)
+    finally:
+        for e in engines.values():
+            e.close()
+    write_json(folder / "bench.json", speed)
+    report = read_json(folder / "report.json", "report")
+    report["speed"] = speed
+    write_report(folder, report)
+    return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))

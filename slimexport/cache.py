@@ -8,6 +8,7 @@ resolve inside the output folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from slimexport._version import __version__
 from slimexport.artifacts import check_inside, read_json, sha256_file, sha256_json, write_json
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
+
+log = logging.getLogger("slimexport")
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "slimexport.manifest/1"
@@ -68,11 +71,22 @@ class Manifest:
         rec = self.data["stages"].get(stage)
         if not rec or rec.get("key") != key:
             return False
-        for rel, digest in rec.get("files", {}).items():
-            p = check_inside(self.root, rel)
-            if not p.exists() or sha256_file(p) != digest:
-                return False
+        bad = self.altered(stage)
+        if bad:
+            log.warning("[%s] %s is %s: rebuilding the stage", stage, bad[0][0], bad[0][1])
+            return False
         return True
+
+    def altered(self, stage: str) -> list[tuple[str, str]]:
+        """``(path, "missing" | "altered")`` for each recorded file of ``stage`` that no longer matches."""
+        out = []
+        for rel, digest in self.data["stages"].get(stage, {}).get("files", {}).items():
+            p = check_inside(self.root, rel)
+            if not p.exists():
+                out.append((rel, "missing"))
+            elif sha256_file(p) != digest:
+                out.append((rel, "altered (sha256 differs from the manifest)"))
+        return out
 
     def record(self, stage: str, key: str, files: list[str | Path], seconds: float, **extra) -> None:
         """Record a finished stage; ``files`` are paths (absolute or relative to the working directory) inside the root."""

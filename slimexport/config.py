@@ -261,3 +261,126 @@ class ExportConfig(_Config):
         for k in ("height", "width"):
             v = getattr(self, k)
             _check(n, k, v, v is None or (_is_int(v) and v >= 8 and v % 8 == 0), "None or a positive multiple of 8 (pixels)")
+
+
+def _triple(n: str, name: str, v, minimum: int) -> None:
+    ok = (isinstance(v, tuple) and len(v) == 3 and all(_is_int(x) and x >= minimum for x in v) and v[0] <= v[1] <= v[2])
+    _check(n, name, v, ok, f"min,opt,max integers >= {minimum} with min <= opt <= max")
+
+
+@dataclass(frozen=True)
+class VerifyConfig(_Config):
+    """Parity and fidelity gates of ``slimexport verify`` (and ``build``).
+
+    Attributes:
+        timesteps: timesteps of the fixed ε-prediction inputs.
+        num_prompts: prompts in the fixed inputs (each with its unconditional twin: batch ``2 × num_prompts``).
+        trajectory_steps: DDIM steps of the fixed-seed trajectory compared slim vs dense.
+        guidance_scale: CFG scale of that trajectory.
+        seed: seed of the fixed inputs.
+        atol, rtol, min_cosine: override the export-parity gate (``None``: per-dtype defaults, see
+            ``slimexport.verify.metrics.DEFAULT_TOLERANCES``).
+        max_eps_error: slim-vs-dense gate: largest mean relative ε error ``‖ε_s − ε_d‖ / ‖ε_d‖`` over timesteps.
+        min_latent_cosine: slim-vs-dense gate: smallest cosine of the final latents of the trajectory.
+    """
+
+    timesteps: tuple[float, ...] = (999.0, 750.0, 500.0, 250.0, 50.0)
+    num_prompts: int = 2
+    trajectory_steps: int = 10
+    guidance_scale: float = 5.0
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    max_eps_error: float = 0.5
+    min_latent_cosine: float = 0.8
+
+    def __post_init__(self):
+        n = type(self).__name__
+        ts = tuple(self.timesteps) if isinstance(self.timesteps, (list, tuple)) else self.timesteps
+        _check(n, "timesteps", self.timesteps, isinstance(ts, tuple) and len(ts) > 0 and all(_is_num(t) and 0 <= t < 1000 for t in ts),
+               "a non-empty list of timesteps in [0, 1000)")
+        object.__setattr__(self, "timesteps", tuple(float(t) for t in ts))
+        _check(n, "num_prompts", self.num_prompts, _is_int(self.num_prompts) and 1 <= self.num_prompts <= 16, "an integer in [1, 16]")
+        _check(n, "trajectory_steps", self.trajectory_steps, _is_int(self.trajectory_steps) and 1 <= self.trajectory_steps <= 200,
+               "an integer in [1, 200]")
+        _check(n, "guidance_scale", self.guidance_scale, _is_num(self.guidance_scale) and self.guidance_scale >= 1, "a number >= 1")
+        for k in ("atol", "rtol"):
+            v = getattr(self, k)
+            _check(n, k, v, v is None or (_is_num(v) and v >= 0), "None or a number >= 0")
+        _check(n, "min_cosine", self.min_cosine, self.min_cosine is None or (_is_num(self.min_cosine) and -1 <= self.min_cosine <= 1),
+               "None or a number in [-1, 1]")
+        _check(n, "max_eps_error", self.max_eps_error, _is_num(self.max_eps_error) and self.max_eps_error > 0, "a number > 0")
+        _check(n, "min_latent_cosine", self.min_latent_cosine, _is_num(self.min_latent_cosine) and -1 <= self.min_latent_cosine <= 1,
+               "a number in [-1, 1]")
+
+
+@dataclass(frozen=True)
+class BenchConfig(_Config):
+    """Dense-vs-slim timing of ``slimexport bench`` (and ``build``).
+
+    Attributes:
+        iterations: timed calls per model; ``None``: 100 on GPU, 20 on CPU (stated in the report).
+        warmup: untimed calls per model first.
+        batch: UNet batch (``2B``) timed; ``None``: the profile's optimum.
+        height, width: latent cells timed; ``None``: the profile's optimum.
+    """
+
+    iterations: int | None = None
+    warmup: int = 5
+    batch: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(n, "iterations", self.iterations, self.iterations is None or (_is_int(self.iterations) and self.iterations >= 1),
+               "None or an integer >= 1")
+        _check(n, "warmup", self.warmup, _is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
+        for k in ("batch", "height", "width"):
+            v = getattr(self, k)
+            _check(n, k, v, v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
+
+
+@dataclass(frozen=True)
+class BuildConfig(_Config):
+    """``slimexport build``: compress → export → engine → verify → bench.
+
+    Attributes:
+        compress, export, verify, bench: the stage configs.
+        backend: ``onnxruntime``, ``tensorrt`` or ``torch``.
+        engine_device: where engines run: ``auto`` (CUDA if the backend can use it, else CPU), ``cpu``, ``cuda``.
+        batch: ``(min, opt, max)`` prompts per call of the engine profile (the UNet sees twice as many rows: CFG).
+        height, width: ``(min, opt, max)`` image size in pixels; ``None``: half, one and one and a half times the
+            model's default size (rounded to what the UNet accepts).
+        optimization_level: TensorRT builder optimization level.
+    """
+
+    _nested: ClassVar[dict[str, type]] = {"compress": CompressConfig, "export": ExportConfig, "verify": VerifyConfig,
+                                          "bench": BenchConfig}
+
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    backend: str = "onnxruntime"
+    engine_device: str = "auto"
+    batch: tuple[int, int, int] = (1, 1, 4)
+    height: tuple[int, int, int] | None = None
+    width: tuple[int, int, int] | None = None
+    optimization_level: int = 3
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(n, "backend", self.backend, self.backend in BACKENDS, " or ".join(BACKENDS))
+        _check(n, "engine_device", self.engine_device, self.engine_device in ("auto", "cpu") or str(self.engine_device).startswith("cuda"),
+               "auto, cpu or cuda[:N]")
+        for k, lo in (("batch", 1), ("height", 8), ("width", 8)):
+            v = getattr(self, k)
+            if isinstance(v, list):
+                v = tuple(v)
+                object.__setattr__(self, k, v)
+            if v is not None or k == "batch":
+                _triple(n, k, v, lo)
+        _check(n, "optimization_level", self.optimization_level, _is_int(self.optimization_level) and 0 <= self.optimization_level <= 5,
+               "an integer in [0, 5]")

@@ -18,7 +18,7 @@ from slimexport.distributed import dist_info
 from slimexport.errors import ResourceError, UsageError
 from slimexport.models.arch import blocks as find_blocks
 from slimexport.models.arch import resnet_blocks
-from slimexport.models.bundle import ModelBundle, move
+from slimexport.models.bundle import ModelBundle, converted_copy
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 64
@@ -57,7 +57,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     statistics are all-reduced, so every rank returns the single-process result (up to float summation order).
 
     Args:
-        bundle: the dense model (moved to ``device``/``dtype`` here).
+        bundle: the dense model (run as a copy on ``device`` in ``dtype``; the bundle is left as it is).
         prompts: the SlimSet (``select_prompts``).
         cfg: sampler and binning settings.
         device, dtype: where and in which precision the UNet runs; statistics are always fp32.
@@ -65,7 +65,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     """
     device = torch.device(device)
     accumulate = accumulate or addmm_accumulate
-    unet = move(bundle.unet, device, dtype)
+    unet = converted_copy(bundle.unet, device, dtype)  # never round the caller's weights to fp16 in place
     blocks = find_blocks(unet)
     try:
         resnets = resnet_blocks(unet)

@@ -13,7 +13,13 @@ import sys
 import click
 
 from slimexport._version import __version__
-from slimexport.cli.options import compress_config, compress_options, load_config_file
+from slimexport.cli.options import (
+    build_config,
+    build_options,
+    compress_config,
+    compress_options,
+    load_config_file,
+)
 
 log = logging.getLogger("slimexport")
 
@@ -87,6 +93,73 @@ def compress(ctx, out, config_file, dump_config, **opts):
         m = res.plan["macs"]
         click.echo(f"UNet MACs (batch 1, {m['latent'][0]}x{m['latent'][1]} latents): {m['dense'] / 1e9:.3f} G -> "
                    f"{m['slim'] / 1e9:.3f} G ({m['slim'] / m['dense']:.3f})")
+
+
+def _print_verdict(rep: dict) -> None:
+    for key, v in rep["parity"].items():
+        mark = "pass" if v.get("passed") else "FAIL"
+        detail = v.get("reason") or ", ".join(f"{m} {v[m]:.3g}" for m in ("max_abs", "cosine") if isinstance(v.get(m), float))
+        click.echo(f"  {mark}  {key:14s} {detail}")
+    s = rep.get("speed")
+    if s:
+        click.echo(f"speed ({s['backend']}, {s.get('device_name') or s['device']}, {s['iterations']} iterations): dense p50 "
+                   f"{s['dense_ms']['p50']:.3f} ms, slim p50 {s['slim_ms']['p50']:.3f} ms, speed-up {s['speedup']:.3f}x")
+
+
+def _verdict_exit(res) -> None:
+    from slimexport.errors import VerificationError
+
+    if not res.passed:
+        failed = [f"{k} ({', '.join(v.get('failed') or ['failed'])})" for k, v in res.report["parity"].items() if not v.get("passed")]
+        raise VerificationError(f"verification failed: {'; '.join(failed)}", f"see {res.out_dir / 'report.md'}")
+
+
+@cli.command()
+@build_options
+@click.option("--out", "-o", type=click.Path(), default=None, help="Output folder. [default: engines/<model>-b<budget>-<backend>]")
+@click.pass_context
+def build(ctx, out, config_file, dump_config, **opts):
+    """Compress, export to ONNX, build engines, verify parity and measure the speed-up, in one run."""
+    from slimexport.config import BuildConfig
+
+    cfg = build_config(load_config_file(config_file, BuildConfig), opts)
+    cfg = cfg.replace(compress=_with_dist_device(ctx, cfg.compress))
+    if dump_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from slimexport import api
+
+    res = api.build(cfg, out=out, progress=ctx.obj["progress"])
+    if res is None:
+        return
+    rep = res.report
+    p = rep["params"]
+    click.echo(f"build folder: {res.out_dir}  (report: {res.out_dir / 'report.md'})")
+    click.echo(f"parameters: targeted {p['targeted_dense']:,} -> {p['targeted_slim']:,}, UNet {p['dense_total']:,} -> {p['slim_total']:,}")
+    _print_verdict(rep)
+    _verdict_exit(res)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+def verify(folder):
+    """Check a build folder's artifacts and rerun its parity comparisons (exit 1 on failure)."""
+    from slimexport import api
+
+    res = api.verify_folder(folder)
+    _print_verdict({**res.report, "speed": None})
+    _verdict_exit(res)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.option("--iterations", type=int, default=None, help="Timed iterations per model. [default: the build's]")
+def bench(folder, iterations):
+    """Time a build folder's dense and slim engines again, in one process."""
+    from slimexport import api
+
+    res = api.bench_folder(folder, iterations=iterations)
+    _print_verdict({"parity": {}, "speed": res.report["speed"]})
 
 
 @cli.command("models")

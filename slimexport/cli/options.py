@@ -89,6 +89,53 @@ compress_options = _compose(
 )
 
 
+def parse_triple(ctx, param, value: str | None):
+    """``"512"`` → (512, 512, 512); ``"256,512,768"`` → min, opt, max."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected N or MIN,OPT,MAX integers") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise click.BadParameter(f"{value!r}: expected N or MIN,OPT,MAX integers")
+    return parts
+
+
+build_options = _compose(
+    compress_options,
+    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default=None, help="[default: onnxruntime]"),
+    click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX/engine precision. [default: fp32]"),
+    click.option("--opset", type=int, default=None, help="ONNX opset (17..21). [default: 19]"),
+    click.option("--output-name", type=click.Choice(["latent", "out_sample"]), default=None, help="[default: latent (TensorRT demo)]"),
+    click.option("--batch", callback=parse_triple, default=None, help="Prompts per call, N or MIN,OPT,MAX (UNet batch is twice: CFG). [default: 1,1,4]"),
+    click.option("--height", callback=parse_triple, default=None, help="Image height in pixels, N or MIN,OPT,MAX. [default: around the model's]"),
+    click.option("--width", callback=parse_triple, default=None, help="Image width in pixels, N or MIN,OPT,MAX."),
+    click.option("--engine-device", default=None, help="auto, cpu or cuda. [default: auto]"),
+    click.option("--optimization-level", type=int, default=None, help="TensorRT builder optimization level. [default: 3]"),
+    click.option("--iterations", type=int, default=None, help="Timed iterations per model. [default: 100 on GPU, 20 on CPU]"),
+    click.option("--warmup", type=int, default=None, help="Untimed iterations per model first. [default: 5]"),
+    click.option("--max-eps-error", type=float, default=None, help="Slim-vs-dense gate on mean relative ε error. [default: 0.5]"),
+    click.option("--min-latent-cosine", type=float, default=None, help="Slim-vs-dense gate on the trajectory's final latents. [default: 0.8]"),
+    click.option("--atol", type=float, default=None, help="Export-parity atol (default per dtype)."),
+    click.option("--rtol", type=float, default=None, help="Export-parity rtol (default per dtype)."),
+)
+
+
+def build_config(base, o: dict):
+    """Apply ``build`` options on top of a ``BuildConfig``."""
+    comp = compress_config(base.compress, o)
+    export = _set(base.export, dtype=o.get("dtype"), opset=o.get("opset"), output_name=o.get("output_name"))
+    verify = _set(base.verify, max_eps_error=o.get("max_eps_error"), min_latent_cosine=o.get("min_latent_cosine"),
+                  atol=o.get("atol"), rtol=o.get("rtol"))
+    bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"))
+    return _set(base, backend=o.get("backend"), batch=o.get("batch"), height=o.get("height"), width=o.get("width"),
+                engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level")).replace(
+        compress=comp, export=export, verify=verify, bench=bench)
+
+
 def load_config_file(path: str | None, cls):
     if path is None:
         return cls()
@@ -101,8 +148,8 @@ def load_config_file(path: str | None, cls):
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:
         raise UsageError(f"config file {p} is not valid JSON ({err.msg} at line {err.lineno})", "write one with --dump-config") from err
-    if isinstance(data, dict) and "compress" in data and cls is not CompressConfig:
-        return cls.from_dict(data)
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} does not hold a JSON object", "write one with --dump-config")
     return cls.from_dict(data)
 
 

@@ -2,16 +2,85 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
 
 def move(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """``nn.Module.to`` without diffusers' override (which warns on every dtype cast)."""
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     return torch.nn.Module.to(module, **kwargs)
+
+
+class Fp32Norm(nn.Module):
+    """Run a GroupNorm/LayerNorm in fp32 inside a half-precision network (input upcast, output cast back).
+
+    fp16 variance sums overflow on large activations (NaN/black images: NVIDIA/TensorRT#3039, #2564); in ONNX
+    this exports as ``Cast -> norm (fp32) -> Cast``, which strongly typed TensorRT keeps in fp32.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+
+def converted_copy(module: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                   fp32_norms: bool = False, force_copy: bool = False) -> nn.Module:
+    """``module`` on ``device`` in ``dtype`` without touching the original, and without a second full copy.
+
+    Returns ``module`` itself when nothing changes. Otherwise the copy is made by ``copy.deepcopy`` with every
+    parameter and buffer pre-mapped to its converted tensor, so peak memory is the original plus the converted
+    weights (never two copies of the original).
+
+    Args:
+        dtype: floating parameters and buffers are cast to it.
+        fp32_norms: keep ``GroupNorm``/``LayerNorm`` weights in fp32 and wrap those layers in :class:`Fp32Norm`.
+        force_copy: copy even when device and dtype already match.
+    """
+    norm_types = (nn.GroupNorm, nn.LayerNorm)
+    params = list(module.parameters()) + list(module.buffers())
+    cur_dev = params[0].device if params else torch.device("cpu")
+    cur_dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    target_dev = torch.device(device) if device is not None else cur_dev
+    target_dtype = dtype or cur_dtype
+    same_dev = target_dev.type == cur_dev.type and (target_dev.index or 0) == (cur_dev.index or 0)
+    if same_dev and target_dtype == cur_dtype and not fp32_norms and not force_copy:
+        return module
+    keep = set()
+    if fp32_norms:
+        for m in module.modules():
+            if isinstance(m, norm_types):
+                keep.update(id(t) for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for p in module.parameters():
+            dt = torch.float32 if id(p) in keep else target_dtype if p.is_floating_point() else p.dtype
+            memo[id(p)] = nn.Parameter(p.detach().to(device=target_dev, dtype=dt), requires_grad=False)
+        for b in module.buffers():
+            dt = torch.float32 if id(b) in keep else target_dtype if b.is_floating_point() else b.dtype
+            memo[id(b)] = b.detach().to(device=target_dev, dtype=dt)
+    out = copy.deepcopy(module, memo)
+    if fp32_norms:
+        for name, m in list(out.named_modules()):
+            if isinstance(m, norm_types) and name:
+                parent_name, _, child = name.rpartition(".")
+                parent = out.get_submodule(parent_name) if parent_name else out
+                if isinstance(parent, Fp32Norm):
+                    continue
+                if child.isdigit():
+                    parent[int(child)] = Fp32Norm(m)
+                else:
+                    setattr(parent, child, Fp32Norm(m))
+    return out.eval().requires_grad_(False)
+
 
 
 class PromptEncoder(Protocol):

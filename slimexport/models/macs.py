@@ -13,12 +13,20 @@ import torch
 import torch.nn as nn
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A shape-only copy (parameters and buffers on the meta device), without copying any data."""
+    memo = {id(t): (nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False) if isinstance(t, nn.Parameter)
+                    else torch.empty_like(t, device="meta"))
+            for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def count_macs(unet, batch: int = 1, height: int | None = None, width: int | None = None, seq_len: int = 77) -> dict:
     """``{"total", "conv", "linear", "attention"}`` MACs of one forward at ``batch`` × latent ``height`` × ``width``."""
     cfg = unet.config
     h = height or int(cfg.sample_size)
     w = width or int(cfg.sample_size)
-    meta = copy.deepcopy(unet).to("meta") if next(unet.parameters()).device.type != "meta" else unet
+    meta = unet if next(unet.parameters()).device.type == "meta" else _meta_copy(unet)
     counts = {"conv": 0, "linear": 0, "attention": 0}
     handles = []
 

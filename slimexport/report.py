@@ -1,0 +1,91 @@
+"""``report.json`` (for machines: CI gates, servers) and ``report.md`` (for people) of a build folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimexport.artifacts import write_json, write_text
+
+PARITY_NAMES = {
+    "dense_export": "dense engine vs dense PyTorch (export parity)",
+    "slim_export": "slim engine vs slim PyTorch (export parity)",
+    "slim_vs_dense": "slim vs dense PyTorch (compression fidelity)",
+}
+
+
+def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages: dict, extra: dict | None = None) -> dict:
+    p = plan["params"]
+    rep = {
+        "model": model,
+        "budget": plan["budget"],
+        "budget_scope": plan.get("scope", "targeted"),
+        "targets": plan.get("targets"),
+        "params": {k: p[k] for k in ("dense_total", "slim_total", "targeted_dense", "targeted_slim")},
+        "macs": plan.get("macs"),
+        "parity": parity,
+        "passed": all(v.get("passed", False) for v in parity.values()),
+        "speed": speed,
+        "stages": {k: {"seconds": round(v["seconds"], 3), "cached": v["cached"]} for k, v in stages.items()},
+    }
+    if extra:
+        rep.update(extra)
+    return rep
+
+
+def _fmt(v, spec=".3g"):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def render_markdown(rep: dict) -> str:
+    p = rep["params"]
+    lines = [f"# slimexport build: {rep['model']} at budget {rep['budget']:g} ({rep['budget_scope']})", ""]
+    verdict = "PASSED" if rep["passed"] else "FAILED"
+    lines += [f"**Verdict: {verdict}**" + (f"; speed-up {rep['speed']['speedup']:.3f}× (p50 dense / p50 slim)" if rep.get("speed") else ""), ""]
+    lines += ["## Parameters", "", "| | dense | slim | kept |", "|---|---:|---:|---:|",
+              f"| targeted ({', '.join(rep.get('targets') or [])}) | {p['targeted_dense']:,} | {p['targeted_slim']:,} | {p['targeted_slim'] / p['targeted_dense']:.3f} |",
+              f"| whole UNet | {p['dense_total']:,} | {p['slim_total']:,} | {p['slim_total'] / p['dense_total']:.3f} |"]
+    if rep.get("macs"):
+        m = rep["macs"]
+        lines.append(f"| UNet MACs (batch 1, {m['latent'][0]}×{m['latent'][1]} latents) | {m['dense'] / 1e9:.3f} G | {m['slim'] / 1e9:.3f} G | {m['slim'] / m['dense']:.3f} |")
+    lines += ["", "## Parity", "",
+              "Metrics over all fixed inputs together: max abs `max|a−b|`; max rel `max|a−b|/(|b|+1e-6)`; p99 abs; mean abs; "
+              "cosine `a·b/(‖a‖‖b‖)`; SQNR `10·log10(Σb²/Σ(a−b)²)` dB; NaN/Inf always fails.", "",
+              "| comparison | max abs | max rel | p99 abs | mean abs | cosine | SQNR dB | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for key, v in rep["parity"].items():
+        verdict = "pass" if v.get("passed") else f"**FAIL**: {v.get('reason')}"
+        lines.append(f"| {PARITY_NAMES.get(key, key)} | {_fmt(v.get('max_abs'))} | {_fmt(v.get('max_rel'))} | {_fmt(v.get('p99_abs'))} | "
+                     f"{_fmt(v.get('mean_abs'))} | {_fmt(v.get('cosine'), '.6f')} | {_fmt(v.get('sqnr_db'), '.1f')} | {verdict} |")
+    svd = rep["parity"].get("slim_vs_dense", {})
+    if svd.get("eps_rel_error"):
+        lines += ["", "Relative ε-prediction error of the slim model, per timestep: "
+                  + ", ".join(f"t={float(t):g}: {e:.4f}" for t, e in svd["eps_rel_error"].items())
+                  + f" (mean {svd['eps_rel_error_mean']:.4f}, gate ≤ {svd['gate']['max_eps_error']:g})."]
+        tr = svd.get("trajectory", {})
+        if tr:
+            lines.append(f"Final latents of a {tr['steps']}-step fixed-seed DDIM trajectory (CFG {tr['guidance_scale']:g}): "
+                         f"relative error {tr['rel_error']:.4f}, cosine {tr['cosine']:.4f} (gate ≥ {svd['gate']['min_latent_cosine']:g}).")
+    s = rep.get("speed")
+    if s:
+        env = s.get("environment", {})
+        lines += ["", "## Speed", "",
+                  f"Backend `{s['backend']}` on {s.get('device_name') or s['device']} ({env.get('threads', '?')} threads), "
+                  f"shapes {s.get('shapes', {}).get('sample')}, {s['iterations']} timed iterations per model after "
+                  f"{s.get('warmup')} warm-ups, {s.get('mode', '')}.", "",
+                  "| | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|",
+                  f"| dense | {s['dense_ms']['p50']:.3f} | {s['dense_ms']['p90']:.3f} | {s['dense_ms']['p99']:.3f} |",
+                  f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
+                  "", f"Speed-up (p50 dense / p50 slim): **{s['speedup']:.3f}×**"]
+    lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
+    for k, v in rep["stages"].items():
+        lines.append(f"| {k} | {v['seconds']:.2f} | {'yes' if v['cached'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, rep: dict) -> None:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", rep)
+    write_text(out_dir / "report.md", render_markdown(rep))
