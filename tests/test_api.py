@@ -79,14 +79,14 @@ def test_empty_prompts_file_is_refused_and_nothing_written(tmp_path):
 def test_nan_statistics_abort_before_anything_is_written(tiny, tmp_path, monkeypatch):
     from slimexport.calibrate import collector as col_mod
 
-    real = col_mod.addmm_accumulate
+    real = col_mod.kernel_accumulate
 
     def poisoned(acc, x):
         real(acc, x)
         if acc.shape[0] == 128:  # the GEGLU output of the first block
             acc[0, 0] = float("inf")
 
-    monkeypatch.setattr("slimexport.calibrate.api.addmm_accumulate", poisoned)
+    monkeypatch.setattr("slimexport.calibrate.api.kernel_accumulate", poisoned)
     cfg = CompressConfig(model="tiny", calib=CALIB)
     with pytest.raises(NumericalError, match="GEGLU output.*timestep bin 0"):
         compress(cfg, out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)

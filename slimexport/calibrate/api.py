@@ -9,7 +9,7 @@ import time
 import torch
 
 from slimexport.calibrate import slimset
-from slimexport.calibrate.collector import StatsCollector, addmm_accumulate
+from slimexport.calibrate.collector import StatsCollector, kernel_accumulate
 from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
 from slimexport.calibrate.runner import denoise, initial_latents
 from slimexport.calibrate.stats import CalibStats
@@ -61,10 +61,10 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
         prompts: the SlimSet (``select_prompts``).
         cfg: sampler and binning settings.
         device, dtype: where and in which precision the UNet runs; statistics are always fp32.
-        accumulate: ``acc += xᵀx`` implementation; ``None`` uses the fp32 reference.
+        accumulate: ``acc += xᵀx`` implementation; ``None`` uses the kernel dispatch (Triton on CUDA where faster).
     """
     device = torch.device(device)
-    accumulate = accumulate or addmm_accumulate
+    accumulate = accumulate or kernel_accumulate
     unet = converted_copy(bundle.unet, device, dtype)  # never round the caller's weights to fp16 in place
     blocks = find_blocks(unet)
     try:

@@ -29,9 +29,17 @@ BINNED = ("x", "y", "z", "r")
 
 
 def addmm_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """``acc += xᵀx`` in fp32 (the reference; the Triton twin lives in ``slimexport.kernels``)."""
+    """``acc += xᵀx`` in fp32 by ``addmm_`` (the plain reference)."""
     xf = x.float()
     acc.addmm_(xf.T, xf)
+
+
+def kernel_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += xᵀx`` through the kernel dispatch: the Triton kernel on CUDA where it is faster for the shape
+    (measured once per shape), the torch reference on the CPU."""
+    from slimexport.kernels import cov_accumulate
+
+    cov_accumulate(acc, x)
 
 
 def step_to_bin(step: int, num_steps: int, num_bins: int) -> int:

@@ -68,8 +68,21 @@ def replace_linears(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             setattr(parent, name, new)
 
 
-def install_processors(unet: nn.Module, kernel=None) -> None:
-    """Put :class:`SlimAttnProcessor` (original scale kept) on every attention of every transformer block."""
+def default_attention_kernel():
+    """The decoupled-head attention through the kernel dispatch (Triton on CUDA where faster, else SDPA)."""
+    from slimexport.kernels import decoupled_attention
+
+    return decoupled_attention
+
+
+def install_processors(unet: nn.Module, kernel="auto") -> None:
+    """Put :class:`SlimAttnProcessor` (original scale kept) on every attention of every transformer block.
+
+    ``kernel="auto"`` routes attention through :func:`slimexport.kernels.decoupled_attention` (which picks the
+    faster of Triton and SDPA per shape on CUDA, SDPA on the CPU and under export); ``None`` always uses SDPA.
+    """
+    if kernel == "auto":
+        kernel = default_attention_kernel()
     for _, block in transformer_blocks(unet):
         for attn in (block.attn1, getattr(block, "attn2", None)):
             if attn is not None:
