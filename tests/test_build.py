@@ -1,0 +1,83 @@
+"""``slimexport build`` on ``tiny``: the folder layout, report keys, stage caching, and ``verify`` failing on a
+corrupted slim weight."""
+
+import json
+import shutil
+
+import pytest
+
+from slimexport.api import build
+from slimexport.cli.main import main
+from slimexport.config import AllocConfig, BuildConfig, CalibConfig, CompressConfig
+
+CFG = BuildConfig(compress=CompressConfig(model="tiny", calib=CalibConfig(num_prompts=4, num_steps=4, num_bins=2, batch_size=4),
+                                          alloc=AllocConfig(budget=0.73)))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    first = build(CFG, out=root / "tiny", progress=False, cache_dir=root / "cache")
+    return root, first
+
+
+def test_layout_and_report_keys(built):
+    root, res = built
+    out = root / "tiny"
+    for rel in ("manifest.json", "report.json", "report.md", "slim_unet/slim_plan.json", "onnx/dense/model.onnx",
+                "onnx/dense/model.onnx_data", "onnx/slim/model.onnx", "onnx/slim/model.onnx_data", "calib/stats.safetensors"):
+        assert (out / rel).exists(), rel
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"] == "tiny" and rep["budget"] == 0.73
+    assert set(rep["params"]) >= {"dense_total", "slim_total", "targeted_dense", "targeted_slim"}
+    for key in ("dense_export", "slim_export", "slim_vs_dense"):
+        assert set(rep["parity"][key]) >= {"max_abs", "max_rel", "p99_abs", "mean_abs", "cosine", "sqnr_db", "passed"}
+    assert rep["parity"]["dense_export"]["passed"] and rep["parity"]["slim_export"]["passed"]
+    assert rep["parity"]["dense_export"]["max_abs"] < 1e-4
+    s = rep["speed"]
+    assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0
+    assert set(s["dense_ms"]) >= {"p50", "p90", "p99"} and set(s["slim_ms"]) >= {"p50", "p90", "p99"}
+    assert all(set(v) == {"seconds", "cached"} for v in rep["stages"].values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    for k in ("model", "onnx", "io", "profile", "versions", "results", "slim_weights"):
+        assert k in manifest, k
+    assert manifest["onnx"]["slim"]["sha256"] and manifest["io"]["inputs"][1]["dtype"] == "float32"
+    assert res.passed
+
+
+def test_second_run_is_a_cache_hit(built):
+    root, first = built
+    again = build(CFG, out=root / "tiny", progress=False, cache_dir=root / "cache")
+    stages = again.report["stages"]
+    assert all(stages[s]["cached"] for s in ("calibrate", "allocate", "decompose", "export_dense", "export_slim", "verify", "bench"))
+    assert again.report["parity"] == first.report["parity"]
+
+
+def test_corrupted_slim_weight_fails_verify_naming_the_comparison(built, tmp_path, capsys):
+    root, _ = built
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "tiny", bad)
+    weights = bad / "slim_unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 4000, len(data) - 8, 4):  # scramble the tail of the tensor data (still a readable file)
+        data[i] ^= 0x5A
+    weights.write_bytes(bytes(data))
+    rc = main(["-q", "verify", str(bad)])
+    err = capsys.readouterr()
+    assert rc == 1
+    text = err.out + err.err
+    assert "slim_export" in text and "integrity" in text
+    assert "dense_export" in text and "FAIL" in text
+
+
+def test_tensorrt_without_tensorrt_is_a_usage_error(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed")
+    except ImportError:
+        pass
+    rc = main(["build", "--model", "tiny", "--backend", "tensorrt", "--out", str(tmp_path / "x")])
+    msg = capsys.readouterr().err
+    assert rc == 2 and "slimexport[trt]" in msg
