@@ -196,7 +196,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
         else:
             from slimexport.allocate.api import plan_ranks
 
-            plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc)
+            plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=bundle.latent_size(cfg.calib.height, cfg.calib.width))
             write_json(plan_path, plan)
             manifest.record("plan", plan_key, [plan_path], 0.0)
 

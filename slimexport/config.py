@@ -24,6 +24,7 @@ ALLOCATIONS = ("softmax", "uniform")
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 BUDGET_SCOPES = ("targeted", "unet")
+BUDGET_METRICS = ("params", "macs")
 
 
 def _check(cls: str, name: str, value, ok: bool, allowed: str) -> None:
@@ -177,6 +178,8 @@ class AllocConfig(_Config):
         propagation: multiply scores by each module's relative output energy (the method's optional g_m).
         scope: what ``budget`` is a fraction of: ``targeted`` parameters (the paper's reading) or the whole
             ``unet`` (the targeted modules then absorb the whole cut).
+        metric: what the budget counts: ``params`` (the paper) or ``macs`` (multiply-accumulates of one forward
+            at the calibration size: a cost closer to latency).
     """
 
     budget: float = 0.73
@@ -188,10 +191,12 @@ class AllocConfig(_Config):
     ffn_quantum: int | None = None
     propagation: bool = False
     scope: str = "targeted"
+    metric: str = "params"
 
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "scope", self.scope, self.scope in BUDGET_SCOPES, " or ".join(BUDGET_SCOPES))
+        _check(n, "metric", self.metric, self.metric in BUDGET_METRICS, " or ".join(BUDGET_METRICS))
         _check(n, "budget", self.budget, _is_num(self.budget) and 0 < self.budget <= 1, "a number in (0, 1], e.g. 0.73")
         t = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
         _check(

@@ -64,6 +64,20 @@ def unit_cost(block: BlockInfo | ResnetInfo, kind: str) -> int:
     return 2 * (c + 1) + c  # GEGLU content + gate rows (with biases) + one down-projection column
 
 
+def unit_macs(block: BlockInfo | ResnetInfo, kind: str, tokens: int, seq_len: int = 77) -> int:
+    """MACs per unit of rank in one forward at batch 1: projections plus, for attention, the score (QK) or
+    probability-times-value (VO) products, which shrink with the per-head rank too."""
+    if kind == RESNET_KIND:
+        per_channel = tokens * (block.in_channels * block.kernel1 + block.out_channels * block.kernel2) + block.temb_dim
+        return block.group_size * per_channel  # conv1 rows, conv2 columns, time_emb_proj rows (one token)
+    h, c, n = block.num_heads, block.width, tokens
+    if kind in ("attn1.qk", "attn1.vo"):
+        return h * n * (2 * c + n)
+    if kind in ("attn2.qk", "attn2.vo"):
+        return h * (n * c + seq_len * block.context_dim + n * seq_len)
+    return 3 * n * c  # GEGLU content + gate columns, one down-projection row, per token
+
+
 def max_rank(block: BlockInfo | ResnetInfo, kind: str) -> int:
     if kind == RESNET_KIND:
         return block.groups
@@ -85,7 +99,9 @@ def targeted_kinds(cfg: AllocConfig) -> tuple[str, ...]:
 
 
 def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> float:
-    """The budget as a fraction of the targeted parameters (``scope=unet`` puts the whole cut on the targets)."""
+    """The budget as a fraction of the targeted cost (``scope=unet`` puts the whole cut on the targets).
+
+    Costs are parameters or, with ``metric=macs``, MACs of one forward at the calibration size."""
     if acfg.scope == "targeted":
         return acfg.budget
     fixed = unet_dense - targeted_dense
@@ -94,7 +110,7 @@ def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> 
         from slimexport.errors import UsageError
 
         raise UsageError(
-            f"a whole-UNet budget of {acfg.budget:g} needs more than all targeted parameters ({', '.join(acfg.targets)}: "
+            f"a whole-UNet budget of {acfg.budget:g} needs more than all targeted {acfg.metric} ({', '.join(acfg.targets)}: "
             f"{targeted_dense / unet_dense:.1%} of the UNet)",
             f"use --budget above {fixed / unet_dense:.3f} or add targets (e.g. --targets attn,ffn,resnet)",
         )
@@ -119,10 +135,21 @@ def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocCon
     return out
 
 
-def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict:
-    """The rank plan: ``{"ranks": {module: rank}, "modules": {...}, "params": {...}, ...}``."""
+def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig,
+               latent_hw: tuple[int, int] | None = None) -> dict:
+    """The rank plan: ``{"ranks": {module: rank}, "modules": {...}, "params": {...}, ...}``.
+
+    ``latent_hw`` (default: the UNet's sample size) sets the token counts of the ``macs`` metric.
+    """
     scored = score_modules(unet, stats, dcfg, acfg)
-    modules = []
+    tokens = None
+    if acfg.metric == "macs":
+        from slimexport.models.macs import count_macs, token_counts
+
+        hw = latent_hw or (None, None)
+        tokens = token_counts(unet, *hw)
+        unet_macs = count_macs(unet, 1, *hw)["total"]
+    modules, param_cost = [], {}
     for name, s in scored.items():
         block, kind = s["block"], s["kind"]
         d = max_rank(block, kind)
@@ -132,30 +159,35 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         else:
             q = ffn_quantum(d, acfg) if kind == FFN_KIND else attn_quantum(d, acfg)
             r_min = min(acfg.r_min, d)
-        modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=unit_cost(block, kind),
-                                  r_min=r_min, quantum=q, score=s["ms"].score))
+        param_cost[name] = unit_cost(block, kind)
+        cost = param_cost[name] if tokens is None else unit_macs(block, kind, tokens[block.path])
+        modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=cost, r_min=r_min, quantum=q, score=s["ms"].score))
     temperature = math.inf if acfg.method == "uniform" else acfg.temperature
-    targeted_dense = sum(m.dense_params for m in modules)
+    targeted_cost = sum(m.dense_params for m in modules)
     unet_dense = sum(p.numel() for p in unet.parameters())
-    budget = targeted_budget(acfg, targeted_dense, unet_dense)
+    budget = targeted_budget(acfg, targeted_cost, unet_dense if tokens is None else unet_macs)
     ranks = allocate_ranks(modules, budget, temperature)
     pi = softmax_weights([m.score for m in modules], temperature)
-    targeted_slim = sum(ranks[m.name] * m.unit_cost for m in modules)
+    targeted_dense = sum(m.max_rank * param_cost[m.name] for m in modules)
+    targeted_slim = sum(ranks[m.name] * param_cost[m.name] for m in modules)
     return {
         "budget": acfg.budget,
         "scope": acfg.scope,
+        "metric": acfg.metric,
         "targeted_budget": budget,
         "targets": list(acfg.targets),
         "ranks": ranks,
         "modules": {
             m.name: {"kind": m.kind, "rank": ranks[m.name], "max_rank": m.max_rank, "keep": ranks[m.name] / m.max_rank,
-                     "unit_cost": m.unit_cost, "quantum": m.quantum, "r_min": m.r_min, "score": m.score, "softmax": p,
+                     "unit_cost": param_cost[m.name], "alloc_cost": m.unit_cost, "quantum": m.quantum, "r_min": m.r_min, "score": m.score, "softmax": p,
                      "timestep_weights": [round(float(x), 6) for x in scored[m.name]["ms"].bin_weights]}
             for m, p in zip(modules, pi)
         },
         "params": {
             "targeted_dense": targeted_dense, "targeted_slim": targeted_slim,
-            "target": budget * targeted_dense, "max_step": max_step_cost(modules),
+            "target": budget * targeted_dense if tokens is None else None, "max_step": max_step_cost(modules) if tokens is None else None,
             "dense_total": unet_dense, "slim_total": unet_dense - targeted_dense + targeted_slim,
         },
+        "allocation": {"metric": acfg.metric, "targeted_budget": budget, "target": budget * targeted_cost,
+                       "kept": sum(ranks[m.name] * m.unit_cost for m in modules), "max_step": max_step_cost(modules)},
     }

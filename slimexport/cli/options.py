@@ -63,6 +63,8 @@ compress_options = _compose(
     click.option("--budget", "-b", type=float, default=None, help="Fraction of the targeted parameters kept, in (0, 1]. [default: 0.73]"),
     click.option("--budget-scope", type=click.Choice(["targeted", "unet"]), default=None,
                  help="budget is a fraction of the targeted parameters or of the whole UNet. [default: targeted]"),
+    click.option("--budget-metric", type=click.Choice(["params", "macs"]), default=None,
+                 help="What the budget counts: parameters (the paper) or MACs at the calibration size. [default: params]"),
     click.option("--targets", callback=parse_targets, default=None, help="Module types compressed: attn,ffn. [default: attn,ffn]"),
     click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
     click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="softmax (score-driven) or uniform. [default: softmax]"),
@@ -171,7 +173,8 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
                      ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
     alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
                  method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
-                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"))
+                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"),
+                 metric=o.get("budget_metric"))
     return _set(base, model=o.get("model"), random_weights=o.get("random_weights"), device=o.get("device"),
                 calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
 

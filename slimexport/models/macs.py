@@ -60,3 +60,33 @@ def count_macs(unet, batch: int = 1, height: int | None = None, width: int | Non
             hd.remove()
     counts["total"] = sum(counts.values())
     return counts
+
+
+def token_counts(unet, height: int | None = None, width: int | None = None, seq_len: int = 77) -> dict[str, int]:
+    """Positions each transformer block and ResNet block sees in one forward at batch 1 (meta device).
+
+    Returns ``{block path: tokens}`` for ``BasicTransformerBlock``s (image tokens) and ``ResnetBlock2D``s
+    (pixels of ``conv2``'s input).
+    """
+    cfg = unet.config
+    h = height or int(cfg.sample_size)
+    w = width or int(cfg.sample_size)
+    meta = unet if next(unet.parameters()).device.type == "meta" else _meta_copy(unet)
+    out: dict[str, int] = {}
+    handles = []
+    for name, m in meta.named_modules():
+        kind = type(m).__name__
+        if kind == "BasicTransformerBlock":
+            handles.append(m.attn1.to_q.register_forward_hook(
+                lambda mod, args, o, name=name: out.__setitem__(name, args[0].shape[-2])))
+        elif kind == "ResnetBlock2D":
+            handles.append(m.conv2.register_forward_hook(
+                lambda mod, args, o, name=name: out.__setitem__(name, args[0].shape[-2] * args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, int(cfg.in_channels), h, w, device="meta"), torch.empty(1, device="meta"),
+                 encoder_hidden_states=torch.empty(1, seq_len, int(cfg.cross_attention_dim), device="meta"))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out
