@@ -106,6 +106,39 @@ TINY_TEXT = {
     "num_hidden_layers": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
 }
 
+# The shipped ``digits`` model (slimexport/models/digits.py, trained by tools/train_digits.py): SD1's block family
+# on 16×16 one-channel pixels. 4 heads everywhere: head_dim 16 at 64 channels, 32 at 128; GEGLU widths 256 / 512.
+DIGITS_UNET = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [64, 128],
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,  # = 4 heads (diffusers' legacy name)
+    "use_linear_projection": False,
+}
+
+# The schedule ``digits`` was trained with: 1000-step cosine betas (better than SD's scaled-linear for 16×16 pixels,
+# which the linear schedule destroys too early), epsilon prediction; x0 clipped to the pixel range [-1, 1], and the
+# last DDIM step lands on alpha=1 (pixels, not latents: the sampler should end on a clean image).
+DIGITS_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,  # unused by the cosine schedule; diffusers' default
+    "beta_end": 0.02,  # unused by the cosine schedule; diffusers' default
+    "beta_schedule": "squaredcos_cap_v2",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
 REGISTRY: dict[str, ModelSpec] = {
     "sd14": ModelSpec("sd14", "CompVis/stable-diffusion-v1-4", _SD1_UNET, _SD1_TEXT,
                       description="Stable Diffusion v1.4 (860M UNet)"),
@@ -115,6 +148,9 @@ REGISTRY: dict[str, ModelSpec] = {
                            description="Stable Diffusion v2.1 base (865M UNet, linear proj_in/out, 64-dim heads)"),
     "tiny": ModelSpec("tiny", None, TINY_UNET, TINY_TEXT, builtin=True, default_image=(32, 32), vae_scale_factor=2,
                       description="SD1-shaped test UNet, random weights (seed 0), tiny text encoder and tokenizer"),
+    "digits": ModelSpec("digits", None, DIGITS_UNET, None, builtin=True, scheduler=DIGITS_SCHEDULER,
+                        default_image=(16, 16), vae_scale_factor=1,
+                        description="SD1-family UNet (4.2M) trained on sklearn's 8x8 digits at 16x16; class-token conditioning"),
 }
 
 
