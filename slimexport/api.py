@@ -15,7 +15,7 @@ from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.cache import Manifest, share_dir, stage_key
 from slimexport.config import CompressConfig
 from slimexport.distributed import broadcast, dist_info
-from slimexport.errors import UsageError
+from slimexport.errors import ArtifactError, SlimExportError, UsageError
 from slimexport.models.bundle import move
 
 log = logging.getLogger("slimexport")
@@ -139,27 +139,35 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     Returns:
         :class:`CompressResult` (``None`` on ranks other than 0 under ``torch.distributed``).
     """
+    from slimexport.artifacts import check_writable_dir
+    from slimexport.calibrate.prompts import read_prompts_file
     from slimexport.models.load import load_model
 
     out_dir = Path(out) if out is not None else default_out(cfg.model, cfg.alloc.budget)
     cache_root = Path(cache_dir) if cache_dir is not None else DEFAULT_ROOT / ".cache"
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.calib_dtype, device)
+    check_writable_dir(out_dir)
+    # The prompts file is checked before anything slow, and its content (not only its path) keys the calibration.
+    prompts_key = [sha256_json(read_prompts_file(cfg.calib.prompts_file))] if cfg.calib.prompts_file else []
     records: dict[str, StageRecord] = {}
 
     rank, world = dist_info()
-    with _Stage(records, "load", False, torch.device("cpu")):
-        bundle = bundle if bundle is not None else load_model(cfg.model, random_weights=cfg.random_weights)
+    if bundle is None:
+        with _Stage(records, "load", False, torch.device("cpu")):
+            bundle = load_model(cfg.model, random_weights=cfg.random_weights)
     identity = {"model": cfg.model, "weights": bundle.identity()}
-    calib_key = stage_key("calibrate", bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type)
+    calib_key = stage_key("calibrate", bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type, *prompts_key)
     stats_dir = out_dir / "calib"
     manifest = None
     cached = False
     if rank == 0:
-        from slimexport.artifacts import ensure_dir
+        from slimexport.artifacts import ensure_dir, remove_stale_temporaries
 
         ensure_dir(out_dir)
         manifest = Manifest(out_dir, identity=identity)
+        for stale in remove_stale_temporaries(out_dir):
+            log.info("removed %s, left by an interrupted run", stale)
         manifest.set("model", {"name": cfg.model, "source": bundle.source, "fingerprint": bundle.identity()})
         manifest.set("config", cfg.to_dict())
         cached = _calibration_cached(manifest, calib_key, stats_dir, cache_root / "calib" / calib_key[:32])
@@ -180,7 +188,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
                 manifest.record("calibrate", calib_key, [stats_dir], stats.meta["seconds"])
                 try:
                     share_dir(stats_dir, cache_root / "calib" / calib_key[:32])
-                except OSError as err:
+                except (OSError, SlimExportError) as err:  # the shared cache is optional: a full or read-only disk there is not fatal
                     log.warning("could not share calibration statistics in %s (%s)", cache_root, err)
     if rank != 0:
         return None
@@ -189,7 +197,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     unet = move(bundle.unet, device, torch.float32)
     plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
     plan_path = out_dir / "plan.json"
-    cached = manifest.cached("plan", plan_key)
+    cached = plan_cached = manifest.cached("plan", plan_key)
     with _Stage(records, "allocate", cached, device):
         if cached:
             plan = read_json(plan_path, "rank plan")
@@ -203,7 +211,8 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     # Stage D–F: decompositions → slim UNet folder.
     slim_key = stage_key("slim", plan_key)
     slim_dir = out_dir / "slim_unet"
-    cached = manifest.cached("slim", slim_key)
+    # A recomputed plan lacks what decomposing adds to it (errors, MACs): decompose again rather than keep a stale plan.
+    cached = plan_cached and manifest.cached("slim", slim_key)
     with _Stage(records, "decompose", cached, device):
         if not cached:
             from slimexport.decompose.api import slim_unet
@@ -267,6 +276,9 @@ def engine_profile(cfg, bundle):
 
 
 def resolve_engine_device(cfg) -> str:
+    if cfg.engine_device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--engine-device {cfg.engine_device} asked for, but no CUDA GPU is visible",
+                         "use --engine-device cpu (or auto)")
     if cfg.engine_device != "auto":
         return "cuda" if cfg.engine_device.startswith("cuda") and cfg.backend != "onnxruntime" else cfg.engine_device
     if not torch.cuda.is_available():
@@ -285,23 +297,35 @@ def _check_backend_available(backend: str) -> None:
 
     if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         raise MissingExtraError("tensorrt", "trt", "--backend tensorrt")
+    if backend == "aoti":
+        from slimexport.engines.aoti import check_compiler
+
+        check_compiler()  # before calibration: the packages are compiled C++
+
+
+# Backends whose engines are made from the torch models (not from the ONNX export); fp32 on the CPU.
+MODEL_BACKENDS = ("torch", "aoti", "torch-compile")
 
 
 def _engine_config(cfg, device: str, profile):
     from slimexport.engines.base import EngineConfig
 
     cuda = device.startswith("cuda")
-    return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype if cfg.backend != "torch" or cuda else "fp32",
-                        channels_last=cuda and cfg.backend == "torch", cuda_graphs=cuda and cfg.backend == "torch",
+    eager_like = cuda and cfg.backend in ("torch", "torch-compile")
+    return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype if cfg.backend not in MODEL_BACKENDS or cuda else "fp32",
+                        channels_last=eager_like, cuda_graphs=eager_like,
                         optimization_level=cfg.optimization_level, output_name=cfg.export.output_name)
 
 
-def _make_engines(cfg, exports: dict, models: dict, device: str, profile):
+def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir: Path | None = None):
     from slimexport.engines.base import build_engine
 
     ecfg = _engine_config(cfg, device, profile)
-    if cfg.backend == "torch":
-        return {k: build_engine("torch", models[k], ecfg) for k in ("dense", "slim")}
+    if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
+        return {k: build_engine("aoti", models[k], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / k)))
+                for k in ("dense", "slim")}
+    if cfg.backend in MODEL_BACKENDS:
+        return {k: build_engine(cfg.backend, models[k], ecfg) for k in ("dense", "slim")}
     return {k: build_engine(cfg.backend, exports[k].folder, ecfg) for k in ("dense", "slim")}
 
 
@@ -338,6 +362,21 @@ def run_bench(cfg, engines: dict, profile) -> dict:
     return res
 
 
+def _relative_paths(obj, root: Path):
+    """``obj`` with every absolute path string inside ``root`` made relative to it (manifests and reports hold no
+    absolute paths into the folder, so a moved or copied folder stays valid)."""
+    if isinstance(obj, dict):
+        return {k: _relative_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_paths(v, root) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        try:
+            return Path(obj).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return obj
+    return obj
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -359,22 +398,28 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     A failed parity gate does not raise here: ``BuildResult.passed`` is ``False`` and the report says which
     comparison and metric failed (the CLI turns that into exit code 1).
     """
+    from slimexport.artifacts import check_writable_dir
     from slimexport.engines.onnx_export import export_unet_onnx, read_export
+    from slimexport.models.load import load_model
     from slimexport.report import make_report, write_report
 
     _check_backend_available(cfg.backend)
+    device = resolve_engine_device(cfg)
     out_dir = Path(out) if out is not None else default_out(cfg.compress.model, cfg.compress.alloc.budget, f"-{cfg.backend}")
-    res = compress(cfg.compress, out=out_dir, progress=progress, cache_dir=cache_dir)
+    check_writable_dir(out_dir)
+    records: dict[str, StageRecord] = {}
+    with _Stage(records, "load", False, torch.device("cpu")):
+        bundle = load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+    profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
+    res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir)
     if res is None:
         return None
-    records = dict(res.stages)
-    bundle = res.bundle
+    records.update(res.stages)
     manifest = Manifest(out_dir)
-    profile = engine_profile(cfg, bundle)
-    device = resolve_engine_device(cfg)
     models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": res.load_slim()}
     cpu = torch.device("cpu")
 
+    seq_len = int(bundle.encoder.encode([""])[0].shape[1])  # text tokens: 77 for CLIP, 6 for digits
     exports, keys = {}, {}
     upstream = {"dense": bundle.identity(), "slim": manifest.stage("slim")["key"]}
     for kind in ("dense", "slim"):
@@ -386,16 +431,19 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
                 unet = models[kind]
                 c = int(unet.config.in_channels)
                 r = export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=cfg.export.dtype, output_name=cfg.export.output_name,
-                                     sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width))
+                                     sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width),
+                                     context_shape=(profile.opt_batch, seq_len, int(unet.config.cross_attention_dim)))
                 manifest.record(f"export_{kind}", keys[kind], [folder], r.export_seconds)
             exports[kind] = read_export(folder)
 
     engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level)
     with _Stage(records, "engine", manifest.cached("engine", engine_key), torch.device(device)):
-        engines = _make_engines(cfg, exports, models, device, profile)
+        engines = _make_engines(cfg, exports, models, device, profile, out_dir)
         files = [f for f in (out_dir / "onnx").rglob("*.plan")] if cfg.backend == "tensorrt" else []
+        if cfg.backend == "aoti":
+            files = [f for e in engines.values() for f in e.files]  # the .pt2 packages and their sidecars
         manifest.record("engine", engine_key, files, 0.0, backend=cfg.backend, device=device,
-                        engine_info={k: e.info() for k, e in engines.items()})
+                        engine_info=_relative_paths({k: e.info() for k, e in engines.items()}, out_dir))
     try:
         verify_key = stage_key("verify", engine_key, cfg.verify.to_dict())
         cached = manifest.cached("verify", verify_key) and (out_dir / "verify.json").exists()
@@ -412,7 +460,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
             if cached:
                 speed = read_json(out_dir / "bench.json", "benchmark results")
             else:
-                speed = run_bench(cfg, engines, profile)
+                speed = _relative_paths(run_bench(cfg, engines, profile), out_dir)
                 write_json(out_dir / "bench.json", speed)
                 manifest.record("bench", bench_key, [out_dir / "bench.json"], 0.0)
     finally:
@@ -449,6 +497,7 @@ def _load_build(folder: str | Path):
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
         raise UsageError(f"{folder} is not a build folder (no manifest.json)", "pass a folder written by slimexport build")
+    read_json(folder / "manifest.json", "manifest")  # a corrupted manifest is reported as such (Manifest() would start afresh)
     manifest = Manifest(folder)
     if "build_config" not in manifest.data:
         raise UsageError(f"{folder} holds no finished build (its manifest has no build config)", "run slimexport build first")
@@ -482,9 +531,14 @@ def verify_folder(folder: str | Path) -> BuildResult:
     integrity = _integrity(manifest)
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
-    models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
-    exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
-    engines = _make_engines(cfg, exports, models, device, profile)
+    try:
+        models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
+        exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
+        engines = _make_engines(cfg, exports, models, device, profile, folder)
+    except ArtifactError as err:  # an artifact too damaged to load: say which files the manifest no longer matches
+        if integrity["problems"]:
+            raise ArtifactError(f"{err.message} (altered files: {integrity['reason']})", err.fix) from err
+        raise
     try:
         parity = run_verify(cfg, bundle, models, engines, profile)
     finally:
@@ -512,13 +566,13 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     device = resolve_engine_device(cfg)
     exports = {k: read_export(folder / "onnx" / k, verify=True) for k in ("dense", "slim")}
     models = {}
-    if cfg.backend == "torch":
+    if cfg.backend in MODEL_BACKENDS:
         from slimexport.slim.apply import load_slim_unet
 
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet")}
-    engines = _make_engines(cfg, exports, models, device, profile)
+    engines = _make_engines(cfg, exports, models, device, profile, folder)
     try:
-        speed = run_bench(cfg, engines, profile)
+        speed = _relative_paths(run_bench(cfg, engines, profile), folder)
     finally:
         for e in engines.values():
             e.close()

@@ -53,7 +53,41 @@ def _os_error(err: OSError, path: Path) -> Exception:
         return ResourceError(f"no space left on the device while writing {path}", "free disk space or pass --out on another disk")
     if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return UsageError(f"cannot write {path} ({os.strerror(err.errno)})", "pass a writable --out folder")
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return UsageError(f"cannot create folder {path}: a file is in the way ({os.strerror(err.errno)})",
+                          "pass an --out path that is a folder (or does not exist yet)")
     return err
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Refuse, without creating anything, a folder that could not be created or written: ``path`` or its first
+    existing ancestor is a file, or is not writable."""
+    p = Path(path)
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create folder {p}: {probe} is a file", "pass an --out path that is a folder (or does not exist yet)")
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"cannot write {probe} (permission denied)", "pass a writable --out folder")
+    return p
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` files and folders a killed run left under ``root`` (never trusted: only wasted disk).
+
+    Call it before a run writes into ``root``; two runs writing into one folder at once are not supported."""
+    removed = []
+    for p in sorted(Path(root).rglob(TMP_PREFIX + "*")):
+        if any(part.startswith(TMP_PREFIX) for part in p.relative_to(root).parts[:-1]):
+            continue  # inside a temporary folder removed with it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ FFN_SELECTIONS = ("cpqr", "leverage", "weight", "random")
 QKVO_METHODS = ("whiten", "weight", "random")
 ALLOCATIONS = ("softmax", "uniform")
 DTYPES = ("fp32", "fp16", "bf16")
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti", "torch-compile")
 BUDGET_SCOPES = ("targeted", "unet")
 BUDGET_METRICS = ("params", "macs")
 
@@ -36,8 +37,20 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_device(v, allowed=("auto", "cpu")) -> bool:
+    """``auto``/``cpu`` (as allowed), ``cuda`` or ``cuda:N``: what ``torch.device`` accepts, checked before it runs."""
+    return isinstance(v, str) and (v in allowed or re.fullmatch(r"cuda(:\d+)?", v) is not None)
+
+
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_nested(n: str, cfg) -> None:
+    """Each nested stage config is an instance of its class (a config file may hold a number where an object belongs)."""
+    for name, sub in cfg._nested.items():
+        v = getattr(cfg, name)
+        _check(n, name, v, isinstance(v, sub), f"an instance of {sub.__name__} (in a config file: a JSON object of {sub.__name__} fields)")
 
 
 class _Config:
@@ -127,6 +140,9 @@ class CalibConfig(_Config):
             v = getattr(self, k)
             _check(n, k, v, v is None or (_is_int(v) and v >= 8 and v % 8 == 0), "None or a positive multiple of 8 (pixels)")
         _check(n, "seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        _check(n, "prompts_file", self.prompts_file, self.prompts_file is None or (isinstance(self.prompts_file, str) and self.prompts_file != ""),
+               "None or the path of a text file (one prompt per line)")
+        _check(n, "offload", self.offload, isinstance(self.offload, bool), "true or false")
 
     @property
     def use_cfg(self) -> bool:
@@ -212,6 +228,7 @@ class AllocConfig(_Config):
         for k in ("attn_quantum", "ffn_quantum"):
             v = getattr(self, k)
             _check(n, k, v, v is None or (_is_int(v) and v >= 1), "None (auto) or an integer >= 1")
+        _check(n, "propagation", self.propagation, isinstance(self.propagation, bool), "true or false")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -244,8 +261,10 @@ class CompressConfig(_Config):
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "model", self.model, isinstance(self.model, str) and self.model.strip() != "", "a registry name, a local folder or a hub id")
-        _check(n, "device", self.device, isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")), "auto, cpu or cuda[:N]")
+        _check(n, "device", self.device, _is_device(self.device), "auto, cpu or cuda[:N]")
         _check(n, "calib_dtype", self.calib_dtype, self.calib_dtype in ("auto",) + DTYPES, "auto, fp32, fp16 or bf16")
+        _check(n, "random_weights", self.random_weights, isinstance(self.random_weights, bool), "true or false")
+        _check_nested(n, self)
 
 
 @dataclass(frozen=True)
@@ -353,7 +372,7 @@ class BuildConfig(_Config):
 
     Attributes:
         compress, export, verify, bench: the stage configs.
-        backend: ``onnxruntime``, ``tensorrt`` or ``torch``.
+        backend: ``onnxruntime``, ``tensorrt``, ``torch``, ``aoti`` (AOTInductor packages) or ``torch-compile``.
         engine_device: where engines run: ``auto`` (CUDA if the backend can use it, else CPU), ``cpu``, ``cuda``.
         batch: ``(min, opt, max)`` prompts per call of the engine profile (the UNet sees twice as many rows: CFG).
         height, width: ``(min, opt, max)`` image size in pixels; ``None``: half, one and one and a half times the
@@ -378,7 +397,7 @@ class BuildConfig(_Config):
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "backend", self.backend, self.backend in BACKENDS, " or ".join(BACKENDS))
-        _check(n, "engine_device", self.engine_device, self.engine_device in ("auto", "cpu") or str(self.engine_device).startswith("cuda"),
+        _check(n, "engine_device", self.engine_device, _is_device(self.engine_device),
                "auto, cpu or cuda[:N]")
         for k, lo in (("batch", 1), ("height", 8), ("width", 8)):
             v = getattr(self, k)
@@ -389,3 +408,4 @@ class BuildConfig(_Config):
                 _triple(n, k, v, lo)
         _check(n, "optimization_level", self.optimization_level, _is_int(self.optimization_level) and 0 <= self.optimization_level <= 5,
                "an integer in [0, 5]")
+        _check_nested(n, self)

@@ -239,7 +239,24 @@ class StatsCollector:
 
 
 def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], num_steps: int, num_bins: int) -> None:
-    """Raise :class:`NumericalError` naming the module and timestep bin of the first NaN/Inf."""
+    """Raise :class:`NumericalError` naming the module and timestep bin of the first NaN/Inf.
+
+    The per-step activation sums are checked first, earliest step first: a NaN spreads to every module downstream and,
+    through the latents, to every later step, so the earliest step names the module where it started (at one step,
+    keys sort in the UNet's down → mid → up order)."""
+    first = None
+    for key in sorted(scalars):
+        bad = ~torch.isfinite(scalars[key].reshape(-1))
+        if bool(bad.any()):
+            step = int(bad.nonzero()[0, 0])
+            if first is None or step < first[0]:
+                first = (step, key)
+    if first is not None:
+        step, key = first
+        raise NumericalError(
+            f"NaN/Inf in the activations of {key} at step {step} (timestep bin {step_to_bin(step, num_steps, num_bins)})",
+            "the model overflows in this dtype: rerun with --calib-dtype fp32, or check the model weights",
+        )
     for key in sorted(corr):
         t = corr[key]
         bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() == 3 else t.reshape(1, -1)).all(-1)
@@ -248,14 +265,6 @@ def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
             where = f"timestep bin {b}" if t.dim() == 3 else "the text-token statistics"
             raise NumericalError(
                 f"NaN/Inf in the calibration statistics of {key.rsplit('.', 1)[0]} ({STAT_NAMES[key.rsplit('.', 1)[1]]}) at {where}",
-                "the model overflows in this dtype: rerun with --calib-dtype fp32, or check the model weights",
-            )
-    for key in sorted(scalars):
-        s = scalars[key]
-        if not bool(torch.isfinite(s).all()):
-            step = int((~torch.isfinite(s)).nonzero()[0, 0])
-            raise NumericalError(
-                f"NaN/Inf in the activations of {key} at step {step} (timestep bin {step_to_bin(step, num_steps, num_bins)})",
                 "the model overflows in this dtype: rerun with --calib-dtype fp32, or check the model weights",
             )
 

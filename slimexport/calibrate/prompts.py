@@ -35,7 +35,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"prompts file {p} does not exist", "pass a text file with one prompt per line to --prompts")
+        raise UsageError(f"prompts file {p} {'is a folder' if p.is_dir() else 'does not exist'}",
+                         "pass a text file with one prompt per line to --prompts")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

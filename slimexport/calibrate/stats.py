@@ -12,7 +12,7 @@ import torch
 
 from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from slimexport.calibrate.collector import step_to_bin
+from slimexport.calibrate.collector import check_stats, step_to_bin
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
 from slimexport.models.arch import BlockInfo, ResnetInfo
 
@@ -85,6 +85,7 @@ class CalibStats:
             if kind not in out:
                 raise ArtifactError(f"unexpected tensor {k!r} in {folder / TENSORS}", "recalibrate")
             out[kind][name] = v
+        check_stats(out["corr"], out["scalar"], len(meta["timesteps"]), int(meta["num_bins"]))  # NaN/Inf: module and bin
         return cls(blocks=[BlockInfo(**b) for b in meta["blocks"]], corr=out["corr"], counts=out["count"],
                    scalars=out["scalar"], timesteps=list(meta["timesteps"]), num_bins=int(meta["num_bins"]),
                    prompts=list(meta["prompts"]), meta=meta.get("meta", {}),

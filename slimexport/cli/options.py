@@ -108,7 +108,7 @@ def parse_triple(ctx, param, value: str | None):
 
 build_options = _compose(
     compress_options,
-    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default=None, help="[default: onnxruntime]"),
+    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch", "aoti", "torch-compile"]), default=None, help="[default: onnxruntime]"),
     click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX/engine precision. [default: fp32]"),
     click.option("--opset", type=int, default=None, help="ONNX opset (17..21). [default: 19]"),
     click.option("--output-name", type=click.Choice(["latent", "out_sample"]), default=None, help="[default: latent (TensorRT demo)]"),
@@ -145,11 +145,15 @@ def load_config_file(path: str | None, cls):
 
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"config file {p} does not exist", "write one with --dump-config")
+        raise UsageError(f"config file {p} {'is a folder' if p.is_dir() else 'does not exist'}", "write one with --dump-config")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UsageError(f"config file {p} is not valid JSON ({err.msg} at line {err.lineno})", "write one with --dump-config") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"config file {p} is not UTF-8 text", "write one with --dump-config") from err
+    except OSError as err:
+        raise UsageError(f"cannot read config file {p} ({err.strerror})", "check its permissions") from err
     if not isinstance(data, dict):
         raise UsageError(f"config file {p} does not hold a JSON object", "write one with --dump-config")
     return cls.from_dict(data)

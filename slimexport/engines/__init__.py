@@ -1,4 +1,5 @@
-"""Engines: ONNX export and graph cleanup, ONNX Runtime, TensorRT (imported lazily) and the PyTorch runner.
+"""Engines: ONNX export and graph cleanup, ONNX Runtime, TensorRT (imported lazily), the PyTorch runner, and
+AOTInductor packages / ``torch.compile`` (the compiled PyTorch engines).
 
 Importing this package loads none of torch, onnx, onnxruntime or tensorrt; each name below is imported from
 its module on first use. Every backend has the interface of :class:`slimexport.engines.base.Engine`.
@@ -13,7 +14,8 @@ _EXPORTS = {
     "make_feeds": "base", "unet_io_spec": "base", "io_spec_for_unet": "base",
     "ExportResult": "onnx_export", "export_unet_onnx": "onnx_export", "read_export": "onnx_export",
     "OrtEngine": "onnxruntime", "TorchEngine": "torch_runner", "TrtEngine": "tensorrt",
-    "build_trt_engine": "tensorrt",
+    "build_trt_engine": "tensorrt", "AotiEngine": "aoti", "build_aoti_package": "aoti",
+    "TorchCompileEngine": "torch_compile",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from slimexport.config import _check, _Config, _is_int
+from slimexport.config import _check, _Config, _is_device, _is_int
 from slimexport.errors import UsageError
 
 SAMPLE = "sample"
@@ -170,6 +170,10 @@ class EngineProfile(_Config):
                 if not _is_int(v) or v % vae_scale_factor:
                     raise UsageError(f"{name} {v} px is not a multiple of the VAE scale factor {vae_scale_factor}",
                                      f"pass a {name} that is a multiple of {vae_scale_factor * latent_multiple}")
+                if (v // vae_scale_factor) % latent_multiple:
+                    raise UsageError(f"{name} {v} px is {v // vae_scale_factor} latent cells, not a multiple of the UNet's "
+                                     f"downsampling factor {latent_multiple}",
+                                     f"pass a {name} that is a multiple of {vae_scale_factor * latent_multiple}")
         lat = [tuple(v // vae_scale_factor for v in t) for t in (height, width)]
         return cls(*(b * rows for b in batch), *lat[0], *lat[1], latent_multiple=latent_multiple)
 
@@ -216,7 +220,9 @@ class EngineConfig(_Config):
         providers: onnxruntime: execution providers, e.g. ``("CUDAExecutionProvider",)``; ``None`` picks from
             ``device``.
         optimization_level: TensorRT builder optimization level, 0..5 (3 is TensorRT's default).
-        cache_dir: TensorRT: folder of the timing caches; ``None``: beside the engine.
+        cache_dir: TensorRT: folder of the timing caches; ``None``: beside the engine. aoti: folder of the compiled
+            packages (``unet.<device>.torch<ver>.pt2`` + sidecar); ``None``: a per-model folder under
+            ``~/.cache/slimexport/aoti``.
         output_name: torch backend: name of the output (``latent`` or ``out_sample``).
     """
 
@@ -235,8 +241,7 @@ class EngineConfig(_Config):
 
     def __post_init__(self):
         n = type(self).__name__
-        dev_ok = isinstance(self.device, str) and (self.device == "cpu" or self.device.split(":")[0] == "cuda")
-        _check(n, "device", self.device, dev_ok, "cpu, cuda or cuda:N")
+        _check(n, "device", self.device, _is_device(self.device, allowed=("cpu",)), "cpu, cuda or cuda:N")
         _check(n, "threads", self.threads, self.threads is None or (_is_int(self.threads) and self.threads >= 1),
                "None or an integer >= 1")
         _check(n, "profile", self.profile, self.profile is None or isinstance(self.profile, EngineProfile),
@@ -309,6 +314,8 @@ BACKENDS: dict[str, str] = {
     "torch": "slimexport.engines.torch_runner:create",
     "onnxruntime": "slimexport.engines.onnxruntime:create",
     "tensorrt": "slimexport.engines.tensorrt:create",
+    "aoti": "slimexport.engines.aoti:create",
+    "torch-compile": "slimexport.engines.torch_compile:create",
 }
 
 
@@ -321,10 +328,11 @@ def build_engine(backend: str, source, cfg: EngineConfig | None = None) -> Engin
     """Make an engine of ``backend`` (imported only now: ``onnxruntime``/``tensorrt`` stay unimported otherwise).
 
     Args:
-        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
-        source: for ``torch`` a ``UNet2DConditionModel``; for ``onnxruntime`` an export folder or ``model.onnx``;
-            for ``tensorrt`` an export folder or ``model.onnx`` (built, or reused if a matching engine exists)
-            or a ``.plan`` file.
+        backend: ``torch``, ``onnxruntime``, ``tensorrt``, ``aoti`` or ``torch-compile``.
+        source: for ``torch``, ``aoti`` and ``torch-compile`` a ``UNet2DConditionModel`` (``aoti`` compiles it
+            into ``cfg.cache_dir``, or reuses a matching package there; a ``.pt2`` package also loads); for
+            ``onnxruntime`` an export folder or ``model.onnx``; for ``tensorrt`` an export folder or
+            ``model.onnx`` (built, or reused if a matching engine exists) or a ``.plan`` file.
         cfg: settings; ``None`` uses :class:`EngineConfig` defaults.
     """
     if backend not in BACKENDS:

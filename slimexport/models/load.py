@@ -97,6 +97,18 @@ def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
+def _from_pretrained(cls, path: Path, **kwargs):
+    """``cls.from_pretrained(path)``, turning a broken folder (unreadable config or weights) into a one-line error."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load {cls.__name__} from {path} ({reason})",
+                         "re-download the model or re-save it with save_pretrained(..., safe_serialization=True)") from err
+
+
 def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
     """A diffusers pipeline folder (``model_index.json``) or a UNet folder (``config.json`` of a UNet)."""
     from diffusers import UNet2DConditionModel
@@ -115,16 +127,16 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
                 f"{unet_dir} has no .safetensors weights (pickled .bin files are never loaded)",
                 "convert them once with diffusers (save_pretrained(..., safe_serialization=True)) and pass the new folder",
             )
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval().requires_grad_(False)
+        unet = _from_pretrained(UNet2DConditionModel, unet_dir, use_safetensors=True).eval().requires_grad_(False)
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+        tokenizer = _from_pretrained(CLIPTokenizer, folder / "tokenizer")
+        text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
         components = {"tokenizer": tokenizer, "text_encoder": text_encoder}
         if (folder / "vae").is_dir() and _has_safetensors(folder / "vae"):
             from diffusers import AutoencoderKL
 
-            components["vae"] = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval()
+            components["vae"] = _from_pretrained(AutoencoderKL, folder / "vae", use_safetensors=True).eval()
         sched_cfg = _scheduler_config(folder / "scheduler")
         encoder = CLIPPromptEncoder(tokenizer, text_encoder)
         vae_scale = 8
@@ -133,7 +145,7 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
         if not _has_safetensors(folder):
             raise UsageError(f"{folder} has no .safetensors weights (pickled .bin files are never loaded)",
                              "convert them once with diffusers (save_pretrained(..., safe_serialization=True))")
-        unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+        unet = _from_pretrained(UNet2DConditionModel, folder, use_safetensors=True).eval().requires_grad_(False)
         log.warning(
             "%s is a UNet-only folder: calibration conditions on a random text encoder of width %d; "
             "pass the pipeline folder for real prompt conditioning", folder, unet.config.cross_attention_dim,

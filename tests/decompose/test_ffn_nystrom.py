@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from slimexport.decompose.ffn_nystrom import ffn_slim_weights, leverage_order, nystrom_errors, pivoted_cholesky_order
+from slimexport.decompose.ffn_nystrom import (
+    ffn_slim_weights,
+    leverage_order,
+    nystrom_errors,
+    pivoted_cholesky_order,
+)
 
 
 def _setup(m=48, c=12, seed=0):

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from slimexport.decompose.resnet_nystrom import fold_conv2, group_pivoted_order, kept_channels, reconstruction, residual
+from slimexport.decompose.resnet_nystrom import (
+    fold_conv2,
+    group_pivoted_order,
+    kept_channels,
+    reconstruction,
+    residual,
+)
 
 
 def _corr(n, seed=0):
