@@ -436,7 +436,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
                 manifest.record(f"export_{kind}", keys[kind], [folder], r.export_seconds)
             exports[kind] = read_export(folder)
 
-    engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level)
+    engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level, torch.__version__)
     with _Stage(records, "engine", manifest.cached("engine", engine_key), torch.device(device)):
         engines = _make_engines(cfg, exports, models, device, profile, out_dir)
         files = [f for f in (out_dir / "onnx").rglob("*.plan")] if cfg.backend == "tensorrt" else []
