@@ -16,7 +16,7 @@ from slimexport.errors import ConfigError, UsageError
 
 CONFIG_VERSION = 1
 
-TARGETS = ("attn", "ffn", "resnet")
+TARGETS = ("attn", "ffn", "resnet", "proj")
 DEFAULT_TARGETS = ("attn", "ffn")
 TIMESTEP_WEIGHTINGS = ("spectral", "uniform")
 FFN_SELECTIONS = ("cpqr", "leverage", "weight", "random")
@@ -185,7 +185,8 @@ class AllocConfig(_Config):
     Attributes:
         budget: fraction of the *targeted* parameters kept, in (0, 1].
         targets: module types compressed: ``attn`` (Q/K/V/O of both attentions), ``ffn``, ``resnet`` (inner
-            channels of ResNet blocks, whole GroupNorm groups; beyond the paper).
+            channels of ResNet blocks, whole GroupNorm groups; beyond the paper), ``proj`` (each transformer's
+            ``proj_in``/``proj_out`` factored to rank r by whitened SVD; beyond the paper).
         temperature: τ of ``softmax(z(s)/τ)`` over z-scored module scores; ``inf`` gives uniform keep ratios.
         method: ``softmax`` (score-driven) or ``uniform`` (the same keep ratio everywhere).
         r_min: smallest per-head attention rank and smallest FFN width (clipped to the module's size).

@@ -1,17 +1,27 @@
 """One GPU check anyone can rerun: compress SD1.4 (random weights), time dense vs slim, calibration throughput.
 
-    OUT=/tmp/out python tools/device_check.py [--deadline 150] [--prompts 8 --steps 4] [--kernels] [--onnx]
+    OUT=/tmp/out python tools/device_check.py [--groups main,aoti] [--deadline 300] [--prompts 8 --steps 4]
+                                              [--kernels] [--onnx]
 
 Sections (each prints rows as measured and rewrites $OUT/device_check.json; a failing section is recorded
-and the next one runs; sections that would start after --deadline seconds are skipped and say so):
+and the next one runs; sections that would start after --deadline seconds are skipped and say so).
+Group ``main``:
 
 1. ``compress``: ``sd14 --random-weights`` at budget 0.73 (attn,ffn) with a small calibration on the GPU
    (fp16 UNet, fp32 statistics): stage times, image-evaluations/s, peak GPU memory, MADAC seconds.
-2. ``resnet``: the same statistics, ``--targets attn,ffn,resnet`` at a whole-UNet budget of 0.73.
+2. Variants from the same statistics: ``resnet`` (attn,ffn,resnet at a whole-UNet *parameter* budget of 0.73),
+   ``resnet_macs`` / ``resnet_macs60`` (the same at whole-UNet *MAC* budgets 0.73 / 0.6), ``proj`` (attn,ffn,proj
+   at 0.73 of the targeted parameters).
 3. ``speed``: dense vs each slim UNet, fp16, channels_last, CUDA graphs, interleaved, UNet batch 2 and 8 at 64×64.
-4. ``hooks``: the calibration denoising loop without hooks, for the hook overhead ratio.
-5. ``speed_extra``: the attention+FFN slim UNet at batch 1 (64×64) and batch 2 at 96×96 / 128×128.
-6. ``kernels`` (``--kernels``): tools/bench_kernels.py.  7. ``onnx`` (``--onnx``): export at 32×32, ORT-CPU check.
+4. ``kernels_e2e``: each slim UNet with the Triton kernels (dispatch AUTO) against the same UNet with
+   ``SLIMEXPORT_KERNELS=torch``, same settings, batch 2 and 8.
+5. ``hooks``: steady-state calibration throughput with and without the statistics hooks (a second, warm run
+   of 16 prompts x 10 steps each), extrapolated to the full SlimSet (500 prompts x 25 steps x CFG).
+6. ``speed_extra``: batch 1 (64×64) and batch 2 at 96×96 / 128×128.
+7. ``kernels`` (``--kernels``): tools/bench_kernels.py.  8. ``onnx`` (``--onnx``): export at 32×32, ORT-CPU check.
+
+Group ``aoti``: AOTInductor packages (fp16, batch 2..8 at 64×64) of the dense UNet, the 0.73 slim UNet and a
+deeper (0.5) slim UNet: export and compile seconds, then dense vs slim latency at batch 2 and 8.
 
 Without CUDA it degrades to a smoke run on the ``tiny`` model (seconds), so it can be tested anywhere.
 """
@@ -66,7 +76,10 @@ class Recorder:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deadline", type=float, default=150.0, help="start no section after this many seconds")
+    ap.add_argument("--deadline", type=float, default=300.0, help="start no section after this many seconds")
+    ap.add_argument("--groups", default="main", help="comma-separated: main, aoti")
+    ap.add_argument("--aoti-worker", nargs=2, metavar=("NAME", "SOURCE"),
+                    help="internal: compile one AOTInductor package (SOURCE: 'dense' or a slim UNet folder), print its record")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bins", type=int, default=2)
@@ -74,9 +87,15 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--onnx", action="store_true")
     args = ap.parse_args()
+    if args.aoti_worker:
+        return aoti_worker(*args.aoti_worker)
+    groups = set(args.groups.split(","))
     out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
     rec = Recorder(out_dir, args.deadline)
+    if groups != {"main"}:
+        rec.path = out_dir / f"device_check_{'_'.join(sorted(groups))}.json"
+    rec.data["groups"] = sorted(groups)
 
     import torch
 
@@ -118,52 +137,83 @@ def main() -> None:
         print(f"  {name:8s} UNet params {p['dense_total']:,} -> {p['slim_total']:,} ({p['slim_total'] / p['dense_total']:.3f})", flush=True)
         return out
 
-    rec.section("compress", run_compress, "attnffn", AllocConfig(budget=0.73))
+    unet_macs = AllocConfig(budget=0.73, scope="unet", targets=("attn", "ffn", "resnet"), metric="macs")
+    variants = {
+        "attnffn": AllocConfig(budget=0.73),
+        "resnet": AllocConfig(budget=0.73, scope="unet", targets=("attn", "ffn", "resnet")),
+        "resnet_macs": unet_macs,
+        "resnet_macs60": unet_macs.replace(budget=0.6),
+        "proj": AllocConfig(budget=0.73, targets=("attn", "ffn", "proj")),
+        "deep50": AllocConfig(budget=0.5),
+    }
+    wanted = ["attnffn", "resnet", "resnet_macs", "resnet_macs60", "proj"] if "main" in groups else []
+    if "aoti" in groups:
+        wanted += [n for n in ("attnffn", "deep50") if n not in wanted]
+    rec.section("compress", run_compress, "attnffn", variants["attnffn"])
+    for name in wanted[1:]:
+        rec.section(name, run_compress, name, variants[name])
 
     def hooks() -> dict:
-        from slimexport.calibrate.api import select_prompts
+        from slimexport.calibrate import calibrate, select_prompts
         from slimexport.calibrate.runner import denoise, initial_latents
         from slimexport.models.bundle import converted_copy
 
         dev = torch.device("cuda" if cuda else "cpu")
         dt = torch.float16 if cuda else torch.float32
+        hc = calib.replace(num_prompts=16 if cuda else 2, num_steps=10 if cuda else 2, num_bins=5 if cuda else 2,
+                           batch_size=16 if cuda else 2)
+        prompts = select_prompts(bundle, hc)
+        evals = len(prompts) * hc.num_steps * 2
+        hooked = []
+        for _ in range(2):  # the first run warms up cuDNN/cuBLAS and the kernel choices
+            st = calibrate(bundle, prompts, hc, device=dev, dtype=dt, progress=False)
+            hooked.append(st.meta)
+            del st
         unet = converted_copy(bundle.unet, dev, dt)
-        prompts = select_prompts(bundle, calib)
         cond = bundle.encoder.encode(prompts)[0].to(dev, dt)
         uncond = bundle.encoder.encode([""] * len(prompts))[0].to(dev, dt)
-        h, w = bundle.latent_size(calib.height, calib.width)
+        h, w = bundle.latent_size(hc.height, hc.width)
         times = []
-        for _ in range(2):  # first run warms up cuDNN/cuBLAS
+        for _ in range(2):
             sched = bundle.make_scheduler()
             lat = initial_latents(list(range(len(prompts))), (4, h, w), dev, dt, sched.init_noise_sigma)
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            denoise(unet, sched, cond, uncond, lat, calib.num_steps, calib.guidance_scale)
+            denoise(unet, sched, cond, uncond, lat, hc.num_steps, hc.guidance_scale)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         del unet
-        evals = len(prompts) * calib.num_steps * 2
-        hooked = rec.data["sections"].get("compress", {}).get("calib", {}).get("image_evals_per_s")
         plain = evals / times[-1]
-        row = {"plain_seconds": times[-1], "plain_image_evals_per_s": plain, "hooked_image_evals_per_s": hooked,
-               "overhead_ratio": (plain / hooked) if hooked else None}
-        print(f"  plain {plain:.1f} img-evals/s, with hooks {hooked} img-evals/s, ratio {row['overhead_ratio']}", flush=True)
+        hook_rate = hooked[-1]["image_evals_per_s"]
+        full = 500 * 25 * 2
+        row = {"prompts": len(prompts), "steps": hc.num_steps, "bins": hc.num_bins, "batch": hc.batch_size, "image_evals": evals,
+               "plain_seconds": times[-1], "plain_image_evals_per_s": plain, "hooked_seconds": hooked[-1]["seconds"],
+               "hooked_image_evals_per_s": hook_rate, "overhead_ratio": plain / hook_rate,
+               "first_hooked_image_evals_per_s": hooked[0]["image_evals_per_s"],
+               "peak_gpu_bytes": hooked[-1].get("peak_gpu_bytes"), "stats_bytes": hooked[-1].get("stats_bytes"),
+               "extrapolated_full_slimset_seconds": full / hook_rate, "extrapolated_full_plain_seconds": full / plain}
+        print(f"  {evals} image-evals: plain {plain:.1f}/s, with hooks {hook_rate:.1f}/s (first run {hooked[0]['image_evals_per_s']:.1f}/s),"
+              f" overhead {row['overhead_ratio']:.2f}x; 500x25xCFG extrapolated {full / hook_rate:.0f} s hooked,"
+              f" {full / plain:.0f} s plain; peak {row['peak_gpu_bytes']} B, stats {row['stats_bytes']} B", flush=True)
         return row
-
-    rec.section("resnet", run_compress, "resnet", AllocConfig(budget=0.73, scope="unet", targets=("attn", "ffn", "resnet")))
 
     engines = {}
 
+    def engine_cfg():
+        from slimexport.engines.base import EngineConfig
+
+        return EngineConfig(device="cuda", dtype="fp16", channels_last=True, cuda_graphs=True) if cuda else EngineConfig()
+
     def speed(pairs: list[tuple[str, int, int, int]]) -> dict:
         from slimexport.bench.timing import compare_speed
-        from slimexport.engines.base import EngineConfig, io_spec_for_unet, make_feeds
+        from slimexport.engines.base import io_spec_for_unet, make_feeds
         from slimexport.engines.torch_runner import TorchEngine
 
-        ecfg = EngineConfig(device="cuda", dtype="fp16", channels_last=True, cuda_graphs=True) if cuda else EngineConfig()
+        cfg = engine_cfg()
         if "dense" not in engines:
-            engines["dense"] = TorchEngine(bundle.unet, ecfg)
+            engines["dense"] = TorchEngine(bundle.unet, cfg)
         rows = []
         for name, b, h, w in pairs:
             if name not in results:
@@ -172,25 +222,68 @@ def main() -> None:
                 print(f"  {name} batch {b} {h}x{w}: skipped (time)", flush=True)
                 continue
             if name not in engines:
-                engines[name] = TorchEngine(results[name].load_slim(), ecfg)
-            feeds = make_feeds(io_spec_for_unet(bundle.unet, dtype=ecfg.dtype), b, h, w)
+                engines[name] = TorchEngine(results[name].load_slim(), cfg)
+            feeds = make_feeds(io_spec_for_unet(bundle.unet, dtype=cfg.dtype), b, h, w)
             r = compare_speed(engines["dense"], engines[name], feeds, warmup=5, iterations=args.iterations if cuda else 5)
             row = {"model": name, "batch": b, "latent": [h, w], "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
-                   "dense_p90": r["dense_ms"]["p90"], "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"]}
+                   "dense_p90": r["dense_ms"]["p90"], "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"],
+                   "params": results[name].plan["params"]["slim_total"]}
             rows.append(row)
-            print(f"  {name:8s} batch {b} {h}x{w}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
+            print(f"  {name:13s} batch {b} {h}x{w}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
                   f"speed-up {row['speedup']:.3f}x", flush=True)
         return {"rows": rows, "iterations": args.iterations if cuda else 5,
                 "mode": "fp16 channels_last CUDA graphs, interleaved ABBA" if cuda else "fp32 eager CPU"}
 
+    def kernels_e2e(names: list[str], batches: tuple[int, ...]) -> dict:
+        """Slim UNet with Triton kernels (AUTO) vs the same UNet with SLIMEXPORT_KERNELS=torch (graphs capture the choice)."""
+        from slimexport.bench.timing import compare_speed
+        from slimexport.engines.base import io_spec_for_unet, make_feeds
+        from slimexport.engines.torch_runner import TorchEngine
+        from slimexport.kernels import choices, clear_choices
+
+        cfg = engine_cfg()
+        rows = []
+        for name in names:
+            if name not in results:
+                continue
+            slim = results[name].load_slim()
+            for b in batches:
+                feeds = make_feeds(io_spec_for_unet(bundle.unet, dtype=cfg.dtype), b, side, side)
+                os.environ["SLIMEXPORT_KERNELS"] = "torch"
+                off = TorchEngine(slim, cfg)
+                off.prepare(feeds)  # captures the graph with the torch references
+                del os.environ["SLIMEXPORT_KERNELS"]
+                clear_choices()
+                on = TorchEngine(slim, cfg)
+                on.prepare(feeds)  # warm-up calls measure each shape once (AUTO), the graph keeps the choice
+                picked = {str(k[0]): 0 for k in choices()}
+                n_triton = 0
+                for k, v in choices().items():
+                    if v.value == "triton":
+                        picked[str(k[0])] += 1
+                        n_triton += 1
+                r = compare_speed(off, on, feeds, warmup=5, iterations=args.iterations if cuda else 5)
+                row = {"model": name, "batch": b, "torch_p50": r["dense_ms"]["p50"], "kernels_p50": r["slim_ms"]["p50"],
+                       "speedup": r["speedup"], "shapes_measured": len(choices()), "triton_chosen": picked}
+                rows.append(row)
+                print(f"  {name:13s} batch {b}: kernels off {row['torch_p50']:.3f} ms, on {row['kernels_p50']:.3f} ms, "
+                      f"{row['speedup']:.3f}x; Triton chosen for {n_triton}/{len(choices())} shapes {picked}", flush=True)
+                off.close()
+                on.close()
+        return {"rows": rows}
+
     side = 64 if cuda else 16
-    core = [(m, b, side, side) for b in (2, 8) for m in ("attnffn", "resnet")]
-    extra = [("attnffn", 1, side, side), ("attnffn", 2, side * 3 // 2, side * 3 // 2), ("attnffn", 2, side * 2, side * 2)]
-    rec.section("speed", speed, core)
-    rec.section("hooks", hooks)
-    rec.section("speed_extra", speed, extra)
+    if "main" in groups:
+        core = [(m, b, side, side) for b in (2, 8) for m in ("attnffn", "resnet", "resnet_macs", "resnet_macs60", "proj")]
+        rec.section("speed", speed, core)
+        rec.section("kernels_e2e", kernels_e2e, ["attnffn", "proj"], (2, 8))
+        rec.section("hooks", hooks)
+        extra = [(m, 1, side, side) for m in ("attnffn", "resnet_macs")]
+        extra += [(m, 2, side * k // 2, side * k // 2) for k in (3, 4) for m in ("attnffn", "resnet_macs")]
+        rec.section("speed_extra", speed, extra)
     for e in engines.values():
         e.close()
+    engines.clear()
     if args.kernels:
         def kernels() -> dict:
             p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "bench_kernels.py"), "--json",
@@ -216,9 +309,92 @@ def main() -> None:
             return {"export_seconds": r.export_seconds, "size_bytes": r.size_bytes, "max_abs": m["max_abs"], "passed": m["passed"]}
 
         rec.section("onnx", onnx_check)
+    if "aoti" in groups:
+        aoti_engines = {}
+
+        def aoti_build(names: list[str]) -> dict:
+            """Compile the packages in parallel worker processes (inductor's lowering is mostly single-threaded)."""
+            from slimexport.engines.aoti import AotiEngine
+            from slimexport.engines.base import EngineConfig
+
+            procs = {}
+            for name in names:
+                src = "dense" if name == "dense" else str(results[name].slim_dir)
+                procs[name] = subprocess.Popen([sys.executable, "-W", "ignore", __file__, "--aoti-worker", name, src],
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            rows = {}
+            for name, p in procs.items():
+                out, _ = p.communicate(timeout=540)
+                lines = out.strip().splitlines()
+                print("\n".join(f"  [{name}] {ln}" for ln in lines[-8:]), flush=True)
+                rec_line = next((ln for ln in reversed(lines) if ln.startswith("{")), None)
+                if p.returncode != 0 or rec_line is None:
+                    rows[name] = {"error": f"worker exit {p.returncode}", "tail": lines[-20:]}
+                    continue
+                row = json.loads(rec_line)
+                rows[name] = row
+                aoti_engines[name] = AotiEngine(row["package_path"], EngineConfig(device="cuda" if cuda else "cpu", dtype=row["dtype"],
+                                                                                  profile=aoti_profile(cuda)))
+                print(f"  aoti {name}: export {row['export_seconds']} s, compile {row['compile_seconds']} s, "
+                      f"{row['package_bytes'] / 2**20:.0f} MB, reused={row['reused']}", flush=True)
+            return {"packages": rows, "parallel_workers": len(procs)}
+
+        def aoti_speed() -> dict:
+            from slimexport.bench.timing import compare_speed
+            from slimexport.engines.base import make_feeds
+
+            rows = []
+            for name in ("attnffn", "deep50"):
+                if name not in aoti_engines or "dense" not in aoti_engines:
+                    continue
+                for b in (2, 8):
+                    feeds = make_feeds(aoti_engines["dense"].io_spec, b, side, side)
+                    r = compare_speed(aoti_engines["dense"], aoti_engines[name], feeds, warmup=5, iterations=args.iterations if cuda else 5)
+                    row = {"model": name, "batch": b, "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
+                           "speedup": r["speedup"]}
+                    rows.append(row)
+                    print(f"  aoti {name:8s} batch {b}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
+                          f"speed-up {row['speedup']:.3f}x", flush=True)
+            return {"rows": rows}
+
+        rec.section("aoti_build", aoti_build, ["dense"] + [n for n in ("attnffn", "deep50") if n in results])
+        rec.section("aoti_speed", aoti_speed)
     rec.data["total_seconds"] = round(rec.elapsed(), 1)
     rec.save()
     print(f"wrote {rec.path} after {rec.elapsed():.1f} s", flush=True)
+
+
+def aoti_profile(cuda: bool):
+    from slimexport.engines.base import EngineProfile
+
+    side = 64 if cuda else 16
+    return EngineProfile(min_batch=2, opt_batch=2, max_batch=8, min_height=side, opt_height=side, max_height=side,
+                         min_width=side, opt_width=side, max_width=side)
+
+
+def aoti_worker(name: str, source: str) -> None:
+    """Compile one package into the work folder and print its record as the last line (JSON)."""
+    import torch
+
+    from slimexport.engines.aoti import build_aoti_package
+
+    cuda = torch.cuda.is_available()
+    if source == "dense":
+        from slimexport.models import load_model
+
+        model = load_model("sd14" if cuda else "tiny", random_weights=cuda).unet
+    else:
+        from slimexport.slim.apply import load_slim_unet
+
+        model = load_slim_unet(source)
+    work = Path(os.environ.get("DEVCHECK_WORK", "/tmp/slimexport-devcheck"))
+    dt = "fp16" if cuda else "fp32"
+    t = time.perf_counter()
+    res = build_aoti_package(model, work / f"aoti_{name}", aoti_profile(cuda), dtype=dt, device="cuda" if cuda else "cpu")
+    sc = res.sidecar
+    print(json.dumps({"reused": res.reused, "export_seconds": sc.get("export_seconds"), "compile_seconds": sc.get("compile_seconds"),
+                      "worker_seconds": round(time.perf_counter() - t, 1), "package_bytes": res.package.stat().st_size,
+                      "package_path": str(res.package), "dtype": dt}), flush=True)
 
 
 if __name__ == "__main__":

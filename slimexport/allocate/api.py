@@ -12,7 +12,7 @@ from slimexport.allocate.budget import ModuleCost, allocate_ranks, max_step_cost
 from slimexport.allocate.scores import module_score
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import AllocConfig, DecomposeConfig
-from slimexport.models.arch import ATTN_KINDS, FFN_KIND, RESNET_KIND, BlockInfo, ResnetInfo
+from slimexport.models.arch import ATTN_KINDS, FFN_KIND, PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
 
 # Rank steps at SD size (method §7, export conventions §10): 8 per head keeps flash/SDPA kernels on their fast
 # path; 64 FFN channels keep GEMM widths tensor-core friendly. Tiny models scale both down.
@@ -47,13 +47,33 @@ def resnet_quantum(r: ResnetInfo) -> int:
     return math.lcm(r.group_size, SD_RESNET_ALIGN) // r.group_size
 
 
-def unit_cost(block: BlockInfo | ResnetInfo, kind: str) -> int:
+# Factored projections: ranks in steps of 32 at SD size (tensor-core friendly GEMM widths, 5 levels for 320
+# channels), scaled down for tiny models.
+SD_PROJ_QUANTUM = 32
+SD_PROJ_MIN_RANK = 160
+
+
+def proj_quantum(max_rank: int) -> int:
+    return SD_PROJ_QUANTUM if max_rank >= SD_PROJ_MIN_RANK else max(2, max_rank // 8)
+
+
+def proj_break_even(p: ProjInfo, kind: str) -> int:
+    """The rank at which the factor pair costs what the dense layer does: ``⌊in·out / (in + out)⌋``.
+
+    It is the projection's ``max_rank``: at this rank the layer is kept dense (no factors, no error)."""
+    n_in, n_out = p.sizes(kind)
+    return n_in * n_out // (n_in + n_out)
+
+
+def unit_cost(block: BlockInfo | ResnetInfo | ProjInfo, kind: str) -> int:
     """Parameters per unit of rank: per-head rank for attention (all H heads), one channel for the FFN, one
     GroupNorm group for a ResNet block (conv1 rows + bias, time_emb_proj rows + bias, norm2 affine, conv2 columns)."""
     if kind == RESNET_KIND:
         per_channel = block.in_channels * block.kernel1 + 1 + (block.temb_dim + 1 if block.temb_dim else 0) + 2
         per_channel += block.out_channels * block.kernel2
         return block.group_size * per_channel
+    if kind in PROJ_KINDS:
+        return sum(block.sizes(kind))  # one column of U and one row of V
     h, c = block.num_heads, block.width
     if kind == "attn1.qk" or kind == "attn1.vo":
         return h * (c + c)
@@ -64,12 +84,14 @@ def unit_cost(block: BlockInfo | ResnetInfo, kind: str) -> int:
     return 2 * (c + 1) + c  # GEGLU content + gate rows (with biases) + one down-projection column
 
 
-def unit_macs(block: BlockInfo | ResnetInfo, kind: str, tokens: int, seq_len: int = 77) -> int:
+def unit_macs(block: BlockInfo | ResnetInfo | ProjInfo, kind: str, tokens: int, seq_len: int = 77) -> int:
     """MACs per unit of rank in one forward at batch 1: projections plus, for attention, the score (QK) or
     probability-times-value (VO) products, which shrink with the per-head rank too."""
     if kind == RESNET_KIND:
         per_channel = tokens * (block.in_channels * block.kernel1 + block.out_channels * block.kernel2) + block.temb_dim
         return block.group_size * per_channel  # conv1 rows, conv2 columns, time_emb_proj rows (one token)
+    if kind in PROJ_KINDS:
+        return tokens * sum(block.sizes(kind))
     h, c, n = block.num_heads, block.width, tokens
     if kind in ("attn1.qk", "attn1.vo"):
         return h * n * (2 * c + n)
@@ -78,24 +100,28 @@ def unit_macs(block: BlockInfo | ResnetInfo, kind: str, tokens: int, seq_len: in
     return 3 * n * c  # GEGLU content + gate columns, one down-projection row, per token
 
 
-def max_rank(block: BlockInfo | ResnetInfo, kind: str) -> int:
+def max_rank(block: BlockInfo | ResnetInfo | ProjInfo, kind: str) -> int:
     if kind == RESNET_KIND:
         return block.groups
+    if kind in PROJ_KINDS:
+        return proj_break_even(block, kind)
     return block.ffn_width if kind == FFN_KIND else block.head_dim
 
 
-def input_weight(unet, block: BlockInfo | ResnetInfo, kind: str):
+def input_weight(unet, block: BlockInfo | ResnetInfo | ProjInfo, kind: str):
     """``A_m`` of the spectral influence score, as the torch weight ``Aᵀ``."""
     b = unet.get_submodule(block.path)
     if kind == RESNET_KIND:
         return b.conv2.weight
+    if kind in PROJ_KINDS:
+        return getattr(b, kind).weight
     return {"attn1.qk": b.attn1.to_q, "attn1.vo": b.attn1.to_v, "attn2.qk": b.attn2.to_q,
             "attn2.vo": b.attn2.to_v, "ff": b.ff.net[2]}[kind].weight
 
 
 def targeted_kinds(cfg: AllocConfig) -> tuple[str, ...]:
     return ((ATTN_KINDS if "attn" in cfg.targets else ()) + ((FFN_KIND,) if "ffn" in cfg.targets else ())
-            + ((RESNET_KIND,) if "resnet" in cfg.targets else ()))
+            + ((RESNET_KIND,) if "resnet" in cfg.targets else ()) + (PROJ_KINDS if "proj" in cfg.targets else ()))
 
 
 def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> float:
@@ -120,7 +146,7 @@ def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> 
 def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict[str, dict]:
     """Per targeted module: kind, block, score, timestep weights (method §5)."""
     out = {}
-    units = [(b, k) for b in stats.blocks for k in targeted_kinds(acfg) if k != RESNET_KIND]
+    units = [(b, k) for b in stats.blocks for k in targeted_kinds(acfg) if k in ATTN_KINDS or k == FFN_KIND]
     if RESNET_KIND in acfg.targets:
         if not stats.resnets:
             from slimexport.errors import UsageError
@@ -128,6 +154,13 @@ def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocCon
             raise UsageError("--targets includes resnet but the calibration statistics hold no ResNet blocks",
                              "recalibrate with this slimexport version (delete the calib/ folder)")
         units += [(r, RESNET_KIND) for r in stats.resnets]
+    if "proj" in acfg.targets:
+        if not stats.projs:
+            from slimexport.errors import UsageError
+
+            raise UsageError("--targets includes proj but the calibration statistics hold no transformer projections",
+                             "recalibrate with this slimexport version (delete the calib/ folder)")
+        units += [(t, k) for t in stats.projs for k in PROJ_KINDS]
     for block, kind in units:
         w = input_weight(unet, block, kind).detach().double()
         ms = module_score(stats, block, kind, float((w**2).sum()), dcfg.timestep_weighting, acfg.propagation)
@@ -155,6 +188,9 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         d = max_rank(block, kind)
         if kind == RESNET_KIND:
             q = resnet_quantum(block)
+            r_min = min(q, d)
+        elif kind in PROJ_KINDS:
+            q = proj_quantum(d)
             r_min = min(q, d)
         else:
             q = ffn_quantum(d, acfg) if kind == FFN_KIND else attn_quantum(d, acfg)

@@ -23,17 +23,22 @@ import torch
 
 from slimexport.calibrate.stats import CalibStats
 from slimexport.errors import NumericalError
-from slimexport.models.arch import BlockInfo, ResnetInfo
+from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
 # module kind → (statistic key of its input, scalar of its output energy for the propagation factor)
-MODULE_INPUT = {"attn1.qk": "x", "attn1.vo": "x", "attn2.qk": "y", "attn2.vo": "e", "ff": "z", "resnet": "r"}
+MODULE_INPUT = {"attn1.qk": "x", "attn1.vo": "x", "attn2.qk": "y", "attn2.vo": "e", "ff": "z", "resnet": "r",
+                "proj_in": "pi", "proj_out": "po"}
 MODULE_OUTPUT = {"attn1.qk": "out.attn1", "attn1.vo": "out.attn1", "attn2.qk": "out.attn2", "attn2.vo": "out.attn2",
-                 "ff": "out.ff", "resnet": "resnet"}
+                 "ff": "out.ff", "resnet": "resnet", "proj_in": "proj_in", "proj_out": "proj_out"}
+
+Info = BlockInfo | ResnetInfo | ProjInfo
 
 
-def input_width(block: BlockInfo | ResnetInfo, kind: str) -> int:
+def input_width(block: Info, kind: str) -> int:
     if kind == "resnet":
         return block.inner
+    if kind in ("proj_in", "proj_out"):
+        return block.sizes(kind)[0]
     return {"x": block.width, "y": block.width, "e": block.context_dim, "z": block.ffn_width}[MODULE_INPUT[kind]]
 
 
@@ -56,7 +61,7 @@ class ModuleScore:
     propagation: float = 1.0
 
 
-def sis_per_step(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, weight_fro2: float) -> torch.Tensor:
+def sis_per_step(stats: CalibStats, block: Info, kind: str, weight_fro2: float) -> torch.Tensor:
     num = stats.scalars[f"{block.path}.{kind}"].double()
     den = stats.scalars[f"{block.path}.{MODULE_INPUT[kind]}"].double()
     if bool((den <= 0).any()):
@@ -64,7 +69,7 @@ def sis_per_step(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, we
     return input_width(block, kind) * num / (den * weight_fro2)
 
 
-def module_score(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, weight_fro2: float, weighting: str, propagation: bool) -> ModuleScore:
+def module_score(stats: CalibStats, block: Info, kind: str, weight_fro2: float, weighting: str, propagation: bool) -> ModuleScore:
     """SIS, timestep weights and score of one module (``weight_fro2`` = ‖A_m‖²_F of its input-side weight)."""
     sis = sis_per_step(stats, block, kind, weight_fro2)
     t = sis.numel()
@@ -81,7 +86,7 @@ def module_score(stats: CalibStats, block: BlockInfo | ResnetInfo, kind: str, we
     return ModuleScore(sis=sis, weights=w, bin_weights=bins, score=score, propagation=g)
 
 
-def aggregate(stats: CalibStats, block: BlockInfo | ResnetInfo, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+def aggregate(stats: CalibStats, block: Info, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
     """Time-aggregated, trace-normalised correlation ``C̄`` (fp64) of ``<block>.<key>``."""
     c = stats.corr[f"{block.path}.{key}"].double()
     if c.dim() == 2:

@@ -17,7 +17,7 @@ from slimexport.config import CalibConfig
 from slimexport.distributed import dist_info
 from slimexport.errors import ResourceError, UsageError
 from slimexport.models.arch import blocks as find_blocks
-from slimexport.models.arch import resnet_blocks
+from slimexport.models.arch import projections, resnet_blocks
 from slimexport.models.bundle import ModelBundle, converted_copy
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     except UsageError as err:
         log.info("ResNet statistics not collected: %s", err)
         resnets = []
+    try:
+        projs = projections(unet)
+    except UsageError as err:
+        log.info("projection statistics not collected: %s", err)
+        projs = []
     rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)
@@ -87,7 +92,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     evals = 0
     uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
     collector = StatsCollector(unet, blocks, cfg.num_steps, cfg.num_bins, device, offload=cfg.offload, accumulate=accumulate,
-                               resnets=resnets)
+                               resnets=resnets, projs=projs)
     try:
         with collector:
             for start in range(0, len(mine), cfg.batch_size):
@@ -128,4 +133,4 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     if device.type == "cuda":
         meta["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return CalibStats(blocks=blocks, corr=corr, counts=counts, scalars=scalars, timesteps=[int(t) for t in scheduler.timesteps],
-                      num_bins=cfg.num_bins, prompts=list(prompts), meta=meta, resnets=resnets)
+                      num_bins=cfg.num_bins, prompts=list(prompts), meta=meta, resnets=resnets, projs=projs)

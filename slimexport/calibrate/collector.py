@@ -8,8 +8,9 @@ The collector owns its hooks: it registers them in ``__enter__`` and removes exa
 - ``e``: ``Σ eᵀe`` of ``attn2.to_v``'s input (text tokens), all steps together → attn2 keys and VO
 - ``z``: ``Σ zᵀz`` of ``ff.net.2``'s input (GEGLU output), per bin             → FFN Nyström
 
-and per ``ResnetBlock2D`` ``r``: the channel correlation of ``conv2``'s input (post-activation inner
-channels, every pixel a token), per bin → group-pivoted Nyström of the inner width;
+per ``ResnetBlock2D`` ``r``: the channel correlation of ``conv2``'s input (post-activation inner
+channels, every pixel a token), per bin → group-pivoted Nyström of the inner width; per ``Transformer2DModel``
+``pi``/``po``: the correlations of ``proj_in``'s and ``proj_out``'s inputs, per bin → whitened SVD;
 
 plus token counts, and per step the two scalars of each module's spectral influence score:
 ``‖x A_m‖²_F`` (read off the layer's own output, so it costs nothing) and ``‖x‖²_F``; and, for the optional
@@ -23,9 +24,9 @@ from collections.abc import Callable
 import torch
 
 from slimexport.errors import NumericalError
-from slimexport.models.arch import BlockInfo, ResnetInfo
+from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
-BINNED = ("x", "y", "z", "r")
+BINNED = ("x", "y", "z", "r", "pi", "po")
 
 
 def addmm_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -58,14 +59,16 @@ class StatsCollector:
         offload: keep only the current bin on ``device`` and add finished bins into CPU memory.
         accumulate: ``(acc, x) -> None`` doing ``acc += xᵀx`` (reference or kernel).
         resnets: the ResNet blocks whose inner-channel statistics are collected too.
+        projs: the transformers whose ``proj_in``/``proj_out`` input statistics are collected too.
     """
 
     def __init__(self, unet, blocks: list[BlockInfo], num_steps: int, num_bins: int, device, offload: bool = False,
                  accumulate: Callable[[torch.Tensor, torch.Tensor], None] = addmm_accumulate,
-                 resnets: list[ResnetInfo] | None = None):
+                 resnets: list[ResnetInfo] | None = None, projs: list[ProjInfo] | None = None):
         self.unet = unet
         self.blocks = blocks
         self.resnets = list(resnets or [])
+        self.projs = list(projs or [])
         self.num_steps = num_steps
         self.num_bins = num_bins
         self.device = torch.device(device)
@@ -79,6 +82,7 @@ class StatsCollector:
         self._live: dict[str, torch.Tensor] = {}
         sized = [(b.path, {"x": b.width, "y": b.width, "z": b.ffn_width, "e": b.context_dim}) for b in blocks]
         sized += [(r.path, {"r": r.inner}) for r in self.resnets]
+        sized += [(t.path, {"pi": t.channels, "po": t.inner}) for t in self.projs]
         for path, sizes in sized:
             for k, n in sizes.items():
                 key = f"{path}.{k}"
@@ -99,6 +103,8 @@ class StatsCollector:
             scalar_keys += [f"{b.path}.out.{s}" for s in ("attn1", "attn2", "ff", "block_in")]
         for r in self.resnets:
             scalar_keys += [f"{r.path}.resnet", f"{r.path}.r", f"{r.path}.out.block_in"]
+        for t in self.projs:
+            scalar_keys += [f"{t.path}.{k}" for k in ("proj_in", "proj_out", "pi", "po", "out.block_in")]
         self.scalars = {k: torch.zeros(num_steps, device=self.device, dtype=torch.float64) for k in scalar_keys}
         self._counts_dev = {k: torch.zeros(num_bins if k.rsplit(".", 1)[1] in BINNED else 1, device=self.device, dtype=torch.float64)
                             for k in self.counts}
@@ -198,11 +204,36 @@ class StatsCollector:
 
         return [block.conv2.register_forward_hook(on_conv2), block.register_forward_pre_hook(on_block_in, with_kwargs=True)]
 
+    def _proj_hooks(self, t: ProjInfo, mod) -> list:
+        p = t.path
+
+        def hook(key: str, kind: str):
+            def on_proj(m, args, out):
+                x = args[0]
+                if t.conv:  # NCHW: every pixel is a token
+                    x = x.movedim(1, -1)
+                    bias = None if m.bias is None else m.bias[:, None, None]
+                else:
+                    bias = m.bias
+                self._acc(f"{p}.{key}", x)
+                self._energy(f"{p}.{kind}", out, bias)
+
+            return on_proj
+
+        def on_block_in(m, args, kwargs):
+            self._energy(f"{p}.out.block_in", args[0] if args else kwargs["hidden_states"])
+
+        return [mod.proj_in.register_forward_hook(hook("pi", "proj_in")),
+                mod.proj_out.register_forward_hook(hook("po", "proj_out")),
+                mod.register_forward_pre_hook(on_block_in, with_kwargs=True)]
+
     def __enter__(self):
         for b in self.blocks:
             self._handles += self._hooks_for(b, self.unet.get_submodule(b.path))
         for r in self.resnets:
             self._handles += self._resnet_hooks(r, self.unet.get_submodule(r.path))
+        for t in self.projs:
+            self._handles += self._proj_hooks(t, self.unet.get_submodule(t.path))
         return self
 
     def __exit__(self, *exc):
@@ -269,4 +300,5 @@ def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
             )
 
 
-STAT_NAMES = {"x": "attn1 input", "y": "attn2 query input", "e": "text tokens", "z": "GEGLU output", "r": "ResNet inner channels"}
+STAT_NAMES = {"x": "attn1 input", "y": "attn2 query input", "e": "text tokens", "z": "GEGLU output", "r": "ResNet inner channels",
+              "pi": "proj_in input", "po": "proj_out input"}

@@ -14,7 +14,7 @@ from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from slimexport.calibrate.collector import check_stats, step_to_bin
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
-from slimexport.models.arch import BlockInfo, ResnetInfo
+from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
 STATS_FORMAT = "slimexport.calib/1"
 TENSORS = "stats.safetensors"
@@ -36,6 +36,8 @@ class CalibStats:
         prompts: the calibration prompts.
         meta: provenance: model, calibration config, timings, memory.
         resnets: the ResNet blocks measured (``<path>.r`` correlations, ``<path>.resnet`` scalars).
+        projs: the transformers whose projections were measured (``<path>.pi|po`` correlations,
+            ``<path>.proj_in|proj_out`` scalars).
     """
 
     blocks: list[BlockInfo]
@@ -47,6 +49,7 @@ class CalibStats:
     prompts: list[str]
     meta: dict = field(default_factory=dict)
     resnets: list[ResnetInfo] = field(default_factory=list)
+    projs: list[ProjInfo] = field(default_factory=list)
 
     @property
     def num_steps(self) -> int:
@@ -66,6 +69,7 @@ class CalibStats:
                 "format": STATS_FORMAT, "slimexport_version": __version__,
                 "tensors": {"file": TENSORS, "sha256": digest},
                 "blocks": [b.to_dict() for b in self.blocks], "resnets": [r.to_dict() for r in self.resnets],
+                "projs": [t.to_dict() for t in self.projs],
                 "timesteps": self.timesteps,
                 "num_bins": self.num_bins, "prompts": self.prompts, "meta": self.meta,
             })
@@ -89,4 +93,5 @@ class CalibStats:
         return cls(blocks=[BlockInfo(**b) for b in meta["blocks"]], corr=out["corr"], counts=out["count"],
                    scalars=out["scalar"], timesteps=list(meta["timesteps"]), num_bins=int(meta["num_bins"]),
                    prompts=list(meta["prompts"]), meta=meta.get("meta", {}),
-                   resnets=[ResnetInfo(**r) for r in meta.get("resnets", [])])
+                   resnets=[ResnetInfo(**r) for r in meta.get("resnets", [])],
+                   projs=[ProjInfo(**t) for t in meta.get("projs", [])])

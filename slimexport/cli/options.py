@@ -65,7 +65,7 @@ compress_options = _compose(
                  help="budget is a fraction of the targeted parameters or of the whole UNet. [default: targeted]"),
     click.option("--budget-metric", type=click.Choice(["params", "macs"]), default=None,
                  help="What the budget counts: parameters (the paper) or MACs at the calibration size. [default: params]"),
-    click.option("--targets", callback=parse_targets, default=None, help="Module types compressed: attn,ffn. [default: attn,ffn]"),
+    click.option("--targets", callback=parse_targets, default=None, help="Module types compressed, a subset of attn,ffn,resnet,proj (resnet: ResNet inner channels; proj: factored transformer proj_in/proj_out). [default: attn,ffn]"),
     click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
     click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="softmax (score-driven) or uniform. [default: softmax]"),
     click.option("--r-min", type=int, default=None, help="Smallest per-head rank / FFN width. [default: 8]"),

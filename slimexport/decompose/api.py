@@ -16,10 +16,12 @@ from slimexport.calibrate.stats import CalibStats
 from slimexport.config import DecomposeConfig
 from slimexport.decompose import ffn_nystrom as ffn
 from slimexport.decompose import resnet_nystrom
+from slimexport.decompose.proj_svd import proj_factors
 from slimexport.decompose.linalg import check_finite, cholesky, ridge
 from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
-from slimexport.models.arch import RESNET_KIND, BlockInfo, ResnetInfo
+from slimexport.models.arch import PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
 from slimexport.slim.apply import install_processors, replace_linears
+from slimexport.slim.lowrank import dense_weight, factor_layer
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,34 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
     return new, {"rel_error": {name: max(rel, 0.0)}}
 
 
+def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+    """Whitened-SVD factors ``(U, V, bias)`` of each planned projection of one transformer below its break-even rank.
+
+    A projection planned at its break-even rank (``max_rank``) stays dense and is not returned."""
+    mod = unet.get_submodule(t.path)
+    W = _Whitener(stats, t, cfg, device)
+    new, errs = {}, {}
+    for kind, key in zip(PROJ_KINDS, ("pi", "po")):
+        name = f"{t.path}.{kind}"
+        if name not in plan["ranks"]:
+            continue
+        rank = plan["ranks"][name]
+        if rank >= plan["modules"][name]["max_rank"]:
+            errs[name] = 0.0
+            continue
+        w, b = dense_weight(getattr(mod, kind))
+        L = W.chol(key, _weights_of(plan, name)) if cfg.qkvo_method == "whiten" else None
+        f = proj_factors(w.detach().to(device=device, dtype=torch.float64), L)
+        u, v = f.truncate(rank)
+        bias = None if b is None else b.detach().to(device=device, dtype=torch.float64)
+        for part, x in (("u", u), ("v", v), ("bias", bias)):
+            if x is not None:
+                check_finite(x, f"decomposed weight {name}.{part}")
+        new[name] = (u, v, bias)
+        errs[name] = f.rel_error(rank)
+    return new, {"rel_error": errs, "cholesky_fallbacks": W.fallbacks}
+
+
 def _rel(f: HeadFactors, rank: int) -> float:
     total = float(f.error(0))
     return float(f.error(rank)) / total if total > 0 else 0.0
@@ -195,6 +225,14 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
             new, d = decompose_resnet(unet, r, stats, plan, cfg, device)
             replace_linears(slim, new)
             diag["rel_error"].update(d["rel_error"])
+    for t in stats.projs:
+        if any(f"{t.path}.{k}" in plan["ranks"] for k in PROJ_KINDS):
+            new, d = decompose_proj(unet, t, stats, plan, cfg, device)
+            parent = slim.get_submodule(t.path)
+            for name, (u, v, b) in new.items():
+                factor_layer(parent, name.rsplit(".", 1)[1], u, v, b)
+            diag["rel_error"].update(d["rel_error"])
+            diag["cholesky_fallbacks"] += d["cholesky_fallbacks"]
     if diag["cholesky_fallbacks"]:
         log.warning("%d correlation(s) were ill-conditioned and needed the Cholesky fallback (eigenvalue shift)",
                     diag["cholesky_fallbacks"])

@@ -81,10 +81,8 @@ def lowrank_linear_ref(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: 
     Returns:
         ``[..., N]`` in the inputs' dtype.
     """
-    x2 = x.reshape(-1, x.shape[-1])
-    t = x2 @ u
-    y = t @ v if bias is None else torch.addmm(bias, t, v)
-    return y.reshape(*x.shape[:-1], v.shape[1])
+    y = (x @ u) @ v  # any leading dims, no reshapes: a traced graph keeps its static channel sizes
+    return y if bias is None else y + bias
 
 
 @functools.cache

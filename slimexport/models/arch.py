@@ -154,3 +154,56 @@ def resnet_info(path: str, block) -> ResnetInfo:
 def resnet_blocks(unet) -> list[ResnetInfo]:
     """``ResnetInfo`` of every ``ResnetBlock2D`` of the UNet, in module order."""
     return [resnet_info(n, m) for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+
+
+PROJ_KINDS = ("proj_in", "proj_out")
+
+
+@dataclass(frozen=True)
+class ProjInfo:
+    """Sizes of the ``proj_in``/``proj_out`` pair of one ``Transformer2DModel`` (from the dense model).
+
+    Each projection is an ordinary ``Linear`` (``use_linear_projection``, SD2.x) or a 1×1 ``Conv2d`` (SD1.x);
+    with the ``proj`` target either is replaced by a rank-r factor pair ``(x U) V + b`` (method notes §14).
+
+    Attributes:
+        path: module path of the ``Transformer2DModel``.
+        channels: its input/output channels (``proj_in`` input, ``proj_out`` output).
+        inner: the transformer width (``proj_in`` output, ``proj_out`` input).
+        conv: the projections are 1×1 convolutions (NCHW) rather than ``Linear`` layers.
+    """
+
+    path: str
+    channels: int
+    inner: int
+    conv: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def sizes(self, kind: str) -> tuple[int, int]:
+        """``(in, out)`` features of ``proj_in`` or ``proj_out``."""
+        return (self.channels, self.inner) if kind == "proj_in" else (self.inner, self.channels)
+
+
+def proj_info(path: str, mod) -> ProjInfo:
+    pi, po = mod.proj_in, mod.proj_out
+    for name, p in (("proj_in", pi), ("proj_out", po)):
+        if isinstance(p, nn.Conv2d):
+            if p.kernel_size != (1, 1) or p.groups != 1 or p.stride != (1, 1):
+                raise UsageError(f"{path}.{name} is a {p.kernel_size} convolution", "drop 'proj' from --targets")
+        elif not isinstance(p, nn.Linear):
+            raise UsageError(f"{path}.{name} is a {type(p).__name__}", "drop 'proj' from --targets")
+    conv = isinstance(pi, nn.Conv2d)
+    cin = pi.in_channels if conv else pi.in_features
+    inner = pi.out_channels if conv else pi.out_features
+    return ProjInfo(path=path, channels=cin, inner=inner, conv=conv)
+
+
+def projections(unet) -> list[ProjInfo]:
+    """``ProjInfo`` of every ``Transformer2DModel`` that has plain ``proj_in``/``proj_out`` layers, in module order."""
+    out = []
+    for n, m in unet.named_modules():
+        if type(m).__name__ == "Transformer2DModel" and isinstance(getattr(m, "proj_in", None), (nn.Linear, nn.Conv2d)):
+            out.append(proj_info(n, m))
+    return out

@@ -1,6 +1,6 @@
 """Multiply-accumulate counts of a UNet forward, by hooks on a shape-only (meta-device) copy.
 
-Counted: every ``Conv2d`` and ``Linear`` (weights × output positions) and the attention score and
+Counted: every ``Conv2d``, ``Linear`` and factored projection (weights × output positions) and the attention score and
 probability-times-value products (``B·H·N·S·(r_qk + r_vo)``). Norms, activations and additions are left
 out, as in the usual "GMACs" figures (SD1.4: 339 G without attention products, 401.6 G with them at 512²).
 """
@@ -36,6 +36,9 @@ def count_macs(unet, batch: int = 1, height: int | None = None, width: int | Non
     def linear_hook(mod, args, out):
         counts["linear"] += out.numel() * mod.in_features
 
+    def lowrank_hook(mod, args, out):  # a factored projection: (x U) V
+        counts["linear"] += out.numel() // mod.out_features * mod.rank * (mod.in_features + mod.out_features)
+
     def attn_hook(mod, args, kwargs, out):
         hs = args[0] if args else kwargs["hidden_states"]
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
@@ -48,6 +51,8 @@ def count_macs(unet, batch: int = 1, height: int | None = None, width: int | Non
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+        elif type(m).__name__ == "LowRankProj":
+            handles.append(m.register_forward_hook(lowrank_hook))
         elif type(m).__name__ == "Attention":
             handles.append(m.register_forward_hook(attn_hook, with_kwargs=True))
     try:
@@ -62,11 +67,15 @@ def count_macs(unet, batch: int = 1, height: int | None = None, width: int | Non
     return counts
 
 
+def _positions(x) -> int:
+    return x.shape[-2] * x.shape[-1] if x.dim() == 4 else x.shape[-2]
+
+
 def token_counts(unet, height: int | None = None, width: int | None = None, seq_len: int = 77) -> dict[str, int]:
     """Positions each transformer block and ResNet block sees in one forward at batch 1 (meta device).
 
-    Returns ``{block path: tokens}`` for ``BasicTransformerBlock``s (image tokens) and ``ResnetBlock2D``s
-    (pixels of ``conv2``'s input).
+    Returns ``{block path: tokens}`` for ``BasicTransformerBlock``s (image tokens), ``ResnetBlock2D``s
+    (pixels of ``conv2``'s input) and ``Transformer2DModel``s (positions of ``proj_in``).
     """
     cfg = unet.config
     h = height or int(cfg.sample_size)
@@ -82,6 +91,10 @@ def token_counts(unet, height: int | None = None, width: int | None = None, seq_
         elif kind == "ResnetBlock2D":
             handles.append(m.conv2.register_forward_hook(
                 lambda mod, args, o, name=name: out.__setitem__(name, args[0].shape[-2] * args[0].shape[-1])))
+        elif kind == "Transformer2DModel":  # tokens of proj_in (pixels of an NCHW input, rows of a token input)
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, kwargs, name=name: out.__setitem__(name, _positions(args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True))
     try:
         with torch.no_grad():
             meta(torch.empty(1, int(cfg.in_channels), h, w, device="meta"), torch.empty(1, device="meta"),

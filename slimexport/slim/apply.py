@@ -1,10 +1,13 @@
 """Apply a slim plan to a UNet, and save/load slim UNets as folders (config + plan JSON + safetensors).
 
 A slim UNet is an ordinary ``UNet2DConditionModel`` whose attention and feed-forward ``nn.Linear`` layers (and,
-with the ``resnet`` target, ResNet inner convolutions) are narrower, with :class:`SlimAttnProcessor` installed on every attention of its transformer blocks. Folder:
+with the ``resnet`` target, ResNet inner convolutions) are narrower, with :class:`SlimAttnProcessor` installed on
+every attention of its transformer blocks; with the ``proj`` target, transformer ``proj_in``/``proj_out`` layers
+may be :class:`~slimexport.slim.lowrank.LowRankProj` factor pairs. Folder:
 
 - ``config.json``: the dense UNet's diffusers config (the architecture before slimming);
-- ``slim_plan.json``: per-block shapes (``rank_qk``/``rank_vo`` per head, FFN width, ResNet inner width),
+- ``slim_plan.json``: per-block shapes (``rank_qk``/``rank_vo`` per head, FFN width, ResNet inner width,
+  ranks of factored projections),
   provenance and digests;
 - ``diffusion_pytorch_model.safetensors``: the slim weights.
 """
@@ -23,6 +26,7 @@ from slimexport.errors import ArtifactError, IncompatibleArtifactError
 from slimexport.models.arch import transformer_blocks
 from slimexport.models.bundle import move
 from slimexport.slim.attention import SlimAttnProcessor
+from slimexport.slim.lowrank import LowRankProj, factor_layer
 
 SLIM_FORMAT = "slimexport.slim/1"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -102,13 +106,17 @@ def shapes_of(unet: nn.Module) -> dict[str, dict]:
     for path, mod in unet.named_modules():
         if type(mod).__name__ == "ResnetBlock2D":
             out[path] = {"resnet_inner": mod.conv1.out_channels}
+        elif type(mod).__name__ == "Transformer2DModel":
+            ranks = {f"{k}_rank": getattr(mod, k).rank for k in ("proj_in", "proj_out") if isinstance(getattr(mod, k, None), LowRankProj)}
+            if ranks:
+                out[path] = ranks
     return out
 
 
 def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
     """Give ``unet`` the layer shapes of a slim plan (weights uninitialised: load a state dict next)."""
     blocks = dict(transformer_blocks(unet))
-    known = set(blocks) | {n for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"}
+    known = set(blocks) | {n for n, m in unet.named_modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")}
     missing = sorted(set(shapes) - known)
     if missing:
         raise IncompatibleArtifactError(f"slim plan names blocks this UNet lacks ({missing[0]}, ...)", "load it with the UNet config it was made from")
@@ -116,6 +124,9 @@ def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
     for path, entry in shapes.items():
         if "resnet_inner" in entry:
             _resize_resnet(unet, path, entry["resnet_inner"], p)
+            continue
+        if "proj_in_rank" in entry or "proj_out_rank" in entry:
+            _factor_projections(unet, path, entry, p)
             continue
         block = blocks[path]
         for name in ("attn1", "attn2"):
@@ -137,6 +148,19 @@ def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
             f"{path}.ff.net.0.proj.bias": torch.empty(2 * width, dtype=p.dtype, device=p.device),
             f"{path}.ff.net.2.weight": torch.empty(block.ff.net[2].out_features, width, dtype=p.dtype, device=p.device),
         })
+
+
+def _factor_projections(unet: nn.Module, path: str, entry: dict, p: torch.Tensor) -> None:
+    mod = unet.get_submodule(path)
+    kw = dict(dtype=p.dtype, device=p.device)
+    for kind in ("proj_in", "proj_out"):
+        rank = entry.get(f"{kind}_rank")
+        if rank is None:
+            continue
+        old = getattr(mod, kind)
+        n_in, n_out = (old.in_channels, old.out_channels) if isinstance(old, nn.Conv2d) else (old.in_features, old.out_features)
+        bias = None if old.bias is None else torch.empty(n_out, **kw)
+        factor_layer(mod, kind, torch.empty(n_in, rank, **kw), torch.empty(rank, n_out, **kw), bias)
 
 
 def _resize_resnet(unet: nn.Module, path: str, inner: int, p: torch.Tensor) -> None:
