@@ -157,7 +157,9 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
         with _Stage(records, "load", False, torch.device("cpu")):
             bundle = load_model(cfg.model, random_weights=cfg.random_weights)
     identity = {"model": cfg.model, "weights": bundle.identity()}
-    calib_key = stage_key("calibrate", bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type, *prompts_key)
+    from slimexport.calibrate.stats import STATS_FORMAT
+
+    calib_key = stage_key("calibrate", STATS_FORMAT, bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type, *prompts_key)
     stats_dir = out_dir / "calib"
     manifest = None
     cached = False

@@ -78,6 +78,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deadline", type=float, default=300.0, help="start no section after this many seconds")
     ap.add_argument("--groups", default="main", help="comma-separated: main, aoti")
+    ap.add_argument("--variants", default="resnet,resnet_macs,resnet_macs60,proj",
+                    help="slim variants compressed besides attnffn (main group)")
+    ap.add_argument("--sections", default="speed,kernels_e2e,hooks,speed_extra", help="main-group sections to run, in this order")
+    ap.add_argument("--core-batches", default="2,8", help="UNet batches of the speed section")
+    ap.add_argument("--speed-kernels", default="auto", choices=("auto", "torch"),
+                    help="kernel dispatch of the slim UNets in the speed sections (torch: no Triton autotuning)")
     ap.add_argument("--aoti-worker", nargs=2, metavar=("NAME", "SOURCE"),
                     help="internal: compile one AOTInductor package (SOURCE: 'dense' or a slim UNet folder), print its record")
     ap.add_argument("--prompts", type=int, default=8)
@@ -146,7 +152,7 @@ def main() -> None:
         "proj": AllocConfig(budget=0.73, targets=("attn", "ffn", "proj")),
         "deep50": AllocConfig(budget=0.5),
     }
-    wanted = ["attnffn", "resnet", "resnet_macs", "resnet_macs60", "proj"] if "main" in groups else []
+    wanted = ["attnffn"] + [v for v in args.variants.split(",") if v] if "main" in groups else []
     if "aoti" in groups:
         wanted += [n for n in ("attnffn", "deep50") if n not in wanted]
     rec.section("compress", run_compress, "attnffn", variants["attnffn"])
@@ -190,12 +196,13 @@ def main() -> None:
         full = 500 * 25 * 2
         row = {"prompts": len(prompts), "steps": hc.num_steps, "bins": hc.num_bins, "batch": hc.batch_size, "image_evals": evals,
                "plain_seconds": times[-1], "plain_image_evals_per_s": plain, "hooked_seconds": hooked[-1]["seconds"],
+               "hooked_loop_seconds": hooked[-1].get("loop_seconds"), "finalize_seconds": hooked[-1].get("finalize_seconds"),
                "hooked_image_evals_per_s": hook_rate, "overhead_ratio": plain / hook_rate,
                "first_hooked_image_evals_per_s": hooked[0]["image_evals_per_s"],
                "peak_gpu_bytes": hooked[-1].get("peak_gpu_bytes"), "stats_bytes": hooked[-1].get("stats_bytes"),
                "extrapolated_full_slimset_seconds": full / hook_rate, "extrapolated_full_plain_seconds": full / plain}
         print(f"  {evals} image-evals: plain {plain:.1f}/s, with hooks {hook_rate:.1f}/s (first run {hooked[0]['image_evals_per_s']:.1f}/s),"
-              f" overhead {row['overhead_ratio']:.2f}x; 500x25xCFG extrapolated {full / hook_rate:.0f} s hooked,"
+              f" overhead {row['overhead_ratio']:.2f}x (finalize {row['finalize_seconds']:.1f} s excluded); 500x25xCFG extrapolated {full / hook_rate:.0f} s hooked,"
               f" {full / plain:.0f} s plain; peak {row['peak_gpu_bytes']} B, stats {row['stats_bytes']} B", flush=True)
         return row
 
@@ -273,14 +280,26 @@ def main() -> None:
         return {"rows": rows}
 
     side = 64 if cuda else 16
+    def with_kernels(fn):
+        def run(*a):
+            if args.speed_kernels == "torch":
+                os.environ["SLIMEXPORT_KERNELS"] = "torch"
+            try:
+                return {**fn(*a), "slim_kernels": args.speed_kernels}
+            finally:
+                os.environ.pop("SLIMEXPORT_KERNELS", None)
+
+        return run
+
     if "main" in groups:
-        core = [(m, b, side, side) for b in (2, 8) for m in ("attnffn", "resnet", "resnet_macs", "resnet_macs60", "proj")]
-        rec.section("speed", speed, core)
-        rec.section("kernels_e2e", kernels_e2e, ["attnffn", "proj"], (2, 8))
-        rec.section("hooks", hooks)
+        batches = [int(b) for b in args.core_batches.split(",")]
+        core = [(m, b, side, side) for b in batches for m in ("attnffn", "resnet", "resnet_macs", "resnet_macs60", "proj")]
         extra = [(m, 1, side, side) for m in ("attnffn", "resnet_macs")]
         extra += [(m, 2, side * k // 2, side * k // 2) for k in (3, 4) for m in ("attnffn", "resnet_macs")]
-        rec.section("speed_extra", speed, extra)
+        plan = {"speed": (with_kernels(speed), core), "kernels_e2e": (kernels_e2e, ["attnffn", "proj"], (2, 8)),
+                "hooks": (hooks,), "speed_extra": (with_kernels(speed), extra)}
+        for sec in args.sections.split(","):
+            rec.section(sec, *plan[sec])
     for e in engines.values():
         e.close()
     engines.clear()

@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 was fastest on the shared 2-core machine)")
     p.add_argument("--merge", type=Path, action="append", default=[],
                    help="also reuse the rows of this results.json (same settings), e.g. from a parallel run")
+    p.add_argument("--only", default="", help="comma-separated row ids to run (the dense row always runs), e.g. proj@0.73")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the plot from results.json")
     return p.parse_args(argv)
 
@@ -120,12 +121,18 @@ def make_rows(args, pool_size: int) -> list[dict]:
         for t in (("attn",), ("ffn",)):
             rows.append({"id": f"{t[0]}-only@0.73", "group": "targets", "method": "slimdiff", "label": f"SlimDiff, {t[0]} only",
                          "budget": TARGET_BUDGET, "compress": cfg(TARGET_BUDGET, alloc={"targets": t})})
+        rows.append({"id": "proj@0.73", "group": "targets", "method": "proj", "label": "SlimDiff, attn+ffn+proj (factored proj_in/out)",
+                     "budget": TARGET_BUDGET, "compress": cfg(TARGET_BUDGET, alloc={"targets": ("attn", "ffn", "proj")})})
     if "resnet" in groups:
         for b in budgets:  # whole-UNet budget matched to SlimDiff's attn+ffn row at b (filled in when that row is done)
             rows.append({"id": f"resnet-matched@{b:g}", "group": "resnet", "method": "resnet", "label": "attn+ffn+resnet, whole-UNet budget",
                          "budget": None, "match": f"slimdiff@{b:g}", "compress": None})
         rows.append({"id": "resnet-unet@0.73", "group": "resnet", "method": "resnet_aggressive", "label": "attn+ffn+resnet, whole UNet 0.73",
                      "budget": TARGET_BUDGET, "compress": cfg(TARGET_BUDGET, alloc={"targets": ("attn", "ffn", "resnet"), "scope": "unet"})})
+        for b in (TARGET_BUDGET, 0.6):  # the MAC-budget variants timed on SD1.4 (docs/benchmarks.md)
+            rows.append({"id": f"resnet-macs@{b:g}", "group": "resnet", "method": "resnet_macs",
+                         "label": f"attn+ffn+resnet, whole-UNet MAC budget {b:g}", "budget": b,
+                         "compress": cfg(b, alloc={"targets": ("attn", "ffn", "resnet"), "scope": "unet", "metric": "macs"})})
     return rows
 
 
@@ -258,6 +265,9 @@ def run(args) -> dict:
     bundle = load_model("digits")
     dense = bundle.unet.eval()
     rows = make_rows(args, len(bundle.prompt_pool))
+    if args.only:
+        keep = set(args.only.split(","))
+        rows = [r for r in rows if r["id"] == "dense" or r["id"] in keep]
     t0 = time.perf_counter()
     judge = DigitsJudge.fit()
     log.info("judge fitted in %.0f s (test accuracy %.4f)", time.perf_counter() - t0, judge.test_accuracy)
@@ -432,7 +442,7 @@ def write_report(results: dict, out: Path) -> None:
     groups = [("main", "Budgets × methods"), ("calib", "Ablation at 0.73: calibration set size"),
               ("temperature", "Ablation at 0.73: allocation temperature τ"),
               ("targets", "Ablation at 0.73: attention-only vs FFN-only (the library has no QK-only or VO-only target: "
-                          "`targets` takes attn, ffn, resnet; attn always compresses QK and VO together)"),
+                          "`targets` takes attn, ffn, resnet, proj; attn always compresses QK and VO together), and attn+ffn+proj"),
               ("resnet", "Issue 6: ResNet inner channels too (`targets=attn,ffn,resnet`, `scope=unet`); matched rows use "
                          "SlimDiff's whole-UNet fraction slim_total / dense_total at the same attn+ffn budget, so 'budget' is a "
                          "whole-UNet fraction here")]
@@ -485,7 +495,8 @@ def compact_table(results: dict) -> str:
 
 
 SHORT = {"slimdiff": "SlimDiff", "uniform_alloc": "uniform alloc.", "plain_svd": "uniform plain-SVD", "uniform_t": "uniform-t weighting",
-         "random": "random", "resnet": "+resnet (matched)", "resnet_aggressive": "+resnet (UNet 0.73)", "dense": "dense"}
+         "random": "random", "resnet": "+resnet (matched)", "resnet_aggressive": "+resnet (UNet 0.73)", "resnet_macs": "+resnet (MAC budget)",
+         "proj": "+proj", "dense": "dense"}
 
 
 def plot(results: dict, path: Path) -> None:

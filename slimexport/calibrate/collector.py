@@ -269,6 +269,13 @@ class StatsCollector:
         return corr, dict(self.counts), scalars
 
 
+def _flow_order(key: str) -> str:
+    """Sort key placing a transformer's ``proj_out`` statistics after its blocks (``po`` would sort before
+    ``transformer_blocks``), so that at one step the first bad key is the one nearest the model's input."""
+    path, _, last = key.rpartition(".")
+    return f"{path}.~{last}" if last in ("po", "proj_out") else key
+
+
 def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], num_steps: int, num_bins: int) -> None:
     """Raise :class:`NumericalError` naming the module and timestep bin of the first NaN/Inf.
 
@@ -276,7 +283,7 @@ def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
     through the latents, to every later step, so the earliest step names the module where it started (at one step,
     keys sort in the UNet's down → mid → up order)."""
     first = None
-    for key in sorted(scalars):
+    for key in sorted(scalars, key=_flow_order):
         bad = ~torch.isfinite(scalars[key].reshape(-1))
         if bool(bad.any()):
             step = int(bad.nonzero()[0, 0])

@@ -16,7 +16,7 @@ from slimexport.calibrate.collector import check_stats, step_to_bin
 from slimexport.errors import ArtifactError, IncompatibleArtifactError
 from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
-STATS_FORMAT = "slimexport.calib/1"
+STATS_FORMAT = "slimexport.calib/2"  # /2: transformer projection statistics (pi/po)
 TENSORS = "stats.safetensors"
 META = "stats.json"
 

@@ -174,3 +174,16 @@ def test_auto_dispatch_on_gpu(cuda):
     q, k, v = make(2, 8, 1024, 1024, 24, 40, torch.float16, cuda)
     check(decoupled_attention(q, k, v, 0.15), q, k, v, 0.15)
     check(decoupled_attention(q, k, v, 0.15), q, k, v, 0.15)  # cached choice
+
+
+def test_reference_pads_unequal_head_sizes_on_cpu_without_changing_the_result():
+    """The CPU reference pads q/k or v to one head size (fused SDPA); the result is the plain softmax attention."""
+    from slimexport.kernels.decoupled_attention import decoupled_attention_ref
+
+    g = torch.Generator().manual_seed(5)
+    for rq, rv in ((8, 24), (40, 16)):
+        q, k = torch.randn(2, 3, 37, rq, generator=g), torch.randn(2, 3, 29, rq, generator=g)
+        v = torch.randn(2, 3, 29, rv, generator=g)
+        want = torch.softmax(q @ k.transpose(-1, -2) * 0.17, -1) @ v
+        got = decoupled_attention_ref(q, k, v, 0.17)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
