@@ -21,7 +21,7 @@ DEFAULT_TARGETS = ("attn", "ffn")
 TIMESTEP_WEIGHTINGS = ("spectral", "uniform")
 FFN_SELECTIONS = ("cpqr", "leverage", "weight", "random")
 QKVO_METHODS = ("whiten", "weight", "random")
-ALLOCATIONS = ("softmax", "uniform")
+ALLOCATIONS = ("softmax", "uniform", "greedy")
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti", "torch-compile")
 BUDGET_SCOPES = ("targeted", "unet")
@@ -188,7 +188,8 @@ class AllocConfig(_Config):
             channels of ResNet blocks, whole GroupNorm groups; beyond the paper), ``proj`` (each transformer's
             ``proj_in``/``proj_out`` factored to rank r by whitened SVD; beyond the paper).
         temperature: τ of ``softmax(z(s)/τ)`` over z-scored module scores; ``inf`` gives uniform keep ratios.
-        method: ``softmax`` (score-driven) or ``uniform`` (the same keep ratio everywhere).
+        method: ``softmax`` (score-driven), ``uniform`` (the same keep ratio everywhere) or ``greedy``
+            (error-aware: minimises the energy-weighted whitened errors under the budget; beyond the paper).
         r_min: smallest per-head attention rank and smallest FFN width (clipped to the module's size).
         attn_quantum: per-head rank step; ``None`` picks 8 for heads of 40+ dims, less for tiny models.
         ffn_quantum: FFN width step; ``None`` picks 64 for 1024+ wide FFNs, less for tiny models.

@@ -47,6 +47,7 @@ METHODS = {
     "plain_svd": ("uniform plain-SVD (no activations)", {"qkvo_method": "weight", "ffn_selection": "weight"}, {"method": "uniform"}),
     "uniform_t": ("uniform timestep weighting", {"timestep_weighting": "uniform"}, {}),
     "random": ("random selection, uniform allocation", {"qkvo_method": "random", "ffn_selection": "random"}, {"method": "uniform"}),
+    "greedy": ("error-aware greedy allocation (beyond the paper)", {}, {"method": "greedy"}),
 }
 CALIB_SIZES = (16, 64, 256, "all")
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0, math.inf)
@@ -133,6 +134,11 @@ def make_rows(args, pool_size: int) -> list[dict]:
             rows.append({"id": f"resnet-macs@{b:g}", "group": "resnet", "method": "resnet_macs",
                          "label": f"attn+ffn+resnet, whole-UNet MAC budget {b:g}", "budget": b,
                          "compress": cfg(b, alloc={"targets": ("attn", "ffn", "resnet"), "scope": "unet", "metric": "macs"})})
+        for metric in ("params", "macs"):  # the same two cuts with the error-aware allocation
+            rows.append({"id": f"resnet-greedy-{metric}@0.73", "group": "resnet", "method": "resnet_greedy",
+                         "label": f"attn+ffn+resnet, whole-UNet {'MAC' if metric == 'macs' else 'parameter'} budget 0.73, greedy allocation",
+                         "budget": TARGET_BUDGET, "compress": cfg(TARGET_BUDGET, alloc={
+                             "targets": ("attn", "ffn", "resnet"), "scope": "unet", "metric": metric, "method": "greedy"})})
     return rows
 
 
@@ -495,7 +501,7 @@ def compact_table(results: dict) -> str:
 
 
 SHORT = {"slimdiff": "SlimDiff", "uniform_alloc": "uniform alloc.", "plain_svd": "uniform plain-SVD", "uniform_t": "uniform-t weighting",
-         "random": "random", "resnet": "+resnet (matched)", "resnet_aggressive": "+resnet (UNet 0.73)", "resnet_macs": "+resnet (MAC budget)",
+         "random": "random", "resnet": "+resnet (matched)", "resnet_aggressive": "+resnet (UNet 0.73)", "resnet_macs": "+resnet (MAC budget)", "resnet_greedy": "+resnet (greedy)", "greedy": "greedy alloc.",
          "proj": "+proj", "dense": "dense"}
 
 

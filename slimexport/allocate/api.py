@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from slimexport.allocate.budget import ModuleCost, allocate_ranks, max_step_cost, softmax_weights
+from slimexport.allocate.budget import ModuleCost, allocate_greedy, allocate_ranks, max_step_cost, softmax_weights
 from slimexport.allocate.scores import module_score
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import AllocConfig, DecomposeConfig
@@ -174,7 +174,13 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
 
     ``latent_hw`` (default: the UNet's sample size) sets the token counts of the ``macs`` metric.
     """
-    scored = score_modules(unet, stats, dcfg, acfg)
+    greedy = acfg.method == "greedy"
+    if greedy and (dcfg.qkvo_method != "whiten" or dcfg.ffn_selection not in ("cpqr", "leverage")):
+        from slimexport.errors import UsageError
+
+        raise UsageError("--allocation greedy reads the whitened decompositions' error curves",
+                         "use it with --qkvo-method whiten and --ffn-selection cpqr or leverage")
+    scored = score_modules(unet, stats, dcfg, acfg.replace(propagation=True) if greedy else acfg)
     tokens = None
     if acfg.metric == "macs":
         from slimexport.models.macs import count_macs, token_counts
@@ -202,7 +208,16 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     targeted_cost = sum(m.dense_params for m in modules)
     unet_dense = sum(p.numel() for p in unet.parameters())
     budget = targeted_budget(acfg, targeted_cost, unet_dense if tokens is None else unet_macs)
-    ranks = allocate_ranks(modules, budget, temperature)
+    curves, weights = {}, {}
+    if greedy:
+        from slimexport.decompose.curves import module_curves
+
+        curves = module_curves(unet, stats, scored, dcfg)
+        weights = {n: s["ms"].propagation ** 2 for n, s in scored.items()}  # output energy / residual-stream energy
+        ranks = allocate_greedy(modules, budget, curves, weights)
+        temperature = math.inf  # pi below: uniform, unused
+    else:
+        ranks = allocate_ranks(modules, budget, temperature)
     pi = softmax_weights([m.score for m in modules], temperature)
     targeted_dense = sum(m.max_rank * param_cost[m.name] for m in modules)
     targeted_slim = sum(ranks[m.name] * param_cost[m.name] for m in modules)
@@ -216,7 +231,8 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         "modules": {
             m.name: {"kind": m.kind, "rank": ranks[m.name], "max_rank": m.max_rank, "keep": ranks[m.name] / m.max_rank,
                      "unit_cost": param_cost[m.name], "alloc_cost": m.unit_cost, "quantum": m.quantum, "r_min": m.r_min, "score": m.score, "softmax": p,
-                     "timestep_weights": [round(float(x), 6) for x in scored[m.name]["ms"].bin_weights]}
+                     "timestep_weights": [round(float(x), 6) for x in scored[m.name]["ms"].bin_weights],
+                     **({"rel_error": float(curves[m.name][ranks[m.name]]), "weight": weights[m.name]} if greedy else {})}
             for m, p in zip(modules, pi)
         },
         "params": {

@@ -147,3 +147,53 @@ def max_step_cost(modules: list[ModuleCost]) -> int:
         lv = m.levels()
         out = max(out, max((b - a) * m.unit_cost for a, b in zip(lv, lv[1:])) if len(lv) > 1 else 0)
     return out
+
+
+def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, "torch.Tensor"],
+                    weights: dict[str, float]) -> dict[str, int]:
+    """Ranks minimising ``Σ_m w_m · e_m(r_m)`` under the budget, greedily (``--allocation greedy``, method §15).
+
+    ``errors[name][r]`` is module m's relative whitened error at rank r (0..max_rank) and ``w_m`` its weight.
+    Every module starts at full rank; the rank step with the smallest objective increase per unit of cost saved
+    is taken until the kept cost is at most ``budget`` of the total, then steps back up are taken, best gain
+    per cost first, while they fit. Levels (``r_min``, quanta) are those of :meth:`ModuleCost.levels`.
+
+    Raises:
+        UsageError: the budget is below what the rank floors allow.
+    """
+    total = sum(m.dense_params for m in modules)
+    target = budget * total
+    floor = min_budget(modules)
+    if budget < floor - 1e-12:
+        raise UsageError(
+            f"budget {budget:g} is below the smallest feasible budget {floor:.4f} (every module at r_min)",
+            f"use --budget >= {math.ceil(floor * 1000) / 1000:g} or lower --r-min",
+        )
+    levels = [m.levels() for m in modules]
+    idx = [len(lv) - 1 for lv in levels]
+    obj = [[weights[m.name] * float(errors[m.name][r]) for r in lv] for m, lv in zip(modules, levels)]
+    cost = sum(lv[i] * m.unit_cost for m, lv, i in zip(modules, levels, idx))
+
+    def down_rate(j: int) -> float:  # objective added per unit of cost saved by one step down
+        i = idx[j]
+        return (obj[j][i - 1] - obj[j][i]) / ((levels[j][i] - levels[j][i - 1]) * modules[j].unit_cost)
+
+    while cost > target + 1e-9:
+        j = min((j for j in range(len(modules)) if idx[j] > 0), key=lambda j: (down_rate(j), modules[j].name))
+        cost -= (levels[j][idx[j]] - levels[j][idx[j] - 1]) * modules[j].unit_cost
+        idx[j] -= 1
+    while True:  # the last step down may have overshot: fill the slack with the most useful steps up
+        slack = target - cost
+        cands = [j for j in range(len(modules)) if idx[j] + 1 < len(levels[j])
+                 and (levels[j][idx[j] + 1] - levels[j][idx[j]]) * modules[j].unit_cost <= slack + 1e-9]
+        if not cands:
+            break
+
+        def up_rate(j: int) -> float:
+            i = idx[j]
+            return (obj[j][i] - obj[j][i + 1]) / ((levels[j][i + 1] - levels[j][i]) * modules[j].unit_cost)
+
+        j = max(cands, key=lambda j: (up_rate(j), modules[j].name))
+        cost += (levels[j][idx[j] + 1] - levels[j][idx[j]]) * modules[j].unit_cost
+        idx[j] += 1
+    return {m.name: lv[i] for m, lv, i in zip(modules, levels, idx)}
