@@ -386,7 +386,7 @@ def target_check(rows: dict) -> dict:
     d, s = rows.get("dense"), rows.get(f"slimdiff@{TARGET_BUDGET:g}")
     if not d or not s or "fd" not in s or "fd" not in d:
         return {"evaluated": False}
-    base = [rows[f"{m}@{TARGET_BUDGET:g}"] for m in METHODS if m != "slimdiff" and f"{m}@{TARGET_BUDGET:g}" in rows]
+    base = [rows[f"{m}@{TARGET_BUDGET:g}"] for m in METHODS if m not in ("slimdiff", "greedy") and f"{m}@{TARGET_BUDGET:g}" in rows]
     out = {"evaluated": True, "fd_ratio": s["fd"] / d["fd"], "fd_within_10pct": s["fd"] <= 1.1 * d["fd"],
            "accuracy_drop_points": 100 * (d["accuracy"] - s["accuracy"]),
            "accuracy_within_2pts": 100 * (d["accuracy"] - s["accuracy"]) <= 2.0,
