@@ -93,20 +93,24 @@ def min_budget(modules: list[ModuleCost]) -> float:
     return sum(m.levels()[0] * m.unit_cost for m in modules) / sum(m.dense_params for m in modules)
 
 
-def allocate_ranks(modules: list[ModuleCost], budget: float, temperature: float) -> dict[str, int]:
-    """Ranks per module keeping at most ``budget`` of the modules' parameters, within one quantum of it.
-
-    Raises:
-        UsageError: the budget is below what the rank floors allow.
-    """
-    total = sum(m.dense_params for m in modules)
-    target = budget * total
+def feasible_target(modules: list[ModuleCost], budget: float) -> float:
+    """``budget`` × the modules' dense cost; a clear error when the rank floors keep more than that."""
     floor = min_budget(modules)
     if budget < floor - 1e-12:
         raise UsageError(
             f"budget {budget:g} is below the smallest feasible budget {floor:.4f} (every module at r_min)",
             f"use --budget >= {math.ceil(floor * 1000) / 1000:g} or lower --r-min",
         )
+    return budget * sum(m.dense_params for m in modules)
+
+
+def allocate_ranks(modules: list[ModuleCost], budget: float, temperature: float) -> dict[str, int]:
+    """Ranks per module keeping at most ``budget`` of the modules' parameters, within one quantum of it.
+
+    Raises:
+        UsageError: the budget is below what the rank floors allow.
+    """
+    target = feasible_target(modules, budget)
     pi = softmax_weights([m.score for m in modules], temperature)
     rho = keep_ratios(modules, pi, target)
     levels = [m.levels() for m in modules]
@@ -161,14 +165,7 @@ def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, 
     Raises:
         UsageError: the budget is below what the rank floors allow.
     """
-    total = sum(m.dense_params for m in modules)
-    target = budget * total
-    floor = min_budget(modules)
-    if budget < floor - 1e-12:
-        raise UsageError(
-            f"budget {budget:g} is below the smallest feasible budget {floor:.4f} (every module at r_min)",
-            f"use --budget >= {math.ceil(floor * 1000) / 1000:g} or lower --r-min",
-        )
+    target = feasible_target(modules, budget)
     levels = [m.levels() for m in modules]
     idx = [len(lv) - 1 for lv in levels]
     obj = [[weights[m.name] * float(errors[m.name][r]) for r in lv] for m, lv in zip(modules, levels)]
