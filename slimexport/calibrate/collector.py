@@ -43,6 +43,11 @@ def kernel_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
     cov_accumulate(acc, x)
 
 
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖²`` accumulated in fp32 in one pass (no fp32 copy of an fp16 activation), as fp64."""
+    return torch.linalg.vector_norm(x, dtype=torch.float32).double().square()
+
+
 def step_to_bin(step: int, num_steps: int, num_bins: int) -> int:
     """Bin of a denoising step: ``num_bins`` groups of consecutive steps, as equal as possible."""
     return step * num_bins // num_steps
@@ -138,13 +143,12 @@ class StatsCollector:
             target = self.corr[key]
             self._counts_dev[key][0] += x2.shape[0]
         self.accumulate(target, x2)
-        self.scalars[key][self.step] += x2.float().pow(2).sum().double()
+        self.scalars[key][self.step] += _sq_norm(x2)
 
     def _energy(self, key: str, y: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        y = y.float()
         if bias is not None:
-            y = y - bias.float()
-        self.scalars[key][self.step] += y.pow(2).sum().double()
+            y = y - bias.to(y.dtype)
+        self.scalars[key][self.step] += _sq_norm(y)
 
     def _hooks_for(self, b: BlockInfo, block) -> list:
         p = b.path
@@ -263,9 +267,9 @@ class StatsCollector:
                     buf = t.to(dev)
                     dist.all_reduce(buf)
                     d[k] = buf.to(t.device)
+        check_stats(self.corr, self.scalars, self.num_steps, self.num_bins)  # where the tensors are: on the GPU, fast
         corr = {k: v.detach().cpu() for k, v in self.corr.items()}
         scalars = {k: v.detach().cpu() for k, v in self.scalars.items()}
-        check_stats(corr, scalars, self.num_steps, self.num_bins)
         return corr, dict(self.counts), scalars
 
 
