@@ -14,7 +14,8 @@ Group ``main``:
    at 0.73 of the targeted parameters).
 3. ``speed``: dense vs each slim UNet, fp16, channels_last, CUDA graphs, interleaved, UNet batch 2 and 8 at 64×64.
 4. ``kernels_e2e``: each slim UNet with the Triton kernels (dispatch AUTO) against the same UNet with
-   ``SLIMEXPORT_KERNELS=torch``, same settings, batch 2 and 8.
+   ``SLIMEXPORT_KERNELS=torch``, and with SDPA on q/k/v padded to one head size (``SLIMEXPORT_SDPA_PAD=1``), same
+   settings, batch 2 and 8.
 5. ``hooks``: steady-state calibration throughput with and without the statistics hooks (a second, warm run
    of 16 prompts x 10 steps each), extrapolated to the full SlimSet (500 prompts x 25 steps x CFG).
 6. ``speed_extra``: batch 1 (64×64) and batch 2 at 96×96 / 128×128.
@@ -270,13 +271,22 @@ def main() -> None:
                         picked[str(k[0])] += 1
                         n_triton += 1
                 r = compare_speed(off, on, feeds, warmup=5, iterations=args.iterations if cuda else 5)
+                os.environ.update(SLIMEXPORT_KERNELS="torch", SLIMEXPORT_SDPA_PAD="1")
+                padded = TorchEngine(slim, cfg)
+                padded.prepare(feeds)  # SDPA with q/k/v padded to one head size (flash kernels instead of memory-efficient)
+                for k in ("SLIMEXPORT_KERNELS", "SLIMEXPORT_SDPA_PAD"):
+                    del os.environ[k]
+                rp = compare_speed(off, padded, feeds, warmup=5, iterations=args.iterations if cuda else 5)
                 row = {"model": name, "batch": b, "torch_p50": r["dense_ms"]["p50"], "kernels_p50": r["slim_ms"]["p50"],
-                       "speedup": r["speedup"], "shapes_measured": len(choices()), "triton_chosen": picked}
+                       "speedup": r["speedup"], "shapes_measured": len(choices()), "triton_chosen": picked,
+                       "padded_sdpa_p50": rp["slim_ms"]["p50"], "padded_speedup": rp["speedup"]}
                 rows.append(row)
                 print(f"  {name:13s} batch {b}: kernels off {row['torch_p50']:.3f} ms, on {row['kernels_p50']:.3f} ms, "
-                      f"{row['speedup']:.3f}x; Triton chosen for {n_triton}/{len(choices())} shapes {picked}", flush=True)
+                      f"{row['speedup']:.3f}x; Triton chosen for {n_triton}/{len(choices())} shapes {picked}; "
+                      f"padded SDPA {row['padded_sdpa_p50']:.3f} ms ({rp['speedup']:.3f}x vs off)", flush=True)
                 off.close()
                 on.close()
+                padded.close()
         return {"rows": rows}
 
     side = 64 if cuda else 16

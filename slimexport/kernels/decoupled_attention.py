@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from slimexport.kernels.dispatch import (
 )
 
 OP_NAME = "decoupled_attention"
+PAD_ENV_VAR = "SLIMEXPORT_SDPA_PAD"  # "1": pad unequal head sizes on CUDA too (always on the CPU)
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634  # log2(e): softmax with exp2 instead of exp
 # Largest head size the kernel takes: 160 pads to 256, the largest power of two whose tiles fit on chip.
@@ -96,10 +98,12 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         ``[B, H, N, r_vo]`` in the inputs' dtype.
     """
     rq, rv = q.shape[-1], v.shape[-1]
-    if rq != rv and q.device.type == "cpu" and not in_graph_capture():
+    if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not in_graph_capture():
         # The CPU's fused SDPA kernel takes one head size for q, k and v; with two it falls back to the math path
         # (materialised N×S scores: the slim tiny UNet took 87 ms instead of 53 ms at batch 2, 32×32 latents). Zero
-        # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice.
+        # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. CUDA's flash
+        # kernels have the same restriction (SDPA then takes the memory-efficient kernel); whether padding pays there
+        # is unmeasured, so it is opt-in: SLIMEXPORT_SDPA_PAD=1 (tools/device_check.py, section kernels_e2e).
         d = max(rq, rv)
         q, k, v = F.pad(q, (0, d - rq)), F.pad(k, (0, d - rq)), F.pad(v, (0, d - rv))
         return F.scaled_dot_product_attention(q, k, v, scale=float(scale))[..., :rv]
