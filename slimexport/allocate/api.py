@@ -157,7 +157,16 @@ def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocCon
     if "proj" in acfg.targets:
         if not stats.projs:
             from slimexport.errors import UsageError
+            from slimexport.models.arch import projections
 
+            try:
+                has = bool(projections(unet))
+            except UsageError as err:
+                raise UsageError(f"--targets includes proj but this model's projections cannot be factored ({err.message})",
+                                 "drop 'proj' from --targets") from err
+            if not has:
+                raise UsageError("--targets includes proj but the model has no transformer proj_in/proj_out layers",
+                                 "drop 'proj' from --targets")
             raise UsageError("--targets includes proj but the calibration statistics hold no transformer projections",
                              "recalibrate with this slimexport version (delete the calib/ folder)")
         units += [(t, k) for t in stats.projs for k in PROJ_KINDS]

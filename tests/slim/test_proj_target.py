@@ -168,3 +168,17 @@ def test_proj_target_without_projection_statistics_says_recalibrate(tiny, tiny_s
     old = dataclasses.replace(tiny_stats, projs=[])
     with pytest.raises(UsageError, match="recalibrate"):
         plan_ranks(tiny.unet, old, DecomposeConfig(), AllocConfig(budget=0.6, targets=PROJ))
+
+
+def test_proj_target_on_unfactorable_projections_says_drop_proj(tiny, tiny_stats):
+    import copy
+    import dataclasses
+
+    from slimexport.allocate.api import plan_ranks
+    from slimexport.errors import UsageError
+
+    unet = copy.deepcopy(tiny.unet)
+    t = next(m for m in unet.modules() if type(m).__name__ == "Transformer2DModel")
+    t.proj_in = nn.Conv2d(t.proj_in.in_channels, t.proj_in.out_channels, 3, padding=1)
+    with pytest.raises(UsageError, match="drop 'proj'"):
+        plan_ranks(unet, dataclasses.replace(tiny_stats, projs=[]), DecomposeConfig(), AllocConfig(budget=0.6, targets=PROJ))
