@@ -20,6 +20,7 @@ def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages
         "budget": plan["budget"],
         "budget_scope": plan.get("scope", "targeted"),
         "targets": plan.get("targets"),
+        "allocation": {k: plan.get("allocation", {}).get(k) for k in ("method", "metric")},
         "params": {k: p[k] for k in ("dense_total", "slim_total", "targeted_dense", "targeted_slim")},
         "macs": plan.get("macs"),
         "parity": parity,
@@ -51,6 +52,9 @@ def render_markdown(rep: dict) -> str:
     if rep.get("macs"):
         m = rep["macs"]
         lines.append(f"| UNet MACs (batch 1, {m['latent'][0]}×{m['latent'][1]} latents) | {m['dense'] / 1e9:.3f} G | {m['slim'] / 1e9:.3f} G | {m['slim'] / m['dense']:.3f} |")
+    a = rep.get("allocation") or {}
+    if a.get("method"):
+        lines += ["", f"Allocation: `{a['method']}`; the budget counts {a.get('metric') or 'params'}."]
     lines += ["", "## Parity", "",
               "Metrics over all fixed inputs together: max abs `max|a−b|`; max rel `max|a−b|/(|b|+1e-6)`; p99 abs; mean abs; "
               "cosine `a·b/(‖a‖‖b‖)`; SQNR `10·log10(Σb²/Σ(a−b)²)` dB; NaN/Inf always fails.", "",

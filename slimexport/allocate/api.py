@@ -249,6 +249,6 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
             "target": budget * targeted_dense if tokens is None else None, "max_step": max_step_cost(modules) if tokens is None else None,
             "dense_total": unet_dense, "slim_total": unet_dense - targeted_dense + targeted_slim,
         },
-        "allocation": {"metric": acfg.metric, "targeted_budget": budget, "target": budget * targeted_cost,
+        "allocation": {"method": acfg.method, "metric": acfg.metric, "targeted_budget": budget, "target": budget * targeted_cost,
                        "kept": sum(ranks[m.name] * m.unit_cost for m in modules), "max_step": max_step_cost(modules)},
     }
