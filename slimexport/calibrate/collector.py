@@ -111,8 +111,8 @@ class StatsCollector:
         for t in self.projs:
             scalar_keys += [f"{t.path}.{k}" for k in ("proj_in", "proj_out", "pi", "po", "out.block_in")]
         self.scalars = {k: torch.zeros(num_steps, device=self.device, dtype=torch.float64) for k in scalar_keys}
-        self._counts_dev = {k: torch.zeros(num_bins if k.rsplit(".", 1)[1] in BINNED else 1, device=self.device, dtype=torch.float64)
-                            for k in self.counts}
+        # token counts are shapes, known on the host: counting there launches nothing on the device
+        self._counts_host = {k: [0] * (num_bins if k.rsplit(".", 1)[1] in BINNED else 1) for k in self.counts}
 
     # -- hook plumbing ---------------------------------------------------------------------------------
     @property
@@ -138,10 +138,10 @@ class StatsCollector:
         kind = key.rsplit(".", 1)[1]
         if kind in BINNED:
             target = self._live[key] if self.offload else self.corr[key][self.bin]
-            self._counts_dev[key][self.bin] += x2.shape[0]
+            self._counts_host[key][self.bin] += x2.shape[0]
         else:
             target = self.corr[key]
-            self._counts_dev[key][0] += x2.shape[0]
+            self._counts_host[key][0] += x2.shape[0]
         self.accumulate(target, x2)
         self.scalars[key][self.step] += _sq_norm(x2)
 
@@ -255,8 +255,8 @@ class StatsCollector:
         Returns:
             ``(corr, counts, scalars)``; correlations are sums (not means), counts are token counts.
         """
-        for k, v in self._counts_dev.items():
-            self.counts[k] = v.detach().to("cpu", torch.float64)
+        for k, v in self._counts_host.items():
+            self.counts[k] = torch.tensor(v, dtype=torch.float64)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
