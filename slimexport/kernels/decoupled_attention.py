@@ -101,9 +101,9 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not in_graph_capture():
         # The CPU's fused SDPA kernel takes one head size for q, k and v; with two it falls back to the math path
         # (materialised N×S scores: the slim tiny UNet took 87 ms instead of 53 ms at batch 2, 32×32 latents). Zero
-        # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. CUDA's flash
-        # kernels have the same restriction (SDPA then takes the memory-efficient kernel); whether padding pays there
-        # is unmeasured, so it is opt-in: SLIMEXPORT_SDPA_PAD=1 (tools/device_check.py, section kernels_e2e).
+        # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. FlashAttention-2
+        # kernels on CUDA have the same restriction (SDPA then picks another kernel); whether padding pays there is
+        # unmeasured, so it is opt-in: SLIMEXPORT_SDPA_PAD=1 (tools/device_check.py, section kernels_e2e).
         d = max(rq, rv)
         q, k, v = F.pad(q, (0, d - rq)), F.pad(k, (0, d - rq)), F.pad(v, (0, d - rv))
         return F.scaled_dot_product_attention(q, k, v, scale=float(scale))[..., :rv]
