@@ -182,3 +182,25 @@ def test_proj_target_on_unfactorable_projections_says_drop_proj(tiny, tiny_stats
     t.proj_in = nn.Conv2d(t.proj_in.in_channels, t.proj_in.out_channels, 3, padding=1)
     with pytest.raises(UsageError, match="drop 'proj'"):
         plan_ranks(unet, dataclasses.replace(tiny_stats, projs=[]), DecomposeConfig(), AllocConfig(budget=0.6, targets=PROJ))
+
+
+def test_torch_export_of_factored_projections_matches_eager(proj_slim):
+    """The AOTInductor backend's export (dynamic batch and size) takes LowRankProj: two matmuls, same outputs."""
+    from slimexport.engines.aoti import export_unet
+    from slimexport.engines.base import EngineProfile
+
+    slim = proj_slim[0]
+    prof = EngineProfile(min_batch=1, opt_batch=2, max_batch=4, min_height=8, opt_height=16, max_height=32,
+                         min_width=8, opt_width=16, max_width=32, latent_multiple=4)
+    cfg = slim.config
+    ep, dynamic, fallback = export_unet(slim, prof, in_channels=int(cfg.in_channels), context_dim=int(cfg.cross_attention_dim),
+                                        dtype=torch.float32, device=torch.device("cpu"))
+    assert dynamic["batch"] and fallback is None
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 24, 24, generator=g)
+    t = torch.tensor([10.0, 500.0, 900.0])
+    ctx = torch.randn(3, 77, int(cfg.cross_attention_dim), generator=g)
+    with torch.no_grad():
+        want = slim(x, t, ctx).sample
+        got = ep.module()(x, t, ctx)
+    assert torch.allclose(got, want, atol=1e-5)
