@@ -1,0 +1,33 @@
+"""tools/device_check.py degrades to a CPU smoke run on ``tiny``: every section runs and records its rows."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_device_check_cpu_smoke(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVCHECK_WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "device_check.py"), "--groups", "main",
+                        "--variants", "resnet_macs,proj", "--sections", "speed,kernels_e2e,hooks", "--core-batches", "2",
+                        "--iterations", "2", "--deadline", "600"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    assert data["env"]["model"] == "tiny"
+    sections = data["sections"]
+    for name in ("compress", "resnet_macs", "proj", "speed", "kernels_e2e", "hooks"):
+        assert "error" not in sections[name] and "skipped" not in sections[name], (name, sections[name])
+    assert {r["model"] for r in sections["speed"]["rows"]} == {"attnffn", "resnet_macs", "proj"}
+    assert all(r["speedup"] > 0 for r in sections["speed"]["rows"])
+    assert len(sections["kernels_e2e"]["rows"]) == 4 and all(r["padded_sdpa_p50"] > 0 for r in sections["kernels_e2e"]["rows"])
+    h = sections["hooks"]
+    assert h["image_evals"] > 0 and h["overhead_ratio"] > 0 and h["finalize_seconds"] >= 0
+    macs = sections["resnet_macs"]["macs"]
+    assert macs["slim"] / macs["dense"] <= 0.73 + 0.05  # a MAC budget of 0.73, within rank steps
