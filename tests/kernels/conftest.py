@@ -52,6 +52,28 @@ def kernel_device() -> str:
     pytest.skip("TRITON_INTERPRET=0 and no CUDA: nowhere to run Triton kernels")
 
 
+def _fake_do_bench(kernel_call, quantiles=None, **kwargs):
+    """Stands in for the autotuner's GPU timing under the interpreter: runs the config once, times nothing."""
+    kernel_call()
+    return [1.0, 1.0, 1.0]
+
+
+@pytest.fixture
+def interpreted_autotune(kernel_device, monkeypatch):
+    """``use(module)``: make that op's Triton twin take its GPU launch path (autotune over the configs, prune,
+    grid heuristics) under the interpreter, with the autotuner's timing faked. CPU only: on CUDA every other
+    test takes that path."""
+    if kernel_device != "cpu":
+        pytest.skip("on CUDA every other test takes this path")
+
+    def use(module) -> None:
+        tuned = module._kernels(True, True)[1].tuned  # interpreted, autotuned: as the wrapper asks
+        monkeypatch.setattr(module, "INTERPRETER_CONFIG", None)
+        monkeypatch.setattr(tuned, "_do_bench", _fake_do_bench)
+
+    return use
+
+
 @pytest.fixture
 def cuda() -> str:
     if not _cuda_compiled():

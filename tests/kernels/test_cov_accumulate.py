@@ -134,20 +134,9 @@ def test_dispatcher_on_cpu_is_the_reference():
     assert torch.equal(acc, expected)
 
 
-def fake_do_bench(kernel_call, quantiles=None, **kwargs):
-    """Stands in for the autotuner's GPU timing under the interpreter: runs the config once, times nothing."""
-    kernel_call()
-    return [1.0, 1.0, 1.0]
-
-
-def test_autotuned_launch_path(kernel_device, monkeypatch):
+def test_autotuned_launch_path(interpreted_autotune):
     """The GPU launch path (autotune over the configs, prune, grid, split heuristic) run by the interpreter."""
-    if kernel_device != "cpu":
-        pytest.skip("on CUDA every other test takes this path")
-    module = sys.modules["slimexport.kernels.cov_accumulate"]
-    tuned = module._kernels(True, True)[1].tuned  # interpreted, autotuned: as the wrapper asks
-    monkeypatch.setattr(module, "INTERPRETER_CONFIG", None)
-    monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
+    interpreted_autotune(sys.modules["slimexport.kernels.cov_accumulate"])
     acc, x = make(150, 40, torch.float16, "cpu", seed=7)
     expected = cov_accumulate_ref(acc.clone(), x)
     cov_accumulate_triton(acc, x)  # autotuning runs every config on acc: restore_value must undo them

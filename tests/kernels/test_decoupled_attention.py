@@ -127,20 +127,9 @@ def test_usable_as_slim_processor_kernel(kernel_device):
             torch.testing.assert_close(attn(hidden, encoder_hidden_states=ctx), expected, rtol=1e-5, atol=1e-5)
 
 
-def fake_do_bench(kernel_call, quantiles=None, **kwargs):
-    """Stands in for the autotuner's GPU timing under the interpreter: runs the config once, times nothing."""
-    kernel_call()
-    return [1.0, 1.0, 1.0]
-
-
-def test_autotuned_launch_path(kernel_device, monkeypatch):
+def test_autotuned_launch_path(interpreted_autotune):
     """The GPU launch path (autotune over the configs, prune, EVEN_S heuristic, grid) run by the interpreter."""
-    if kernel_device != "cpu":
-        pytest.skip("on CUDA every other test takes this path")
-    module = sys.modules["slimexport.kernels.decoupled_attention"]
-    tuned = module._kernels(True, True)[1].tuned  # interpreted, autotuned: as the wrapper asks
-    monkeypatch.setattr(module, "INTERPRETER_CONFIG", None)
-    monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
+    interpreted_autotune(sys.modules["slimexport.kernels.decoupled_attention"])
     for shape in [(1, 2, 70, 77, 24, 40), (1, 1, 20, 64, 160, 8)]:  # masked S; 256-wide (pruned) heads, even S
         q, k, v = make(*shape, torch.float32, "cpu")
         for _ in range(2):  # autotune, then the remembered config launched directly

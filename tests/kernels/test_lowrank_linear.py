@@ -91,20 +91,9 @@ def test_dispatcher_on_cpu_is_the_reference():
     assert torch.equal(lowrank_linear(x, u, v), lowrank_linear_ref(x, u, v, None))
 
 
-def fake_do_bench(kernel_call, quantiles=None, **kwargs):
-    """Stands in for the autotuner's GPU timing under the interpreter: runs the config once, times nothing."""
-    kernel_call()
-    return [1.0, 1.0, 1.0]
-
-
-def test_autotuned_launch_path(kernel_device, monkeypatch):
+def test_autotuned_launch_path(interpreted_autotune):
     """The GPU launch path (autotune over the configs, prune, grid, split heuristic) run by the interpreter."""
-    if kernel_device != "cpu":
-        pytest.skip("on CUDA every other test takes this path")
-    module = sys.modules["slimexport.kernels.lowrank_linear"]
-    tuned = module._kernels(True, True)[1].tuned  # interpreted, autotuned: as the wrapper asks
-    monkeypatch.setattr(module, "INTERPRETER_CONFIG", None)
-    monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
+    interpreted_autotune(sys.modules["slimexport.kernels.lowrank_linear"])
     for shape in [(70, 40, 24, 150, True), (20, 16, 200, 24, False)]:  # rank 200 pads to 256 (pruned configs)
         x, u, v, b = make(*shape, torch.float32, "cpu")
         for _ in range(2):  # autotune, then the remembered config launched directly
