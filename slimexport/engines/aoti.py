@@ -52,6 +52,7 @@ from slimexport.engines.base import (
     EngineConfig,
     EngineProfile,
     io_spec_for_unet,
+    unet_from_source,
 )
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
 
@@ -607,14 +608,7 @@ def create(source, cfg: EngineConfig) -> AotiEngine:
     """
     if isinstance(source, (str, Path)) and str(source).endswith(PACKAGE_SUFFIX):
         return AotiEngine(source, cfg)
-    if not isinstance(source, nn.Module):
-        path = Path(source)
-        if not (path / "slim_plan.json").exists():
-            raise UsageError(f"the aoti backend needs a UNet module, a slim UNet folder or a .pt2 package, got {source!r}",
-                             "pass the UNet (or a folder written by slimexport compress)")
-        from slimexport.slim.apply import load_slim_unet
-
-        source = load_slim_unet(path)
+    source = unet_from_source(source, "aoti", "a UNet module, a slim UNet folder or a .pt2 package")
     profile = cfg.profile or default_profile(source)
     res = build_aoti_package(source, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device)
     return AotiEngine(res.package, cfg, reused=res.reused)

@@ -319,6 +319,27 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def unet_from_source(source, backend: str, accepts: str = "a UNet module or a slim UNet folder"):
+    """The UNet a PyTorch-based backend starts from: a module as given, or the slim UNet in a folder.
+
+    Raises:
+        UsageError: ``source`` is neither (``accepts`` says what the backend takes).
+    """
+    import torch.nn as nn
+
+    if isinstance(source, nn.Module):
+        return source
+    from pathlib import Path
+
+    path = Path(source)
+    if (path / "slim_plan.json").exists():
+        from slimexport.slim.apply import load_slim_unet
+
+        return load_slim_unet(path)
+    raise UsageError(f"the {backend} backend needs {accepts}, got {source!r}",
+                     "pass the UNet (or a folder written by slimexport compress)")
+
+
 def register_backend(name: str, factory: str) -> None:
     """Register ``"module:function"``; the function takes ``(source, cfg: EngineConfig)`` and returns an Engine."""
     BACKENDS[name] = factory

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from slimexport.engines.base import CONTEXT, SAMPLE, TIMESTEP, EngineConfig
 from slimexport.engines.torch_runner import TorchEngine
-from slimexport.errors import UsageError
 
 MODE_GRAPHS = "reduce-overhead"  # Inductor with CUDA graph trees
 MODE_PLAIN = "default"
@@ -58,14 +57,6 @@ class TorchCompileEngine(TorchEngine):
 
 def create(source, cfg: EngineConfig) -> TorchCompileEngine:
     """Registry factory: ``source`` is a ``UNet2DConditionModel`` or a slim UNet folder."""
-    if isinstance(source, nn.Module):
-        return TorchCompileEngine(source, cfg)
-    from pathlib import Path
+    from slimexport.engines.base import unet_from_source
 
-    path = Path(source)
-    if (path / "slim_plan.json").exists():
-        from slimexport.slim.apply import load_slim_unet
-
-        return TorchCompileEngine(load_slim_unet(path), cfg)
-    raise UsageError(f"the torch-compile backend needs a UNet module or a slim UNet folder, got {source!r}",
-                     "pass the UNet (or a folder written by slimexport compress)")
+    return TorchCompileEngine(unet_from_source(source, "torch-compile"), cfg)

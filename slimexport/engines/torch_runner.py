@@ -172,14 +172,6 @@ class TorchEngine(Engine):
 
 def create(source, cfg: EngineConfig) -> TorchEngine:
     """Registry factory: ``source`` is a ``UNet2DConditionModel`` or a slim UNet folder."""
-    if isinstance(source, nn.Module):
-        return TorchEngine(source, cfg)
-    from pathlib import Path
+    from slimexport.engines.base import unet_from_source
 
-    path = Path(source)
-    if (path / "slim_plan.json").exists():
-        from slimexport.slim.apply import load_slim_unet
-
-        return TorchEngine(load_slim_unet(path), cfg)
-    raise UsageError(f"the torch backend needs a UNet module or a slim UNet folder, got {source!r}",
-                     "pass the UNet (or a folder written by slimexport compress)")
+    return TorchEngine(unet_from_source(source, "torch"), cfg)
