@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import math
 
-from slimexport.allocate.budget import ModuleCost, allocate_greedy, allocate_ranks, max_step_cost, softmax_weights
+from slimexport.allocate.budget import (
+    ModuleCost,
+    allocate_greedy,
+    allocate_ranks,
+    max_step_cost,
+    softmax_weights,
+)
 from slimexport.allocate.scores import module_score
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import AllocConfig, DecomposeConfig
-from slimexport.models.arch import ATTN_KINDS, FFN_KIND, PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
+from slimexport.models.arch import (
+    ATTN_KINDS,
+    FFN_KIND,
+    PROJ_KINDS,
+    RESNET_KIND,
+    BlockInfo,
+    ProjInfo,
+    ResnetInfo,
+)
 
 # Rank steps at SD size (method §7, export conventions §10): 8 per head keeps flash/SDPA kernels on their fast
 # path; 64 FFN channels keep GEMM widths tensor-core friendly. Tiny models scale both down.

@@ -153,9 +153,9 @@ def max_step_cost(modules: list[ModuleCost]) -> int:
     return out
 
 
-def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, "torch.Tensor"],
+def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, torch.Tensor],
                     weights: dict[str, float]) -> dict[str, int]:
-    """Ranks minimising ``Σ_m w_m · e_m(r_m)`` under the budget, greedily (``--allocation greedy``, method §15).
+    """Ranks minimising ``Σ_m w_m · e_m(r_m)`` under the budget, greedily (``--allocation greedy``; method notes, "error-aware allocation").
 
     ``errors[name][r]`` is module m's relative whitened error at rank r (0..max_rank) and ``w_m`` its weight.
     Every module starts at full rank; the rank step with the smallest objective increase per unit of cost saved

@@ -16,8 +16,8 @@ from slimexport.calibrate.stats import CalibStats
 from slimexport.config import DecomposeConfig
 from slimexport.decompose import ffn_nystrom as ffn
 from slimexport.decompose import resnet_nystrom
-from slimexport.decompose.proj_svd import proj_factors
 from slimexport.decompose.linalg import check_finite, cholesky, ridge
+from slimexport.decompose.proj_svd import proj_factors
 from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
 from slimexport.models.arch import PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
 from slimexport.slim.apply import install_processors, replace_linears
