@@ -31,15 +31,25 @@ def _weights_of(plan: dict, name: str) -> torch.Tensor | None:
     return None if w is None else torch.tensor(w, dtype=torch.float64)
 
 
+# Input statistics of each attention: (query side, key/value side). The text tokens ``e`` are not binned.
+ATTN_INPUTS = {"attn1": ("x", "x"), "attn2": ("y", "e")}
+
+
 class _Whitener:
-    """Cholesky factors of ridged, time-aggregated correlations, cached per (statistic, weighting)."""
+    """Cholesky factors of ridged, time-aggregated correlations, cached per (statistic, weighting).
+
+    Timestep weights are ignored for statistics collected over all steps together (the text tokens)."""
 
     def __init__(self, stats: CalibStats, block: BlockInfo, cfg: DecomposeConfig, device):
         self.stats, self.block, self.cfg, self.device = stats, block, cfg, device
         self.fallbacks = 0
         self._cache: dict = {}
 
+    def _binned(self, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor | None:
+        return bin_weights if self.stats.corr[f"{self.block.path}.{key}"].dim() == 3 else None
+
     def corr(self, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+        bin_weights = self._binned(key, bin_weights)
         ck = ("c", key, None if bin_weights is None else tuple(bin_weights.tolist()))
         if ck not in self._cache:
             if bin_weights is None:
@@ -50,6 +60,7 @@ class _Whitener:
         return self._cache[ck]
 
     def chol(self, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+        bin_weights = self._binned(key, bin_weights)
         ck = ("L", key, None if bin_weights is None else tuple(bin_weights.tolist()))
         if ck not in self._cache:
             L, fb = cholesky(self.corr(key, bin_weights), f"{self.block.path} '{key}' correlation")
@@ -91,8 +102,8 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
     def w(linear) -> torch.Tensor:
         return linear.weight.detach().to(device=device, dtype=torch.float64)
 
-    for name, attn, ctx_key in (("attn1", mod.attn1, "x"), ("attn2", mod.attn2, "e")):
-        q_key = "x" if name == "attn1" else "y"
+    for name, (q_key, ctx_key) in ATTN_INPUTS.items():
+        attn = getattr(mod, name)
         qk_id, vo_id = f"{block.path}.{name}.qk", f"{block.path}.{name}.vo"
         if qk_id in ranks:
             bw = _weights_of(plan, qk_id)
@@ -100,7 +111,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
                 f = _random_factors(w(attn.to_q), w(attn.to_k), attn.heads, seed, vo=False)
             else:
                 Lq = W.chol(q_key, bw) if whiten else None
-                Lk = (W.chol(ctx_key, bw if ctx_key != "e" else None) if whiten else None)
+                Lk = W.chol(ctx_key, bw) if whiten else None
                 f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, Lq, Lk)
             q, k = qk_weights(f, ranks[qk_id])
             new[f"{block.path}.{name}.to_q.weight"], new[f"{block.path}.{name}.to_k.weight"] = q, k
@@ -110,7 +121,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             if cfg.qkvo_method == "random":
                 f = _random_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, seed + 1, vo=True)
             else:
-                Lv = W.chol(ctx_key, bw if ctx_key != "e" else None) if whiten else None
+                Lv = W.chol(ctx_key, bw) if whiten else None
                 f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, Lv)
             v, o = vo_weights(f, ranks[vo_id])
             new[f"{block.path}.{name}.to_v.weight"], new[f"{block.path}.{name}.to_out.0.weight"] = v, o

@@ -45,7 +45,7 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None) -> di
     from slimexport.allocate.api import max_rank
     from slimexport.decompose import ffn_nystrom as ffn
     from slimexport.decompose import resnet_nystrom
-    from slimexport.decompose.api import _Whitener
+    from slimexport.decompose.api import ATTN_INPUTS, _Whitener
     from slimexport.decompose.proj_svd import proj_factors
     from slimexport.decompose.whiten_svd import qk_factors, vo_factors
     from slimexport.slim.lowrank import dense_weight
@@ -64,14 +64,13 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None) -> di
 
         if kind in ("attn1.qk", "attn2.qk"):
             attn = getattr(mod, kind.split(".")[0])
-            ctx = "x" if kind == "attn1.qk" else "e"
-            f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, W.chol("x" if kind == "attn1.qk" else "y", bw),
-                           W.chol(ctx, bw if ctx != "e" else None))
+            q_key, kv_key = ATTN_INPUTS[kind.split(".")[0]]
+            f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, W.chol(q_key, bw), W.chol(kv_key, bw))
             curve = relative(f.errors())
         elif kind in ("attn1.vo", "attn2.vo"):
             attn = getattr(mod, kind.split(".")[0])
-            key = "x" if kind == "attn1.vo" else "e"
-            f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, W.chol(key, bw if key != "e" else None))
+            kv_key = ATTN_INPUTS[kind.split(".")[0]][1]
+            f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, W.chol(kv_key, bw))
             curve = relative(f.errors())
         elif kind == "ff":
             c = W.corr("z", bw)
@@ -80,8 +79,7 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None) -> di
         elif kind == "resnet":
             c = W.corr("r", bw)
             g = block.group_size
-            groups = resnet_nystrom.group_pivoted_order(c, g)
-            channels = (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
+            channels = resnet_nystrom.group_channels(resnet_nystrom.group_pivoted_order(c, g), g)
             w2 = w(mod.conv2)
             a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
             curve = relative(prefix_errors(c, channels, a))[::g]  # whole groups: rank = groups kept

@@ -48,10 +48,14 @@ def group_pivoted_order(c: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
+def group_channels(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Channel indices of the given groups of consecutive channels, in the groups' order."""
+    return (groups[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
+
+
 def kept_channels(order: torch.Tensor, keep_groups: int, group_size: int) -> torch.Tensor:
     """Sorted channel indices of the first ``keep_groups`` groups of ``order``."""
-    g = torch.sort(order[:keep_groups]).values
-    return (g[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
+    return group_channels(torch.sort(order[:keep_groups]).values, group_size)
 
 
 def reconstruction(c: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

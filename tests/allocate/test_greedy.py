@@ -32,7 +32,7 @@ def test_prefix_errors_match_the_resnet_group_residual():
     c, g = _corr(24, 1)
     w2 = torch.randn(5, 24, 3, 3, generator=g, dtype=torch.float64)
     groups = resnet_nystrom.group_pivoted_order(c, 4)
-    channels = (groups[:, None] * 4 + torch.arange(4)[None, :]).reshape(-1)
+    channels = resnet_nystrom.group_channels(groups, 4)
     curve = prefix_errors(c, channels, w2.permute(1, 0, 2, 3).reshape(24, -1))[::4]
     for k in range(1, 6):
         keep = resnet_nystrom.kept_channels(groups, k, 4)
