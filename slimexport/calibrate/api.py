@@ -49,6 +49,16 @@ def select_prompts(bundle: ModelBundle, cfg: CalibConfig) -> list[str]:
     return [pool[i] for i in idx]
 
 
+def _optional(find, unet, what: str) -> list:
+    """The modules ``find(unet)`` lists, or none (logged) when this model's layout has no supported ones: their
+    statistics serve only the optional targets, which then say what is missing."""
+    try:
+        return find(unet)
+    except UsageError as err:
+        log.info("%s statistics not collected: %s", what, err)
+        return []
+
+
 def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=None) -> CalibStats:
     """Run the calibration sampler over ``prompts`` and collect statistics.
@@ -67,16 +77,8 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     accumulate = accumulate or kernel_accumulate
     unet = converted_copy(bundle.unet, device, dtype)  # never round the caller's weights to fp16 in place
     blocks = find_blocks(unet)
-    try:
-        resnets = resnet_blocks(unet)
-    except UsageError as err:
-        log.info("ResNet statistics not collected: %s", err)
-        resnets = []
-    try:
-        projs = projections(unet)
-    except UsageError as err:
-        log.info("projection statistics not collected: %s", err)
-        projs = []
+    resnets = _optional(resnet_blocks, unet, "ResNet")
+    projs = _optional(projections, unet, "projection")
     rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)
