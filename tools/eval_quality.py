@@ -397,6 +397,9 @@ def target_check(rows: dict) -> dict:
     return out
 
 
+COMMANDS = "## Commands of the recorded run"
+
+
 def write_report(results: dict, out: Path) -> None:
     rows = {r["id"]: r for r in results["rows"]}
     dense = rows.get("dense")
@@ -427,7 +430,6 @@ def write_report(results: dict, out: Path) -> None:
              f"t ∈ {st['eps_timesteps']}, both CFG branches, averaged over t.",
              f"- Final-sample error: relative L2 distance of the final images of a fixed-seed trajectory ({st['traj']} labels, "
              f"same sampler) from the dense model's.", ""]
-    lines = [x for x in lines if x != ""] if False else lines
     tc = results["target"]
     lines += ["## Target (issue 4)", "",
               f"At budget {TARGET_BUDGET}: SlimDiff's FD within 10 % of the dense model's, accuracy within 2 points, and better "
@@ -465,11 +467,12 @@ def write_report(results: dict, out: Path) -> None:
     lines += ["## Reading", "", "READING_PLACEHOLDER", ""]
     md = out / "results.md"
     old = md.read_text() if md.exists() else ""
+    text = "\n".join(lines)
     if "## Reading" in old and "READING_PLACEHOLDER" not in old:  # keep a hand-written reading across reruns
-        reading = old.split("## Reading", 1)[1]
-        text = "\n".join(lines).split("## Reading", 1)[0] + "## Reading" + reading
-    else:
-        text = "\n".join(lines)
+        text = text.split("## Reading", 1)[0] + "## Reading" + old.split("## Reading", 1)[1]
+    if COMMANDS in old:  # and the hand-written list of the commands that produced the rows
+        commands = old[old.index(COMMANDS):old.index("## Protocol")]
+        text = text.replace("## Protocol", commands + "## Protocol", 1)
     md.write_text(text)
 
 
