@@ -26,7 +26,7 @@ from slimexport.errors import ArtifactError, IncompatibleArtifactError
 from slimexport.models.arch import transformer_blocks
 from slimexport.models.bundle import move
 from slimexport.slim.attention import SlimAttnProcessor
-from slimexport.slim.lowrank import LowRankProj, factor_layer
+from slimexport.slim.lowrank import LowRankProj, dense_weight, factor_layer
 
 SLIM_FORMAT = "slimexport.slim/1"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -157,9 +157,9 @@ def _factor_projections(unet: nn.Module, path: str, entry: dict, p: torch.Tensor
         rank = entry.get(f"{kind}_rank")
         if rank is None:
             continue
-        old = getattr(mod, kind)
-        n_in, n_out = (old.in_channels, old.out_channels) if isinstance(old, nn.Conv2d) else (old.in_features, old.out_features)
-        bias = None if old.bias is None else torch.empty(n_out, **kw)
+        w, b = dense_weight(getattr(mod, kind))
+        n_out, n_in = w.shape
+        bias = None if b is None else torch.empty(n_out, **kw)
         factor_layer(mod, kind, torch.empty(n_in, rank, **kw), torch.empty(rank, n_out, **kw), bias)
 
 
