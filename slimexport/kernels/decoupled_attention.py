@@ -100,7 +100,7 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     rq, rv = q.shape[-1], v.shape[-1]
     if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not in_graph_capture():
         # The CPU's fused SDPA kernel takes one head size for q, k and v; with two it falls back to the math path
-        # (materialised N×S scores: the slim tiny UNet took 87 ms instead of 53 ms at batch 2, 32×32 latents). Zero
+        # (materialised N×S scores: 2.3x slower for the slim tiny UNet, tools/bench_sdpa_pad.py). Zero
         # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. FlashAttention-2
         # kernels on CUDA have the same restriction (SDPA then picks another kernel); whether padding pays there is
         # unmeasured, so it is opt-in: SLIMEXPORT_SDPA_PAD=1 (tools/device_check.py, section kernels_e2e).
