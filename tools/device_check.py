@@ -205,7 +205,39 @@ def main() -> None:
         print(f"  {evals} image-evals: plain {plain:.1f}/s, with hooks {hook_rate:.1f}/s (first run {hooked[0]['image_evals_per_s']:.1f}/s),"
               f" overhead {row['overhead_ratio']:.2f}x (finalize {row['finalize_seconds']:.1f} s excluded); 500x25xCFG extrapolated {full / hook_rate:.0f} s hooked,"
               f" {full / plain:.0f} s plain; peak {row['peak_gpu_bytes']} B, stats {row['stats_bytes']} B", flush=True)
+        row.update(hooks_attribution(prompts, hc, dev, dt))
         return row
+
+    def hooks_attribution(prompts, hc, dev, dt) -> dict:
+        """Where the hooks' time goes: the same hooked run without the covariance products (hooks and scalars
+        only), the implementation AUTO picked per covariance shape, and a profile of 2 hooked steps."""
+        from slimexport.calibrate import calibrate
+        from slimexport.kernels import choices
+
+        st = calibrate(bundle, prompts, hc, device=dev, dtype=dt, progress=False, accumulate=lambda acc, x: None)
+        out = {"scalars_only_image_evals_per_s": st.meta["image_evals_per_s"]}
+        del st
+        picked = [v.value for k, v in choices().items() if str(k[0]) == "cov_accumulate"]
+        out["cov_choices"] = {v: picked.count(v) for v in set(picked)}
+        print(f"  hooks without the covariance products: {out['scalars_only_image_evals_per_s']:.1f} image-evals/s; "
+              f"cov_accumulate AUTO choices {out['cov_choices']}", flush=True)
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            calibrate(bundle, prompts, hc.replace(num_steps=2, num_bins=2), device=dev, dtype=dt, progress=False)
+        ka = prof.key_averages()
+        dev_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        out["profile_self_device_ms"] = sum(getattr(e, dev_key, 0) for e in ka) / 1e3
+        out["profile_top"] = [{"name": e.key[:80], "calls": e.count, "self_device_ms": getattr(e, dev_key, 0) / 1e3,
+                               "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                              for e in sorted(ka, key=lambda e: -getattr(e, dev_key, 0))[:15]]
+        table = ka.table(sort_by=dev_key, row_limit=25) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25)
+        (out_dir / "hooks_profile.txt").write_text(table)
+        print(f"  profile of 2 hooked steps ({len(prompts)} prompts, CFG): self device time {out['profile_self_device_ms']:.1f} ms in all", flush=True)
+        for r in out["profile_top"][:10]:
+            print(f"    {r['self_device_ms']:9.2f} ms {r['calls']:6d} calls  {r['name']}", flush=True)
+        return out
 
     engines = {}
 

@@ -143,12 +143,12 @@ class StatsCollector:
             target = self.corr[key]
             self._counts_host[key][0] += x2.shape[0]
         self.accumulate(target, x2)
-        self.scalars[key][self.step] += _sq_norm(x2)
+        self.scalars[key][self.step].add_(_sq_norm(x2))  # in place on the view: no setitem copy
 
     def _energy(self, key: str, y: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if bias is not None:
             y = y - bias.to(y.dtype)
-        self.scalars[key][self.step] += _sq_norm(y)
+        self.scalars[key][self.step].add_(_sq_norm(y))  # in place on the view: no setitem copy
 
     def _hooks_for(self, b: BlockInfo, block) -> list:
         p = b.path
