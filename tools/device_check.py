@@ -1,7 +1,10 @@
 """One GPU check anyone can rerun: compress SD1.4 (random weights), time dense vs slim, calibration throughput.
 
-    OUT=/tmp/out python tools/device_check.py [--groups main,aoti] [--deadline 300] [--prompts 8 --steps 4]
-                                              [--kernels] [--onnx]
+    OUT=/tmp/out python tools/device_check.py [--groups main,aoti] [--deadline 240] [--prompts 8 --steps 4]
+                                              [--no-kernels] [--no-onnx] [--variants ...] [--sections ...]
+
+The defaults are the scale issue's check, sized to finish in about 5 minutes on an H100/H200: compress (attn,ffn at
+0.73), speed, hooks, speed_extra, kernels, onnx.
 
 Sections (each prints rows as measured and rewrites $OUT/device_check.json; a failing section is recorded
 and the next one runs; sections that would start after --deadline seconds are skipped and say so).
@@ -9,20 +12,23 @@ Group ``main``:
 
 1. ``compress``: ``sd14 --random-weights`` at budget 0.73 (attn,ffn) with a small calibration on the GPU
    (fp16 UNet, fp32 statistics): stage times, image-evaluations/s, peak GPU memory, MADAC seconds.
-2. Variants from the same statistics: ``resnet`` (attn,ffn,resnet at a whole-UNet *parameter* budget of 0.73),
+2. Variants from the same statistics (``--variants``, none by default): ``resnet`` (attn,ffn,resnet at a whole-UNet *parameter* budget of 0.73),
    ``resnet_macs`` / ``resnet_macs60`` (the same at whole-UNet *MAC* budgets 0.73 / 0.6), ``proj`` (attn,ffn,proj
    at 0.73 of the targeted parameters).
 3. ``speed``: dense vs each slim UNet, fp16, channels_last, CUDA graphs, interleaved, UNet batch 2 and 8 at 64×64.
-4. ``kernels_e2e``: each slim UNet with the Triton kernels (dispatch AUTO) against the same UNet with
+4. ``kernels_e2e`` (not by default): each slim UNet with the Triton kernels (dispatch AUTO) against the same UNet with
    ``SLIMEXPORT_KERNELS=torch``, and with SDPA on q/k/v padded to one head size (``SLIMEXPORT_SDPA_PAD=1``), same
    settings, batch 2 and 8.
 5. ``hooks``: steady-state calibration throughput with and without the statistics hooks (a second, warm run
-   of 16 prompts x 10 steps each), extrapolated to the full SlimSet (500 prompts x 25 steps x CFG).
+   of 16 prompts x 10 steps each), extrapolated to the full SlimSet (500 prompts x 25 steps x CFG); the same run
+   without the covariance products, and (``--profile-hooks``) a torch.profiler table of 2 hooked steps.
 6. ``speed_extra``: batch 1 (64×64) and batch 2 at 96×96 / 128×128.
-7. ``kernels`` (``--kernels``): tools/bench_kernels.py.  8. ``onnx`` (``--onnx``): export at 32×32, ORT-CPU check.
+7. ``kernels``: tools/bench_kernels.py.  8. ``onnx``: slim UNet export at 32×32, ORT-CPU check (``--no-kernels``,
+   ``--no-onnx`` leave them out).
 
 Group ``aoti``: AOTInductor packages (fp16, batch 2..8 at 64×64) of the dense UNet, the 0.73 slim UNet and a
-deeper (0.5) slim UNet: export and compile seconds, then dense vs slim latency at batch 2 and 8.
+deeper (0.5) slim UNet, compiled in parallel worker processes: export and compile seconds; then, in a fresh
+worker process, dense vs slim latency at batch 2 and 8.
 
 Without CUDA it degrades to a smoke run on the ``tiny`` model (seconds), so it can be tested anywhere.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import subprocess
@@ -76,26 +83,33 @@ class Recorder:
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in native code (a package loader, a kernel) prints the Python stack
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deadline", type=float, default=300.0, help="start no section after this many seconds")
+    ap.add_argument("--deadline", type=float, default=240.0, help="start no section after this many seconds")
     ap.add_argument("--groups", default="main", help="comma-separated: main, aoti")
-    ap.add_argument("--variants", default="resnet,resnet_macs,resnet_macs60,proj",
-                    help="slim variants compressed besides attnffn (main group)")
-    ap.add_argument("--sections", default="speed,kernels_e2e,hooks,speed_extra", help="main-group sections to run, in this order")
+    ap.add_argument("--variants", default="",
+                    help="slim variants compressed besides attnffn (main group): resnet,resnet_macs,resnet_macs60,proj")
+    ap.add_argument("--sections", default="speed,hooks,speed_extra",
+                    help="main-group sections to run, in this order (also: kernels_e2e)")
     ap.add_argument("--core-batches", default="2,8", help="UNet batches of the speed section")
     ap.add_argument("--speed-kernels", default="auto", choices=("auto", "torch"),
                     help="kernel dispatch of the slim UNets in the speed sections (torch: no Triton autotuning)")
     ap.add_argument("--aoti-worker", nargs=2, metavar=("NAME", "SOURCE"),
                     help="internal: compile one AOTInductor package (SOURCE: 'dense' or a slim UNet folder), print its record")
+    ap.add_argument("--aoti-speed-worker", metavar="PACKAGES_JSON",
+                    help="internal: load the packages {name: path} (one named 'dense') and time dense vs each, print rows")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bins", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--kernels", action="store_true")
-    ap.add_argument("--onnx", action="store_true")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="run tools/bench_kernels.py")
+    ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="export at 32x32, ORT-CPU check")
+    ap.add_argument("--profile-hooks", action="store_true", help="hooks section: also a torch.profiler table of 2 steps")
     args = ap.parse_args()
     if args.aoti_worker:
         return aoti_worker(*args.aoti_worker)
+    if args.aoti_speed_worker:
+        return aoti_speed_worker(json.loads(args.aoti_speed_worker), args.iterations)
     groups = set(args.groups.split(","))
     out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,10 +219,10 @@ def main() -> None:
         print(f"  {evals} image-evals: plain {plain:.1f}/s, with hooks {hook_rate:.1f}/s (first run {hooked[0]['image_evals_per_s']:.1f}/s),"
               f" overhead {row['overhead_ratio']:.2f}x (finalize {row['finalize_seconds']:.1f} s excluded); 500x25xCFG extrapolated {full / hook_rate:.0f} s hooked,"
               f" {full / plain:.0f} s plain; peak {row['peak_gpu_bytes']} B, stats {row['stats_bytes']} B", flush=True)
-        row.update(hooks_attribution(prompts, hc, dev, dt))
+        row.update(hooks_attribution(prompts, hc, dev, dt, args.profile_hooks))
         return row
 
-    def hooks_attribution(prompts, hc, dev, dt) -> dict:
+    def hooks_attribution(prompts, hc, dev, dt, with_profile: bool) -> dict:
         """Where the hooks' time goes: the same hooked run without the covariance products (hooks and scalars
         only), the implementation AUTO picked per covariance shape, and a profile of 2 hooked steps."""
         from slimexport.calibrate import calibrate
@@ -221,6 +235,8 @@ def main() -> None:
         out["cov_choices"] = {v: picked.count(v) for v in set(picked)}
         print(f"  hooks without the covariance products: {out['scalars_only_image_evals_per_s']:.1f} image-evals/s; "
               f"cov_accumulate AUTO choices {out['cov_choices']}", flush=True)
+        if not with_profile:
+            return out
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -371,13 +387,10 @@ def main() -> None:
 
         rec.section("onnx", onnx_check)
     if "aoti" in groups:
-        aoti_engines = {}
+        packages = {}
 
         def aoti_build(names: list[str]) -> dict:
             """Compile the packages in parallel worker processes (inductor's lowering is mostly single-threaded)."""
-            from slimexport.engines.aoti import AotiEngine
-            from slimexport.engines.base import EngineConfig
-
             procs = {}
             for name in names:
                 src = "dense" if name == "dense" else str(results[name].slim_dir)
@@ -394,29 +407,27 @@ def main() -> None:
                     continue
                 row = json.loads(rec_line)
                 rows[name] = row
-                aoti_engines[name] = AotiEngine(row["package_path"], EngineConfig(device="cuda" if cuda else "cpu", dtype=row["dtype"],
-                                                                                  profile=aoti_profile(cuda)))
+                packages[name] = row["package_path"]
                 print(f"  aoti {name}: export {row['export_seconds']} s, compile {row['compile_seconds']} s, "
                       f"{row['package_bytes'] / 2**20:.0f} MB, reused={row['reused']}", flush=True)
             return {"packages": rows, "parallel_workers": len(procs)}
 
         def aoti_speed() -> dict:
-            from slimexport.bench.timing import compare_speed
-            from slimexport.engines.base import make_feeds
-
-            rows = []
-            for name in ("attnffn", "deep50"):
-                if name not in aoti_engines or "dense" not in aoti_engines:
-                    continue
-                for b in (2, 8):
-                    feeds = make_feeds(aoti_engines["dense"].io_spec, b, side, side)
-                    r = compare_speed(aoti_engines["dense"], aoti_engines[name], feeds, warmup=5, iterations=args.iterations if cuda else 5)
-                    row = {"model": name, "batch": b, "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
-                           "speedup": r["speedup"]}
-                    rows.append(row)
-                    print(f"  aoti {name:8s} batch {b}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
-                          f"speed-up {row['speedup']:.3f}x", flush=True)
-            return {"rows": rows}
+            """Load and time the packages in a fresh process: a crash while loading (seen once on the H200, in the
+            process that had compressed the models) is reported with its stack, not fatal to the check."""
+            if "dense" not in packages or len(packages) < 2:
+                return {"rows": [], "error": f"packages missing: have {sorted(packages)}"}
+            p = subprocess.run([sys.executable, "-W", "ignore", __file__, "--aoti-speed-worker", json.dumps(packages),
+                                "--iterations", str(args.iterations if cuda else 5)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+            lines = p.stdout.strip().splitlines()
+            rows = [json.loads(ln) for ln in lines if ln.startswith("{")]
+            print("\n".join(f"  {ln}" for ln in lines if not ln.startswith("{")), flush=True)
+            out = {"rows": rows, "worker_exit": p.returncode}
+            if p.returncode != 0:
+                out["error"] = f"speed worker exit {p.returncode}"
+                out["tail"] = lines[-40:]
+            return out
 
         rec.section("aoti_build", aoti_build, ["dense"] + [n for n in ("attnffn", "deep50") if n in results])
         rec.section("aoti_speed", aoti_speed)
@@ -433,8 +444,40 @@ def aoti_profile(cuda: bool):
                          min_width=side, opt_width=side, max_width=side)
 
 
+def aoti_speed_worker(packages: dict[str, str], iterations: int) -> None:
+    """Load the packages (fresh process) and time dense vs each slim one at UNet batch 2 and 8; a JSON line per row."""
+    faulthandler.enable()
+    import torch
+
+    from slimexport.bench.timing import compare_speed
+    from slimexport.engines.aoti import AotiEngine
+    from slimexport.engines.base import EngineConfig, make_feeds
+
+    cuda = torch.cuda.is_available()
+    side = 64 if cuda else 16
+    engines = {}
+    for name, path in packages.items():
+        print(f"loading aoti {name}: {path}", flush=True)
+        t = time.perf_counter()
+        engines[name] = AotiEngine(path, EngineConfig(device="cuda" if cuda else "cpu", dtype="fp16" if cuda else "fp32",
+                                                      profile=aoti_profile(cuda)))
+        print(f"loaded aoti {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    for name in (n for n in packages if n != "dense"):
+        for b in (2, 8):
+            feeds = make_feeds(engines["dense"].io_spec, b, side, side)
+            r = compare_speed(engines["dense"], engines[name], feeds, warmup=5, iterations=iterations)
+            row = {"model": name, "batch": b, "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
+                   "dense_p90": r["dense_ms"]["p90"], "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"]}
+            print(f"aoti {name:8s} batch {b}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
+                  f"speed-up {row['speedup']:.3f}x", flush=True)
+            print(json.dumps(row), flush=True)
+    for e in engines.values():
+        e.close()
+
+
 def aoti_worker(name: str, source: str) -> None:
     """Compile one package into the work folder and print its record as the last line (JSON)."""
+    faulthandler.enable()
     import torch
 
     from slimexport.engines.aoti import build_aoti_package

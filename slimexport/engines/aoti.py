@@ -203,13 +203,30 @@ def accepted_profile(profile: EngineProfile, dynamic: Mapping[str, bool]) -> Eng
     return profile.replace(**changes) if changes else profile
 
 
+# The slimexport modules whose code shapes the traced graph (slim layers, kernel references, the export itself): a
+# package compiled by other code is not reused, even from the same weights.
+TRACED_CODE = ("slim", "kernels", "engines/aoti.py", "_version.py")
+
+
+def code_digest() -> str:
+    """sha256 of the :data:`TRACED_CODE` sources (file names and bytes)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in TRACED_CODE:
+        path = root / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def reusable(sidecar: Mapping[str, Any], *, source_sha256: str, profile: EngineProfile, dtype: str, here: Target,
-             inductor_configs: Mapping[str, Any] | None = None) -> bool:
-    """True when a package on disk was compiled from this model (digest), dtype, profile and inductor settings,
-    for this device and torch version."""
+             inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None) -> bool:
+    """True when a package on disk was compiled from this model (digest), dtype, profile, inductor settings and
+    slimexport code (:func:`code_digest`, ``None``: this code), for this device and torch version."""
     return (
         sidecar.get("format") == SIDECAR_FORMAT
         and sidecar.get("source_sha256") == source_sha256
+        and sidecar.get("code_sha256") == (code_sha256 or code_digest())
         and sidecar.get("profile") == profile.to_dict()
         and sidecar.get("dtype") == dtype
         and sidecar.get("inductor_configs") == dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
@@ -236,6 +253,7 @@ def reuse_decision(package: Path, sidecar: Mapping[str, Any] | None, *, package_
             ("dtype", sidecar.get("dtype") == dtype),
             ("inductor settings", sidecar.get("inductor_configs") == dict(INDUCTOR_CONFIGS if inductor_configs is None
                                                                             else inductor_configs)),
+            ("slimexport code", sidecar.get("code_sha256") == code_digest()),
         ) if not same]
         return False, f"{package.name} was compiled from another {', '.join(what) or 'input'}"
     if package_sha256 is None:
@@ -480,7 +498,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     accepts = accepted_profile(profile, dynamic)
     sidecar = {
         "format": SIDECAR_FORMAT, **here.to_dict(), "package": package.name, "package_sha256": sha256_file(package),
-        "source_sha256": source_sha, "dtype": dtype, "profile": profile.to_dict(), "dynamic": dynamic,
+        "source_sha256": source_sha, "code_sha256": code_digest(), "dtype": dtype, "profile": profile.to_dict(), "dynamic": dynamic,
         "accepts": accepts.to_dict(), "traced_sizes": trace_sizes(profile), "dynamic_fallback": fallback,
         "inductor_configs": dict(INDUCTOR_CONFIGS), "io_spec": io_spec, "digest_seconds": round(digest_seconds, 2),
         "export_seconds": round(export_seconds, 1), "compile_seconds": round(compile_seconds, 1),

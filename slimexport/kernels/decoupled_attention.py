@@ -98,7 +98,9 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         ``[B, H, N, r_vo]`` in the inputs' dtype.
     """
     rq, rv = q.shape[-1], v.shape[-1]
-    if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not in_graph_capture():
+    # ONNX export and jit tracing keep the plain attention (MatMul/Softmax with the slim head sizes); torch.export and
+    # torch.compile (AOTInductor, inductor) take the padding: their CPU lowering has the same fused-kernel restriction.
+    if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not _plain_graph():
         # The CPU's fused SDPA kernel takes one head size for q, k and v; with two it falls back to the math path
         # (materialised N×S scores: 2.3x slower for the slim tiny UNet, tools/bench_sdpa_pad.py). Zero
         # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. FlashAttention-2
@@ -108,6 +110,11 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         q, k, v = F.pad(q, (0, d - rq)), F.pad(k, (0, d - rq)), F.pad(v, (0, d - rv))
         return F.scaled_dot_product_attention(q, k, v, scale=float(scale))[..., :rv]
     return F.scaled_dot_product_attention(q, k, v, scale=float(scale))
+
+
+def _plain_graph() -> bool:
+    """True while torch exports to ONNX or traces with ``torch.jit``: the graph keeps the plain attention."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from slimexport.engines.aoti import (
     accepted_profile,
     build_aoti_package,
     check_compatible,
+    code_digest,
     default_profile,
     dynamic_plan,
     heartbeat,
@@ -107,8 +108,8 @@ def test_shape_plan():
 
 
 def _sidecar(**over):
-    return {"format": SIDECAR_FORMAT, **CPU.to_dict(), "source_sha256": "abc", "profile": PROFILE.to_dict(), "dtype": "fp32",
-            "inductor_configs": {}, "package_sha256": "p1", **over}
+    return {"format": SIDECAR_FORMAT, **CPU.to_dict(), "source_sha256": "abc", "code_sha256": code_digest(),
+            "profile": PROFILE.to_dict(), "dtype": "fp32", "inductor_configs": {}, "package_sha256": "p1", **over}
 
 
 def test_reuse_decision():
@@ -123,6 +124,8 @@ def test_reuse_decision():
         (_sidecar(profile=PROFILE.replace(max_batch=4).to_dict()), "p1", "another profile"),
         (_sidecar(dtype="fp16"), "p1", "another dtype"),
         (_sidecar(inductor_configs={"max_autotune": True}), "p1", "another inductor settings"),
+        (_sidecar(code_sha256="0" * 64), "p1", "another slimexport code"),  # a package traced by older code
+        (_sidecar(code_sha256=None), "p1", "another slimexport code"),
         (_sidecar(torch_version="2.12.0+cpu"), "p1", "another machine"),
         (_sidecar(), None, "missing"),
         (_sidecar(), "p2", "does not match its sidecar"),

@@ -176,3 +176,22 @@ def test_reference_pads_unequal_head_sizes_on_cpu_without_changing_the_result():
         want = torch.softmax(q @ k.transpose(-1, -2) * 0.17, -1) @ v
         got = decoupled_attention_ref(q, k, v, 0.17)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_padding_is_traced_by_torch_export_but_not_by_jit_or_onnx():
+    """torch.export (AOTInductor) keeps the CPU padding, so the compiled package runs the fused SDPA kernel; jit
+    tracing (and ONNX export, which traces) keep the plain attention with the slim head sizes."""
+    from slimexport.kernels.decoupled_attention import decoupled_attention_ref
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return decoupled_attention_ref(q, k, v, 0.17)
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 29, 8, generator=g), torch.randn(2, 3, 29, 24, generator=g)
+    ep = torch.export.export(Attn(), (q, k, v))
+    exported = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any("pad" in t for t in exported), exported
+    assert torch.allclose(ep.module()(q, k, v), Attn()(q, k, v), atol=1e-6)
+    traced = torch.jit.trace(Attn(), (q, k, v))
+    assert "pad" not in str(traced.graph) and "scaled_dot_product_attention" in str(traced.graph)

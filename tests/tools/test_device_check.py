@@ -16,7 +16,7 @@ def test_device_check_cpu_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVCHECK_WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "device_check.py"), "--groups", "main",
                         "--variants", "resnet_macs,proj", "--sections", "speed,kernels_e2e,hooks", "--core-batches", "2",
-                        "--iterations", "2", "--deadline", "600"],
+                        "--iterations", "2", "--deadline", "600", "--no-kernels", "--no-onnx"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "device_check.json").read_text())
@@ -31,3 +31,18 @@ def test_device_check_cpu_smoke(tmp_path):
     assert h["image_evals"] > 0 and h["overhead_ratio"] > 0 and h["finalize_seconds"] >= 0
     macs = sections["resnet_macs"]["macs"]
     assert macs["slim"] / macs["dense"] <= 0.73 + 0.05  # a MAC budget of 0.73, within rank steps
+
+
+def test_device_check_defaults_cpu_smoke(tmp_path):
+    """The default run (the scale issue's list: compress, speed, hooks, other shapes, kernel benchmarks, ONNX check)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVCHECK_WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "device_check.py"), "--iterations", "2"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sections = json.loads((tmp_path / "out" / "device_check.json").read_text())["sections"]
+    assert list(sections) == ["compress", "speed", "hooks", "speed_extra", "kernels", "onnx"]
+    for name, sec in sections.items():
+        assert "error" not in sec and "skipped" not in sec, (name, sec)
+    assert sections["kernels"]["returncode"] == 0
+    assert sections["onnx"]["passed"] and sections["onnx"]["max_abs"] < 1e-4
+    assert {(r["batch"], tuple(r["latent"])) for r in sections["speed_extra"]["rows"]} == {(1, (16, 16)), (2, (24, 24)), (2, (32, 32))}
