@@ -23,6 +23,7 @@ from slimexport.engines.base import (
     io_spec_for_unet,
 )
 from slimexport.errors import UsageError
+from slimexport.kernels.dispatch import graph_timing
 from slimexport.models.bundle import Fp32Norm, converted_copy  # noqa: F401  (re-exported)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -123,7 +124,7 @@ class TorchEngine(Engine):
             static = {k: v.clone() for k, v in inputs.items()}
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), graph_timing():  # kernel choices for graph replays, not eager calls
                 for _ in range(GRAPH_WARMUP_CALLS):
                     self._forward(static)
             torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -10,11 +10,15 @@ truth of the tests) and a Triton twin ``<op>_triton`` with the same signature. :
    installed.
 4. Tensors not on CUDA get the reference, whatever was asked, except that a forced ``TRITON`` runs the twin on
    CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
-5. ``AUTO`` on CUDA measures both once per key (op, shapes, strides, dtypes, device) with CUDA events, a few
-   runs each after warm-up runs (which also compile and autotune the twin), and caches the faster. The twin
-   must beat the reference by :data:`AUTO_MIN_SPEEDUP` to be chosen: at a tie the reference's numerics win.
-   Arguments named in ``mutates`` are cloned for the measurement, so an in-place op adds exactly once.
+5. ``AUTO`` on CUDA measures both once per key (op, shapes, strides, dtypes, device, timing mode) with CUDA
+   events, a few runs each after warm-up runs (which also compile and autotune the twin), and caches the faster.
+   The twin must beat the reference by :data:`AUTO_MIN_SPEEDUP` to be chosen: at a tie the reference's numerics
+   win. Arguments named in ``mutates`` are cloned for the measurement, so an in-place op adds exactly once.
    During CUDA graph capture nothing is measured: a cached choice is used, else the reference.
+6. Timing mode: eager calls pay Triton's launch overhead from Python (tens of µs), which a CUDA graph removes.
+   Code that will replay the op from a CUDA graph (the torch engine with ``cuda_graphs``) measures inside
+   :func:`graph_timing`: each candidate is captured :data:`AUTO_GRAPH_REPS` times into a graph and the replay is
+   timed. ``$SLIMEXPORT_KERNELS_TIMING=eager|graph`` overrides; a failed graph measurement falls back to eager.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ AUTO_MIN_SPEEDUP = 0.97
 # Triton kernel), then timed calls of each, interleaved; the minimum counts.
 AUTO_WARMUP_CALLS = 2
 AUTO_TIMED_CALLS = 5
+# Graph timing: calls captured per graph (the replay's time / reps is one call's GPU time without launch gaps).
+AUTO_GRAPH_REPS = 10
+TIMING_ENV_VAR = "SLIMEXPORT_KERNELS_TIMING"
+TIMING_MODES = ("eager", "graph")
 
 
 class KernelImpl(str, enum.Enum):
@@ -67,6 +75,28 @@ class KernelImpl(str, enum.Enum):
 _AVAILABLE: bool | None = None
 _CHOICES: dict[tuple, KernelImpl] = {}
 _LOCK = threading.Lock()
+_TIMING = threading.local()
+
+
+@contextlib.contextmanager
+def graph_timing():
+    """AUTO choices made inside are measured as CUDA-graph replays (for code that replays its calls from graphs)."""
+    old = getattr(_TIMING, "mode", None)
+    _TIMING.mode = "graph"
+    try:
+        yield
+    finally:
+        _TIMING.mode = old
+
+
+def timing_mode() -> str:
+    """``eager`` or ``graph``: ``$SLIMEXPORT_KERNELS_TIMING`` when set, else :func:`graph_timing`'s, else eager."""
+    env = os.environ.get(TIMING_ENV_VAR, "").strip().lower()
+    if env:
+        if env not in TIMING_MODES:
+            raise UsageError(f"{TIMING_ENV_VAR}={env!r} is not a timing mode", "expected eager or graph")
+        return env
+    return getattr(_TIMING, "mode", None) or "eager"
 
 
 def triton_available() -> bool:
@@ -159,8 +189,8 @@ def choose_impl(op_name: str, *args, impl: KernelImpl | str = KernelImpl.AUTO, s
 
 
 def cached_choice(op_name: str, *args) -> KernelImpl | None:
-    """The measured AUTO choice for these arguments, or ``None`` if none was measured yet."""
-    return _CHOICES.get(shape_key(op_name, args))
+    """The measured AUTO choice for these arguments (in the current :func:`timing_mode`), or ``None``."""
+    return _CHOICES.get(shape_key(op_name, args) + (timing_mode(),))
 
 
 def clear_choices() -> None:
@@ -170,15 +200,21 @@ def clear_choices() -> None:
 
 
 def choices() -> dict[tuple, KernelImpl]:
-    """A copy of the measured AUTO choices, keyed by :func:`shape_key`."""
+    """A copy of the measured AUTO choices, keyed by :func:`shape_key` plus the timing mode."""
     with _LOCK:
         return dict(_CHOICES)
 
 
-def _time_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
+def _call_args(args: Sequence, mutates: Sequence[int]) -> list:
     call_args = list(args)
     for i in mutates:
         call_args[i] = args[i].clone()
+    return call_args
+
+
+def _time_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
+    """One eager call, CUDA-event timed (launch overhead included)."""
+    call_args = _call_args(args, mutates)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     start.record()
@@ -188,11 +224,37 @@ def _time_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
     return start.elapsed_time(end)
 
 
+def _time_graph_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
+    """One call's GPU time from a CUDA graph of :data:`AUTO_GRAPH_REPS` calls (no launch gaps). ``fn`` must have
+    run eagerly before (Triton kernels compile and autotune outside the capture)."""
+    call_args = _call_args(args, mutates)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(AUTO_GRAPH_REPS):
+            fn(*call_args)
+    graph.replay()  # first replay uploads the graph
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / AUTO_GRAPH_REPS
+
+
 def measure(ref_fn: Callable, triton_fn: Callable, args: Sequence, mutates: Sequence[int] = ()) -> tuple[float, float]:
-    """``(reference ms, triton ms)``: the fastest of :data:`AUTO_TIMED_CALLS` CUDA-event timings each."""
+    """``(reference ms, triton ms)``: the fastest of :data:`AUTO_TIMED_CALLS` timings each, eager or from CUDA
+    graphs (:func:`timing_mode`; a graph measurement that fails is redone eagerly, with a warning)."""
     for _ in range(AUTO_WARMUP_CALLS):
         _time_ms(ref_fn, args, mutates)
         _time_ms(triton_fn, args, mutates)
+    if timing_mode() == "graph":
+        try:
+            return (min(_time_graph_ms(ref_fn, args, mutates) for _ in range(2)),
+                    min(_time_graph_ms(triton_fn, args, mutates) for _ in range(2)))
+        except Exception as err:  # noqa: BLE001 - eager timing still gives a valid (if pessimistic) choice
+            warnings.warn(f"slimexport.kernels: timing from a CUDA graph failed ({type(err).__name__}: {err}); "
+                          "timing eager calls instead", RuntimeWarning, stacklevel=4)
     ref_ms, tri_ms = float("inf"), float("inf")
     for _ in range(AUTO_TIMED_CALLS):
         ref_ms = min(ref_ms, _time_ms(ref_fn, args, mutates))
@@ -202,7 +264,7 @@ def measure(ref_fn: Callable, triton_fn: Callable, args: Sequence, mutates: Sequ
 
 def _auto_choice(op_name: str, ref_fn: Callable, triton_fn: Callable, args: Sequence,
                  mutates: Sequence[int]) -> KernelImpl:
-    key = shape_key(op_name, args)
+    key = shape_key(op_name, args) + (timing_mode(),)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice

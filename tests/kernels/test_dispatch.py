@@ -130,9 +130,56 @@ def test_auto_choice_is_measured_once_and_cached(monkeypatch, times, expected):
         assert kd._auto_choice("op", ref_fn, triton_fn, (x,), (0,)) is expected
     assert calls == [(0,)]
     assert kd.cached_choice("op", x) is expected
-    assert kd.choices() == {kd.shape_key("op", (x,)): expected}
+    assert kd.choices() == {kd.shape_key("op", (x,)) + ("eager",): expected}
+    with kd.graph_timing():  # a choice for graph replays is measured on its own
+        assert kd.cached_choice("op", x) is None
     kd.clear_choices()
     assert kd.cached_choice("op", x) is None
+
+
+def _fake_timers(monkeypatch, graph_fails=False):
+    """Replace both CUDA timers: eager calls say the twin is slower (launch overhead), graph replays faster."""
+    used = []
+
+    def eager(fn, args, mutates):
+        used.append("eager")
+        return 1.0 if fn is ref_fn else 2.0
+
+    def graph(fn, args, mutates):
+        used.append("graph")
+        if graph_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 1.0 if fn is ref_fn else 0.5
+
+    monkeypatch.setattr(kd, "_time_ms", eager)
+    monkeypatch.setattr(kd, "_time_graph_ms", graph)
+    return used
+
+
+def test_graph_timing_measures_replays_and_keys_the_choice(monkeypatch):
+    used = _fake_timers(monkeypatch)
+    x = torch.zeros(3)
+    assert kd.timing_mode() == "eager"
+    assert kd._auto_choice("op", ref_fn, triton_fn, (x,), ()) is KernelImpl.TORCH
+    assert "graph" not in used
+    with kd.graph_timing():
+        assert kd.timing_mode() == "graph"
+        assert kd._auto_choice("op", ref_fn, triton_fn, (x,), ()) is KernelImpl.TRITON
+        assert kd.cached_choice("op", x) is KernelImpl.TRITON
+    assert "graph" in used and kd.timing_mode() == "eager"
+    assert kd.cached_choice("op", x) is KernelImpl.TORCH  # the eager choice is kept beside it
+    monkeypatch.setenv(kd.TIMING_ENV_VAR, "graph")
+    assert kd.timing_mode() == "graph"
+    monkeypatch.setenv(kd.TIMING_ENV_VAR, "sometimes")
+    with pytest.raises(UsageError, match="eager or graph"):
+        kd.timing_mode()
+
+
+def test_graph_timing_falls_back_to_eager_when_capture_fails(monkeypatch):
+    used = _fake_timers(monkeypatch, graph_fails=True)
+    with kd.graph_timing(), pytest.warns(RuntimeWarning, match="timing eager calls instead"):
+        assert kd.measure(ref_fn, triton_fn, (torch.zeros(3),)) == (1.0, 2.0)
+    assert used.count("graph") == 1 and used.count("eager") == 2 * (kd.AUTO_WARMUP_CALLS + kd.AUTO_TIMED_CALLS)
 
 
 def test_auto_choice_falls_back_when_the_twin_fails(monkeypatch):
@@ -188,6 +235,23 @@ def test_auto_measures_on_cuda(cuda):
     choice = kd.cached_choice("op", x)
     assert choice in (KernelImpl.TORCH, KernelImpl.TRITON)
     assert torch.equal(out, (triton_fn if choice is KernelImpl.TRITON else ref_fn)(x))
+
+
+@pytest.mark.gpu
+def test_graph_timing_on_cuda(cuda):
+    """A real capture: positive per-call times, the in-place op's argument untouched, a cached graph-mode choice."""
+    acc = torch.zeros(256, 256, device=cuda)
+    x = torch.randn(4096, 256, device=cuda, dtype=torch.float16)
+
+    def ref(a, b):
+        return a.addmm_(b.float().T, b.float())
+
+    ms = kd._time_graph_ms(ref, (acc, x), (0,))
+    assert ms > 0 and torch.count_nonzero(acc) == 0
+    with kd.graph_timing():
+        dispatch("op_graph", ref, ref, acc, x, mutates=(0,))
+        assert kd.cached_choice("op_graph", acc, x) in (KernelImpl.TORCH, KernelImpl.TRITON)
+    torch.testing.assert_close(acc, x.float().T @ x.float())
 
 
 @pytest.mark.gpu
