@@ -83,19 +83,20 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)
     shape = (int(unet.config.in_channels), h, w)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine) * cfg.num_steps, desc="calibrate", unit="step", dynamic_ncols=True)
+    show = progress and rank == 0
     # The conditioning is encoded before the timed loop (the text encoder stays where the bundle has it, often the
     # CPU): the loop's throughput is then the UNet's with the hooks, comparable to a plain sampling loop.
     t_enc = time.perf_counter()
-    conds = [bundle.encoder.encode([prompts[i] for i in mine[s:s + cfg.batch_size]])[0]
-             for s in range(0, len(mine), cfg.batch_size)]
+    starts = range(0, len(mine), cfg.batch_size)
+    if show:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encode prompts", unit="batch", dynamic_ncols=True, leave=False)
+    conds = [bundle.encoder.encode([prompts[i] for i in mine[s:s + cfg.batch_size]])[0] for s in starts]
     uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
     encode_seconds = time.perf_counter() - t_enc
     log.info("encoded %d calibration prompts in %.1f s", len(mine), encode_seconds)
+    bar = tqdm(total=len(mine) * cfg.num_steps, desc="calibrate", unit="step", dynamic_ncols=True) if show else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
