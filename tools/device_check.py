@@ -23,8 +23,9 @@ Group ``main``:
    of 16 prompts x 10 steps each), extrapolated to the full SlimSet (500 prompts x 25 steps x CFG); the same run
    without the covariance products, and (``--profile-hooks``) a torch.profiler table of 2 hooked steps.
 6. ``speed_extra``: batch 1 (64×64) and batch 2 at 96×96 / 128×128.
-7. ``kernels``: tools/bench_kernels.py.  8. ``onnx``: slim UNet export at 32×32, ORT-CPU check (``--no-kernels``,
-   ``--no-onnx`` leave them out).
+7. ``kernels``: tools/bench_kernels.py.  8. ``onnx``: slim UNet export at 32×32, ORT-CPU check, in a CPU-only
+   worker process on 4 cores started right after compress, beside the GPU sections (``--no-kernels``, ``--no-onnx``
+   leave them out).
 
 Group ``aoti``: AOTInductor packages (fp16, batch 2..8 at 64×64) of the dense UNet, the 0.73 slim UNet and a
 deeper (0.5) slim UNet, compiled in parallel worker processes: export and compile seconds; then, in a fresh
@@ -49,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ONNX_WORKER_THREADS = 4  # the ONNX check's CPU threads, beside the GPU sections
 
 
 class Recorder:
@@ -64,8 +66,9 @@ class Recorder:
     def save(self) -> None:
         self.path.write_text(json.dumps(self.data, indent=2, default=str))
 
-    def section(self, name: str, fn, *args) -> None:
-        if self.elapsed() > self.deadline:
+    def section(self, name: str, fn, *args, force: bool = False) -> None:
+        """Run ``fn(*args)`` and record its dict; skipped after the deadline unless ``force`` (a job already running)."""
+        if self.elapsed() > self.deadline and not force:
             print(f"[{name}] skipped: {self.elapsed():.0f} s > deadline {self.deadline:.0f} s", flush=True)
             self.data["sections"][name] = {"skipped": "deadline"}
             self.save()
@@ -96,6 +99,7 @@ def main() -> None:
                     help="kernel dispatch of the slim UNets in the speed sections (torch: no Triton autotuning)")
     ap.add_argument("--aoti-worker", nargs=2, metavar=("NAME", "SOURCE"),
                     help="internal: compile one AOTInductor package (SOURCE: 'dense' or a slim UNet folder), print its record")
+    ap.add_argument("--onnx-worker", metavar="SLIM_DIR", help="internal: export the slim UNet at 32x32, check it with ORT-CPU")
     ap.add_argument("--aoti-speed-worker", metavar="PACKAGES_JSON",
                     help="internal: load the packages {name: path} (one named 'dense') and time dense vs each, print rows")
     ap.add_argument("--prompts", type=int, default=8)
@@ -110,6 +114,8 @@ def main() -> None:
         return aoti_worker(*args.aoti_worker)
     if args.aoti_speed_worker:
         return aoti_speed_worker(json.loads(args.aoti_speed_worker), args.iterations)
+    if args.onnx_worker:
+        return onnx_worker(Path(args.onnx_worker))
     groups = set(args.groups.split(","))
     out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +179,13 @@ def main() -> None:
     rec.section("compress", run_compress, "attnffn", variants["attnffn"])
     for name in wanted[1:]:
         rec.section(name, run_compress, name, variants[name])
+    onnx_job = None
+    if args.onnx and "main" in groups and "attnffn" in results:
+        # CPU-only work (export, ORT-CPU): it runs beside the GPU sections on a few cores, in a process that sees no GPU.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(ONNX_WORKER_THREADS)}
+        onnx_job = (time.perf_counter(), subprocess.Popen(
+            [sys.executable, "-W", "ignore", __file__, "--onnx-worker", str(results["attnffn"].slim_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
 
     def hooks() -> dict:
         from slimexport.calibrate import calibrate, select_prompts
@@ -361,7 +374,7 @@ def main() -> None:
     for e in engines.values():
         e.close()
     engines.clear()
-    if args.kernels:
+    if args.kernels and "main" in groups:
         def kernels() -> dict:
             p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "bench_kernels.py"), "--json",
                                 str(out_dir / "kernels.json")], capture_output=True, text=True, timeout=240)
@@ -369,23 +382,21 @@ def main() -> None:
             return {"returncode": p.returncode}
 
         rec.section("kernels", kernels)
-    if args.onnx:
-        def onnx_check() -> dict:
-            from slimexport.engines.base import EngineConfig, build_engine, make_feeds
-            from slimexport.engines.onnx_export import export_unet_onnx
-            from slimexport.verify.metrics import compare
-            from slimexport.verify.parity import torch_eps
+    if args.onnx and "main" in groups:
+        def onnx_wait() -> dict:
+            if onnx_job is None:
+                return {"error": "no slim UNet to export"}
+            started, proc = onnx_job
+            out, _ = proc.communicate(timeout=600)
+            lines = out.strip().splitlines()
+            print("\n".join(f"  {ln}" for ln in lines[-6:] if not ln.startswith("{")), flush=True)
+            rec_line = next((ln for ln in reversed(lines) if ln.startswith("{")), None)
+            if proc.returncode != 0 or rec_line is None:
+                return {"error": f"onnx worker exit {proc.returncode}", "tail": lines[-20:]}
+            return {**json.loads(rec_line), "worker_seconds": round(time.perf_counter() - started, 1),
+                    "threads": ONNX_WORKER_THREADS, "ran_beside_gpu_sections": True}
 
-            slim = results["attnffn"].load_slim()
-            r = export_unet_onnx(slim, work / "onnx_slim", sample_shape=(2, 4, 32, 32))
-            eng = build_engine("onnxruntime", r.folder, EngineConfig(device="cpu"))
-            feeds = make_feeds(eng.io_spec, 2, 32, 32)
-            m = compare(eng.run(feeds)["latent"], torch_eps(slim, feeds), "fp32")
-            print(f"  ONNX slim export {r.export_seconds:.1f} s, {r.size_bytes / 2**20:.0f} MB; ORT vs torch max abs "
-                  f"{m['max_abs']:.3g}, passed={m['passed']}", flush=True)
-            return {"export_seconds": r.export_seconds, "size_bytes": r.size_bytes, "max_abs": m["max_abs"], "passed": m["passed"]}
-
-        rec.section("onnx", onnx_check)
+        rec.section("onnx", onnx_wait, force=True)  # started after compress: only waits for it
     if "aoti" in groups:
         packages = {}
 
@@ -442,6 +453,30 @@ def aoti_profile(cuda: bool):
     side = 64 if cuda else 16
     return EngineProfile(min_batch=2, opt_batch=2, max_batch=8, min_height=side, opt_height=side, max_height=side,
                          min_width=side, opt_width=side, max_width=side)
+
+
+def onnx_worker(slim_dir: Path) -> None:
+    """Export the slim UNet at 32×32 (fp32, CPU), run it with ONNX Runtime on the CPU, compare with torch; print the
+    record as the last line (JSON)."""
+    import torch
+
+    from slimexport.engines.base import EngineConfig, build_engine, make_feeds
+    from slimexport.engines.onnx_export import export_unet_onnx
+    from slimexport.slim.apply import load_slim_unet
+    from slimexport.verify.metrics import compare
+    from slimexport.verify.parity import torch_eps
+
+    torch.set_num_threads(ONNX_WORKER_THREADS)
+    work = Path(os.environ.get("DEVCHECK_WORK", "/tmp/slimexport-devcheck"))
+    slim = load_slim_unet(slim_dir)
+    r = export_unet_onnx(slim, work / "onnx_slim", sample_shape=(2, 4, 32, 32))
+    eng = build_engine("onnxruntime", r.folder, EngineConfig(device="cpu", threads=ONNX_WORKER_THREADS))
+    feeds = make_feeds(eng.io_spec, 2, 32, 32)
+    m = compare(eng.run(feeds)["latent"], torch_eps(slim, feeds), "fp32")
+    print(f"ONNX slim export {r.export_seconds:.1f} s, {r.size_bytes / 2**20:.0f} MB; ORT vs torch max abs "
+          f"{m['max_abs']:.3g}, passed={m['passed']}", flush=True)
+    print(json.dumps({"export_seconds": r.export_seconds, "size_bytes": r.size_bytes, "max_abs": m["max_abs"],
+                      "passed": m["passed"]}), flush=True)
 
 
 def aoti_speed_worker(packages: dict[str, str], iterations: int) -> None:
