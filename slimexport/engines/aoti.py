@@ -7,15 +7,16 @@
   Should a model still refuse dynamic height/width, the package falls back to the profile's optimal size
   (``opt_height`` x ``opt_width``), says so in a warning, and records the reason in its sidecar; the engine
   then refuses other sizes. The slim attention (:class:`~slimexport.slim.attention.SlimAttnProcessor`,
-  ``rank_qk != rank_vo`` and the dense scale) exports as plain SDPA: the kernel dispatch uses the reference
-  while ``torch.compiler.is_compiling()``.
+  ``rank_qk != rank_vo`` and the dense scale) exports as the kernels' torch reference (the dispatch takes it while
+  ``torch.compiler.is_compiling()``): SDPA, on the CPU with q/k/v zero-padded to one head size so that the
+  compiled package keeps the fused attention kernel.
 - Compile: ``torch._inductor.aoti_compile_and_package`` for the build device (CPU: C++/OpenMP kernels, needs a
   C++ compiler; CUDA: Triton kernels for this GPU's compute capability), with a heartbeat on stderr.
 - Files: ``unet.cpu.torch2.13.0.pt2`` / ``unet.cuda.sm90.torch2.11.0.pt2`` plus a JSON sidecar (``.json``
   beside it) recording device type, compute capability or CPU vector extensions, the full torch version, the
   source model's digest, dtype, and the shapes compiled for.
-- Reuse: a second build with the same model digest, dtype, profile, device and torch version loads the
-  package instead of compiling (packages are reused by content, never by file existence alone).
+- Reuse: a second build with the same model digest, dtype, profile, slimexport code (:func:`code_digest`), device
+  and torch version loads the package instead of compiling (by content, never by file existence alone).
 - Refusal: loading a package compiled for another device type, compute capability, CPU vector extensions or
   torch version raises :class:`~slimexport.errors.IncompatibleArtifactError` naming each difference.
 
@@ -52,6 +53,9 @@ from slimexport.engines.base import (
     EngineConfig,
     EngineProfile,
     io_spec_for_unet,
+    refuse_incompatible,
+    sidecar_for,
+    sm_tag,
     unet_from_source,
 )
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
@@ -112,14 +116,6 @@ def torch_tag(torch_version: str) -> str:
     return "torch" + public
 
 
-def sm_tag(compute_capability: str) -> str:
-    """``"9.0"`` -> ``"sm90"``."""
-    parts = str(compute_capability).split(".")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise UsageError(f"compute capability {compute_capability!r} is not major.minor", "pass e.g. '9.0'")
-    return f"sm{parts[0]}{parts[1]}"
-
-
 def package_filename(target: Target, stem: str = PACKAGE_STEM) -> str:
     """``unet.cpu.torch2.13.0.pt2`` or ``unet.cuda.sm90.torch2.11.0.pt2``: which device and torch can load it."""
     if target.device_type == "cuda":
@@ -135,9 +131,7 @@ def package_filename(target: Target, stem: str = PACKAGE_STEM) -> str:
 
 def sidecar_path(package: str | Path) -> Path:
     """``unet.cpu.torch2.13.0.pt2`` -> ``unet.cpu.torch2.13.0.json``."""
-    p = Path(package)
-    name = p.name[: -len(PACKAGE_SUFFIX)] if p.name.endswith(PACKAGE_SUFFIX) else p.name
-    return p.with_name(name + ".json")
+    return sidecar_for(package, PACKAGE_SUFFIX)
 
 
 def incompatibilities(built: Mapping[str, Any], here: Target) -> list[str]:
@@ -164,12 +158,9 @@ def check_compatible(built: Mapping[str, Any], here: Target, package: str | Path
     Raises:
         IncompatibleArtifactError: naming each difference.
     """
-    diffs = incompatibilities(built, here)
-    if diffs:
-        raise IncompatibleArtifactError(
-            f"AOTInductor package {package} was compiled for another machine: {'; '.join(diffs)}",
-            "recompile it here (slimexport build --backend aoti); packages are tied to the device and the torch version",
-        )
+    refuse_incompatible(incompatibilities(built, here), f"AOTInductor package {package} was compiled for another machine",
+                        "recompile it here (slimexport build --backend aoti); packages are tied to the device and the "
+                        "torch version")
 
 
 def dynamic_plan(profile: EngineProfile) -> dict[str, bool]:
@@ -219,24 +210,31 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def _differences(sidecar: Mapping[str, Any], *, source_sha256: str, profile: EngineProfile, dtype: str,
+                 inductor_configs: Mapping[str, Any] | None, code_sha256: str | None) -> list[str]:
+    """Which of a package's inputs differ from these (the machine aside)."""
+    configs = dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
+    return [k for k, same in (
+        ("model weights", sidecar.get("source_sha256") == source_sha256),
+        ("profile", sidecar.get("profile") == profile.to_dict()),
+        ("dtype", sidecar.get("dtype") == dtype),
+        ("inductor settings", sidecar.get("inductor_configs") == configs),
+        ("slimexport code", sidecar.get("code_sha256") == (code_sha256 or code_digest())),
+    ) if not same]
+
+
 def reusable(sidecar: Mapping[str, Any], *, source_sha256: str, profile: EngineProfile, dtype: str, here: Target,
              inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None) -> bool:
     """True when a package on disk was compiled from this model (digest), dtype, profile, inductor settings and
     slimexport code (:func:`code_digest`, ``None``: this code), for this device and torch version."""
-    return (
-        sidecar.get("format") == SIDECAR_FORMAT
-        and sidecar.get("source_sha256") == source_sha256
-        and sidecar.get("code_sha256") == (code_sha256 or code_digest())
-        and sidecar.get("profile") == profile.to_dict()
-        and sidecar.get("dtype") == dtype
-        and sidecar.get("inductor_configs") == dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
-        and not incompatibilities(sidecar, here)
-    )
+    return (sidecar.get("format") == SIDECAR_FORMAT and not incompatibilities(sidecar, here)
+            and not _differences(sidecar, source_sha256=source_sha256, profile=profile, dtype=dtype,
+                                 inductor_configs=inductor_configs, code_sha256=code_sha256))
 
 
 def reuse_decision(package: Path, sidecar: Mapping[str, Any] | None, *, package_sha256: str | None,
                    source_sha256: str, profile: EngineProfile, dtype: str, here: Target,
-                   inductor_configs: Mapping[str, Any] | None = None) -> tuple[bool, str]:
+                   inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None) -> tuple[bool, str]:
     """``(reuse?, why)`` for the package at ``package``: the whole decision, including a missing or altered file."""
     if sidecar is None:
         return False, f"no package {package.name} yet"
@@ -245,22 +243,15 @@ def reuse_decision(package: Path, sidecar: Mapping[str, Any] | None, *, package_
     diffs = incompatibilities(sidecar, here)
     if diffs:
         return False, f"{package.name} was compiled for another machine ({'; '.join(diffs)})"
-    if not reusable(sidecar, source_sha256=source_sha256, profile=profile, dtype=dtype, here=here,
-                    inductor_configs=inductor_configs):
-        what = [k for k, same in (
-            ("model weights", sidecar.get("source_sha256") == source_sha256),
-            ("profile", sidecar.get("profile") == profile.to_dict()),
-            ("dtype", sidecar.get("dtype") == dtype),
-            ("inductor settings", sidecar.get("inductor_configs") == dict(INDUCTOR_CONFIGS if inductor_configs is None
-                                                                            else inductor_configs)),
-            ("slimexport code", sidecar.get("code_sha256") == code_digest()),
-        ) if not same]
-        return False, f"{package.name} was compiled from another {', '.join(what) or 'input'}"
+    what = _differences(sidecar, source_sha256=source_sha256, profile=profile, dtype=dtype,
+                        inductor_configs=inductor_configs, code_sha256=code_sha256)
+    if what:
+        return False, f"{package.name} was compiled from another {', '.join(what)}"
     if package_sha256 is None:
         return False, f"{package.name} is missing"
     if sidecar.get("package_sha256") != package_sha256:
         return False, f"{package.name} does not match its sidecar's sha256"
-    return True, f"{package.name} matches the model, dtype, profile, device and torch version"
+    return True, f"{package.name} matches the model, dtype, profile, slimexport code, device and torch version"
 
 
 def model_digest(unet: nn.Module) -> str:
@@ -468,12 +459,13 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     t0 = time.perf_counter()
     source_sha = model_digest(unet)
     digest_seconds = time.perf_counter() - t0
+    code_sha = code_digest()
     folder = Path(out_dir) if out_dir is not None else default_cache_dir(source_sha)
     package = folder / package_filename(here, stem)
     side = sidecar_path(package)
     old = read_json(side, "AOTInductor package sidecar") if side.exists() else None
     decision, why = reuse_decision(package, old, package_sha256=sha256_file(package) if package.exists() else None,
-                                   source_sha256=source_sha, profile=profile, dtype=dtype, here=here)
+                                   source_sha256=source_sha, profile=profile, dtype=dtype, here=here, code_sha256=code_sha)
     if decision and not rebuild:
         log.info("reusing %s: %s", package, why)
         return AotiBuildResult(package, old, True)
@@ -498,7 +490,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     accepts = accepted_profile(profile, dynamic)
     sidecar = {
         "format": SIDECAR_FORMAT, **here.to_dict(), "package": package.name, "package_sha256": sha256_file(package),
-        "source_sha256": source_sha, "code_sha256": code_digest(), "dtype": dtype, "profile": profile.to_dict(), "dynamic": dynamic,
+        "source_sha256": source_sha, "code_sha256": code_sha, "dtype": dtype, "profile": profile.to_dict(), "dynamic": dynamic,
         "accepts": accepts.to_dict(), "traced_sizes": trace_sizes(profile), "dynamic_fallback": fallback,
         "inductor_configs": dict(INDUCTOR_CONFIGS), "io_spec": io_spec, "digest_seconds": round(digest_seconds, 2),
         "export_seconds": round(export_seconds, 1), "compile_seconds": round(compile_seconds, 1),
@@ -621,7 +613,7 @@ def create(source, cfg: EngineConfig) -> AotiEngine:
     """Registry factory.
 
     ``source`` is a ``UNet2DConditionModel`` (compiled into ``cfg.cache_dir``, or reused from there when the same
-    model, dtype, profile, device and torch version were compiled before), a slim UNet folder, or a ``.pt2``
+    model, dtype, profile, slimexport code, device and torch version were compiled before), a slim UNet folder, or a ``.pt2``
     package (loaded after the compatibility check).
     """
     if isinstance(source, (str, Path)) and str(source).endswith(PACKAGE_SUFFIX):

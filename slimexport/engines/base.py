@@ -14,12 +14,13 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from slimexport.config import _check, _Config, _is_device, _is_int
-from slimexport.errors import UsageError
+from slimexport.errors import IncompatibleArtifactError, UsageError
 
 SAMPLE = "sample"
 TIMESTEP = "timestep"
@@ -329,8 +330,6 @@ def unet_from_source(source, backend: str, accepts: str = "a UNet module or a sl
 
     if isinstance(source, nn.Module):
         return source
-    from pathlib import Path
-
     path = Path(source)
     if (path / "slim_plan.json").exists():
         from slimexport.slim.apply import load_slim_unet
@@ -338,6 +337,33 @@ def unet_from_source(source, backend: str, accepts: str = "a UNet module or a sl
         return load_slim_unet(path)
     raise UsageError(f"the {backend} backend needs {accepts}, got {source!r}",
                      "pass the UNet (or a folder written by slimexport compress)")
+
+
+def sm_tag(compute_capability: str | tuple[int, int]) -> str:
+    """``"9.0"`` or ``(9, 0)`` -> ``"sm90"`` (engine and package file names)."""
+    if isinstance(compute_capability, str):
+        parts = compute_capability.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UsageError(f"compute capability {compute_capability!r} is not major.minor", "pass e.g. '9.0'")
+        major, minor = (int(p) for p in parts)
+    else:
+        major, minor = compute_capability
+    return f"sm{major}{minor}"
+
+
+def sidecar_for(artifact: str | Path, suffix: str) -> Path:
+    """The JSON record beside a compiled artifact: ``unet.sm90.trt10.8.0.plan`` -> ``unet.sm90.trt10.8.0.json``
+    (``suffix`` is the artifact's own, ``.plan`` or ``.pt2``; a name without it gets ``.json`` appended)."""
+    p = Path(artifact)
+    stem = p.name[: -len(suffix)] if p.name.endswith(suffix) else p.name
+    return p.with_name(stem + ".json")
+
+
+def refuse_incompatible(diffs: list[str], head: str, fix: str) -> None:
+    """Raise :class:`IncompatibleArtifactError` ``"<head>: <diffs>"`` unless ``diffs`` (what differs between the
+    machine a compiled engine or package was built for and this one) is empty."""
+    if diffs:
+        raise IncompatibleArtifactError(f"{head}: {'; '.join(diffs)}", fix)
 
 
 def register_backend(name: str, factory: str) -> None:

@@ -27,8 +27,18 @@ from typing import Any
 import numpy as np
 
 from slimexport.artifacts import atomic_path, read_json, sha256_file, write_json
-from slimexport.engines.base import BATCH_AXIS, HEIGHT_AXIS, WIDTH_AXIS, Engine, EngineConfig, EngineProfile
-from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError, require
+from slimexport.engines.base import (
+    BATCH_AXIS,
+    HEIGHT_AXIS,
+    WIDTH_AXIS,
+    Engine,
+    EngineConfig,
+    EngineProfile,
+    refuse_incompatible,
+    sidecar_for,
+    sm_tag,
+)
+from slimexport.errors import ArtifactError, UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +73,6 @@ class DeviceInfo:
         return asdict(self)
 
 
-def sm_tag(compute_capability: str | tuple[int, int]) -> str:
-    """``"9.0"`` or ``(9, 0)`` -> ``"sm90"``."""
-    if isinstance(compute_capability, str):
-        parts = compute_capability.split(".")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise UsageError(f"compute capability {compute_capability!r} is not major.minor", "pass e.g. '9.0'")
-        major, minor = (int(p) for p in parts)
-    else:
-        major, minor = compute_capability
-    return f"sm{major}{minor}"
-
-
 def trt_tag(trt_version: str) -> str:
     """``"10.8.0.43"`` -> ``"trt10.8.0"`` (major.minor.patch)."""
     parts = trt_version.split(".")
@@ -90,8 +88,7 @@ def engine_filename(compute_capability: str | tuple[int, int], trt_version: str,
 
 def sidecar_path(plan: str | Path) -> Path:
     """``unet.sm90.trt10.8.0.plan`` -> ``unet.sm90.trt10.8.0.json``."""
-    plan = Path(plan)
-    return plan.with_name(plan.name[: -len(PLAN_SUFFIX)] + ".json" if plan.name.endswith(PLAN_SUFFIX) else plan.name + ".json")
+    return sidecar_for(plan, PLAN_SUFFIX)
 
 
 def _slug(text: str) -> str:
@@ -125,13 +122,9 @@ def check_compatible(built: Mapping[str, Any], here: DeviceInfo, plan: str | Pat
     Raises:
         IncompatibleArtifactError: naming each difference.
     """
-    diffs = incompatibilities(built, here)
-    if diffs:
-        raise IncompatibleArtifactError(
-            f"TensorRT engine {plan} was built for another machine: {'; '.join(diffs)}",
-            "rebuild it on this machine (slimexport build --backend tensorrt); engines are not portable across "
-            "GPUs or TensorRT versions",
-        )
+    refuse_incompatible(incompatibilities(built, here), f"TensorRT engine {plan} was built for another machine",
+                        "rebuild it on this machine (slimexport build --backend tensorrt); engines are not portable "
+                        "across GPUs or TensorRT versions")
 
 
 def profile_shapes(profile: EngineProfile, io_spec: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
