@@ -175,6 +175,10 @@ def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, 
         i = idx[j]
         return (obj[j][i - 1] - obj[j][i]) / ((levels[j][i] - levels[j][i - 1]) * modules[j].unit_cost)
 
+    def up_rate(j: int) -> float:  # objective removed per unit of cost spent on one step up
+        i = idx[j]
+        return (obj[j][i] - obj[j][i + 1]) / ((levels[j][i + 1] - levels[j][i]) * modules[j].unit_cost)
+
     while cost > target + 1e-9:
         j = min((j for j in range(len(modules)) if idx[j] > 0), key=lambda j: (down_rate(j), modules[j].name))
         cost -= (levels[j][idx[j]] - levels[j][idx[j] - 1]) * modules[j].unit_cost
@@ -185,11 +189,6 @@ def allocate_greedy(modules: list[ModuleCost], budget: float, errors: dict[str, 
                  and (levels[j][idx[j] + 1] - levels[j][idx[j]]) * modules[j].unit_cost <= slack + 1e-9]
         if not cands:
             break
-
-        def up_rate(j: int) -> float:
-            i = idx[j]
-            return (obj[j][i] - obj[j][i + 1]) / ((levels[j][i + 1] - levels[j][i]) * modules[j].unit_cost)
-
         j = max(cands, key=lambda j: (up_rate(j), modules[j].name))
         cost += (levels[j][idx[j] + 1] - levels[j][idx[j]]) * modules[j].unit_cost
         idx[j] += 1

@@ -27,6 +27,11 @@ def prefix_errors(c: torch.Tensor, order: torch.Tensor, a: torch.Tensor) -> torc
     p = order.to(c.device)
     L, _ = cholesky(c[p][:, p], "correlation (error curve)")
     e = ((a.to(c.dtype)[p].T @ L) ** 2).sum(0)  # energy each pivot column carries
+    return tail_sums(e)
+
+
+def tail_sums(e: torch.Tensor) -> torch.Tensor:
+    """``out[r] = Σ_{j≥r} e_j`` for ``r = 0..n`` (``out[n] = 0``): the error left when the first r terms are kept."""
     tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0])
     return torch.cat([tail, tail.new_zeros(1)])
 
@@ -87,8 +92,7 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None) -> di
             f = proj_factors(dense_weight(getattr(mod, kind))[0].detach().to(device=device, dtype=torch.float64),
                              W.chol("pi" if kind == "proj_in" else "po", bw))
             d = max_rank(block, kind)
-            curve = relative((f.sigma**2).flip(0).cumsum(0).flip(0))
-            curve = torch.cat([curve, curve.new_zeros(1)])[: d + 1].clone()
+            curve = relative(tail_sums(f.sigma**2))[: d + 1].clone()
             curve[d] = 0.0
         out[name] = curve.detach().cpu()
     return out
