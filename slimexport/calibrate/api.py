@@ -87,12 +87,11 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     # The conditioning is encoded before the timed loop (the text encoder stays where the bundle has it, often the
     # CPU): the loop's throughput is then the UNet's with the hooks, comparable to a plain sampling loop.
     t_enc = time.perf_counter()
-    starts = range(0, len(mine), cfg.batch_size)
-    if show:
-        from tqdm.auto import tqdm
+    batches = [mine[s:s + cfg.batch_size] for s in range(0, len(mine), cfg.batch_size)]
+    from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="encode prompts", unit="batch", dynamic_ncols=True, leave=False)
-    conds = [bundle.encoder.encode([prompts[i] for i in mine[s:s + cfg.batch_size]])[0] for s in starts]
+    pending = tqdm(batches, desc="encode prompts", unit="batch", dynamic_ncols=True, leave=False, disable=not show)
+    conds = [bundle.encoder.encode([prompts[i] for i in idx])[0] for idx in pending]
     uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
     encode_seconds = time.perf_counter() - t_enc
     log.info("encoded %d calibration prompts in %.1f s", len(mine), encode_seconds)
@@ -105,8 +104,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
                                resnets=resnets, projs=projs)
     try:
         with collector:
-            for start, cond in zip(range(0, len(mine), cfg.batch_size), conds):
-                idx = mine[start:start + cfg.batch_size]
+            for idx, cond in zip(batches, conds):
                 cond = cond.to(device=device, dtype=dtype)
                 uncond = uncond_one.expand(len(idx), -1, -1) if uncond_one is not None else None
                 scheduler = bundle.make_scheduler()
