@@ -53,6 +53,16 @@ sys.path.insert(0, str(ROOT))
 ONNX_WORKER_THREADS = 4  # the ONNX check's CPU threads, beside the GPU sections
 
 
+def worker_output(text: str) -> tuple[list[dict], list[str]]:
+    """A worker process's output: its JSON records (lines starting with ``{``) and its other lines."""
+    lines = text.strip().splitlines()
+    return [json.loads(ln) for ln in lines if ln.startswith("{")], [ln for ln in lines if not ln.startswith("{")]
+
+
+def worker_failure(what: str, returncode: int, log_lines: list[str]) -> dict:
+    return {"error": f"{what} exit {returncode}", "tail": log_lines[-40:]}
+
+
 class Recorder:
     def __init__(self, out_dir: Path, deadline: float):
         self.path = out_dir / "device_check.json"
@@ -387,13 +397,11 @@ def main() -> None:
             if onnx_job is None:
                 return {"error": "no slim UNet to export"}
             started, proc = onnx_job
-            out, _ = proc.communicate(timeout=600)
-            lines = out.strip().splitlines()
-            print("\n".join(f"  {ln}" for ln in lines[-6:] if not ln.startswith("{")), flush=True)
-            rec_line = next((ln for ln in reversed(lines) if ln.startswith("{")), None)
-            if proc.returncode != 0 or rec_line is None:
-                return {"error": f"onnx worker exit {proc.returncode}", "tail": lines[-20:]}
-            return {**json.loads(rec_line), "worker_seconds": round(time.perf_counter() - started, 1),
+            records, log_lines = worker_output(proc.communicate(timeout=600)[0])
+            print("\n".join(f"  {ln}" for ln in log_lines[-6:]), flush=True)
+            if proc.returncode != 0 or not records:
+                return worker_failure("onnx worker", proc.returncode, log_lines)
+            return {**records[-1], "worker_seconds": round(time.perf_counter() - started, 1),
                     "threads": ONNX_WORKER_THREADS, "ran_beside_gpu_sections": True}
 
         rec.section("onnx", onnx_wait, force=True)  # started after compress: only waits for it
@@ -409,15 +417,12 @@ def main() -> None:
                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             rows = {}
             for name, p in procs.items():
-                out, _ = p.communicate(timeout=540)
-                lines = out.strip().splitlines()
-                print("\n".join(f"  [{name}] {ln}" for ln in lines[-8:]), flush=True)
-                rec_line = next((ln for ln in reversed(lines) if ln.startswith("{")), None)
-                if p.returncode != 0 or rec_line is None:
-                    rows[name] = {"error": f"worker exit {p.returncode}", "tail": lines[-20:]}
+                records, log_lines = worker_output(p.communicate(timeout=540)[0])
+                print("\n".join(f"  [{name}] {ln}" for ln in log_lines[-8:]), flush=True)
+                if p.returncode != 0 or not records:
+                    rows[name] = worker_failure("compile worker", p.returncode, log_lines)
                     continue
-                row = json.loads(rec_line)
-                rows[name] = row
+                row = rows[name] = records[-1]
                 packages[name] = row["package_path"]
                 print(f"  aoti {name}: export {row['export_seconds']} s, compile {row['compile_seconds']} s, "
                       f"{row['package_bytes'] / 2**20:.0f} MB, reused={row['reused']}", flush=True)
@@ -431,14 +436,10 @@ def main() -> None:
             p = subprocess.run([sys.executable, "-W", "ignore", __file__, "--aoti-speed-worker", json.dumps(packages),
                                 "--iterations", str(args.iterations if cuda else 5)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
-            lines = p.stdout.strip().splitlines()
-            rows = [json.loads(ln) for ln in lines if ln.startswith("{")]
-            print("\n".join(f"  {ln}" for ln in lines if not ln.startswith("{")), flush=True)
-            out = {"rows": rows, "worker_exit": p.returncode}
-            if p.returncode != 0:
-                out["error"] = f"speed worker exit {p.returncode}"
-                out["tail"] = lines[-40:]
-            return out
+            rows, log_lines = worker_output(p.stdout)
+            print("\n".join(f"  {ln}" for ln in log_lines), flush=True)
+            failure = worker_failure("speed worker", p.returncode, log_lines) if p.returncode != 0 else {}
+            return {"rows": rows, "worker_exit": p.returncode, **failure}
 
         rec.section("aoti_build", aoti_build, ["dense"] + [n for n in ("attnffn", "deep50") if n in results])
         rec.section("aoti_speed", aoti_speed)
