@@ -46,3 +46,23 @@ def test_device_check_defaults_cpu_smoke(tmp_path):
     assert sections["kernels"]["returncode"] == 0
     assert sections["onnx"]["passed"] and sections["onnx"]["max_abs"] < 1e-4
     assert {(r["batch"], tuple(r["latent"])) for r in sections["speed_extra"]["rows"]} == {(1, (16, 16)), (2, (24, 24)), (2, (32, 32))}
+
+
+def test_device_check_aoti_cpu_smoke(tmp_path):
+    """The aoti group compiles dense and two slim packages, then times them in a fresh process even after
+    --deadline has passed (the deadline keeps a compile from starting late, it must not throw the compile away)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVCHECK_WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""}
+    deadline = 30
+    p = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "device_check.py"), "--groups", "aoti",
+                        "--deadline", str(deadline)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "device_check_aoti.json").read_text())
+    sections = data["sections"]
+    assert list(sections) == ["compress", "deep50", "aoti_build", "aoti_speed"]
+    assert set(sections["aoti_build"]["packages"]) == {"dense", "attnffn", "deep50"}
+    assert all("error" not in row for row in sections["aoti_build"]["packages"].values())
+    speed = sections["aoti_speed"]
+    assert speed["worker_exit"] == 0 and "skipped" not in speed, speed
+    assert {(r["model"], r["batch"]) for r in speed["rows"]} == {(m, b) for m in ("attnffn", "deep50") for b in (2, 8)}
+    assert all(r["dense_p50"] > 0 and r["slim_p50"] > 0 for r in speed["rows"])
+    assert data["total_seconds"] > deadline  # the timing ran after the deadline (compiling takes longer than that)
