@@ -183,7 +183,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
         if cached:
             stats = CalibStats.load(stats_dir) if rank == 0 else None
         else:
-            prompts = select_prompts(bundle, cfg.calib)
+            prompts = select_prompts(bundle, cfg.calib, device=device)
             stats = calibrate(bundle, prompts, cfg.calib, device=device, dtype=dtype, progress=progress)
             if rank == 0:
                 stats.save(stats_dir)

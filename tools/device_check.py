@@ -210,7 +210,7 @@ def main() -> None:
         dt = torch.float16 if cuda else torch.float32
         hc = calib.replace(num_prompts=16 if cuda else 2, num_steps=10 if cuda else 2, num_bins=5 if cuda else 2,
                            batch_size=16 if cuda else 2)
-        prompts = select_prompts(bundle, hc)
+        prompts = select_prompts(bundle, hc, device=dev)
         evals = len(prompts) * hc.num_steps * 2
         hooked = []
         for _ in range(2):  # the first run warms up cuDNN/cuBLAS and the kernel choices

@@ -14,7 +14,7 @@ from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
 from slimexport.calibrate.runner import denoise, initial_latents
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import CalibConfig
-from slimexport.distributed import dist_info
+from slimexport.distributed import broadcast, dist_info
 from slimexport.errors import ResourceError, UsageError
 from slimexport.models.arch import blocks as find_blocks
 from slimexport.models.arch import projections, resnet_blocks
@@ -24,16 +24,31 @@ log = logging.getLogger(__name__)
 ENCODE_BATCH = 64
 
 
-def embed_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
-    """Pooled text embeddings ``[N, P]`` (fp32, CPU) for SlimSet selection."""
-    out = []
-    for i in range(0, len(prompts), ENCODE_BATCH):
-        out.append(bundle.encoder.encode(prompts[i:i + ENCODE_BATCH])[1].float().cpu())
-    return torch.cat(out)
+def embed_prompts(bundle: ModelBundle, prompts: list[str], device: str | torch.device | None = None) -> torch.Tensor:
+    """Pooled text embeddings ``[N, P]`` (fp32, CPU, in the order of ``prompts``) for SlimSet selection.
+
+    Batches hold prompts of similar length (``PromptEncoder.pooled`` pads a batch to its longest prompt only);
+    ``device``: where the encoder runs (a copy; ``None``: where the bundle has it)."""
+    encoder = bundle.encoder if device is None else bundle.encoder.on_device(device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    parts = [encoder.pooled([prompts[i] for i in order[s:s + ENCODE_BATCH]]).float().cpu()
+             for s in range(0, len(order), ENCODE_BATCH)]
+    out = torch.empty(len(prompts), parts[0].shape[-1]) if parts else torch.empty(0, 0)
+    if parts:
+        out[torch.tensor(order)] = torch.cat(parts)
+    return out
 
 
-def select_prompts(bundle: ModelBundle, cfg: CalibConfig) -> list[str]:
-    """SlimSet: ``cfg.num_prompts`` prompts from ``cfg.prompts_file``, the model's own pool, or the shipped pool."""
+def select_prompts(bundle: ModelBundle, cfg: CalibConfig, device: str | torch.device | None = None) -> list[str]:
+    """SlimSet: ``cfg.num_prompts`` prompts from ``cfg.prompts_file``, the model's own pool, or the shipped pool.
+
+    ``device``: where the pool is embedded (``None``: where the bundle's encoder is). Under ``torch.distributed``
+    rank 0's selection is used by every rank (embeddings on different devices may differ in the last bits)."""
+    rank, _ = dist_info()
+    return broadcast(_select(bundle, cfg, device) if rank == 0 else None)
+
+
+def _select(bundle: ModelBundle, cfg: CalibConfig, device) -> list[str]:
     if cfg.prompts_file:
         pool, tags = read_prompts_file(cfg.prompts_file), None
     elif bundle.prompt_pool is not None:
@@ -44,7 +59,7 @@ def select_prompts(bundle: ModelBundle, cfg: CalibConfig) -> list[str]:
         if cfg.num_prompts > len(pool):
             log.warning("asked for %d calibration prompts, the pool has %d: using all of them", cfg.num_prompts, len(pool))
         return pool
-    emb = embed_prompts(bundle, pool)
+    emb = embed_prompts(bundle, pool, device)
     idx = slimset.select_grouped(emb, tags, cfg.num_prompts) if tags else slimset.select(emb, cfg.num_prompts)
     return [pool[i] for i in idx]
 
@@ -84,15 +99,17 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     h, w = bundle.latent_size(cfg.height, cfg.width)
     shape = (int(unet.config.in_channels), h, w)
     show = progress and rank == 0
-    # The conditioning is encoded before the timed loop (the text encoder stays where the bundle has it, often the
-    # CPU): the loop's throughput is then the UNet's with the hooks, comparable to a plain sampling loop.
+    # The conditioning is encoded before the timed loop, by a copy of the text encoder on the UNet's device: the
+    # loop's throughput is then the UNet's with the hooks, comparable to a plain sampling loop.
     t_enc = time.perf_counter()
     batches = [mine[s:s + cfg.batch_size] for s in range(0, len(mine), cfg.batch_size)]
     from tqdm.auto import tqdm
 
+    encoder = bundle.encoder.on_device(device)
     pending = tqdm(batches, desc="encode prompts", unit="batch", dynamic_ncols=True, leave=False, disable=not show)
-    conds = [bundle.encoder.encode([prompts[i] for i in idx])[0] for idx in pending]
-    uncond_one = bundle.encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
+    conds = [encoder.encode([prompts[i] for i in idx])[0] for idx in pending]
+    uncond_one = encoder.encode([""])[0].to(device=device, dtype=dtype) if cfg.use_cfg else None
+    del encoder
     encode_seconds = time.perf_counter() - t_enc
     log.info("encoded %d calibration prompts in %.1f s", len(mine), encode_seconds)
     bar = tqdm(total=len(mine) * cfg.num_steps, desc="calibrate", unit="step", dynamic_ncols=True) if show else None

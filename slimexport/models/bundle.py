@@ -88,9 +88,15 @@ class PromptEncoder(Protocol):
 
     ``encode(prompts) -> (hidden [B, L, D], pooled [B, P])``: ``hidden`` feeds ``encoder_hidden_states``,
     ``pooled`` (L2-normalised by the caller) is the embedding SlimSet selects prompts with.
+    ``pooled(prompts)``: ``encode(prompts)[1]``, possibly computed more cheaply.
+    ``on_device(device)``: the encoder with its weights on ``device`` (itself, or a copy: never moved in place).
     """
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def pooled(self, prompts: list[str]) -> torch.Tensor: ...
+
+    def on_device(self, device: str | torch.device) -> PromptEncoder: ...
 
 
 class CLIPPromptEncoder:
@@ -100,14 +106,26 @@ class CLIPPromptEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval().requires_grad_(False)
 
+    def _ids(self, prompts: list[str], padding: str) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding=padding, max_length=self.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids.to(self.text_encoder.device)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.text_encoder.device)
-        out = self.text_encoder(ids)
+        out = self.text_encoder(self._ids(prompts, "max_length"))
         return out.last_hidden_state, out.pooler_output
+
+    @torch.no_grad()
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """The pooled EOS embedding with the batch padded to its longest prompt, not to 77 tokens.
+
+        Equal to ``encode(prompts)[1]`` up to float summation order: CLIP's causal mask keeps the padding after
+        a prompt's EOS token out of that token's state, and the pooler reads the first EOS."""
+        return self.text_encoder(self._ids(prompts, "longest")).pooler_output
+
+    def on_device(self, device: str | torch.device) -> CLIPPromptEncoder:
+        moved = converted_copy(self.text_encoder, device)
+        return self if moved is self.text_encoder else CLIPPromptEncoder(self.tokenizer, moved)
 
 
 @dataclass

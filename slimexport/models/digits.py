@@ -169,6 +169,14 @@ class DigitsPromptEncoder(nn.Module):
         pooled = mean + BOW_SCALE * mean.norm(dim=-1, keepdim=True) * bow
         return hidden, pooled
 
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts)[1]
+
+    def on_device(self, device: str | torch.device) -> DigitsPromptEncoder:
+        from slimexport.models.bundle import converted_copy
+
+        return converted_copy(self, device)
+
 
 # Calibration prompt pool: templates × digits × (numeral, word). No template may contain a digit or a number word.
 PROMPT_TEMPLATES = (
