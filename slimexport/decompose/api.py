@@ -141,8 +141,9 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             order = ffn.pivoted_cholesky_order(c) if cfg.ffn_selection == "cpqr" else ffn.leverage_order(c)
             order = order.to(device)
             nw1, nb1, nw2 = ffn.ffn_slim_weights(w1, b1, w2, c, order, width)
-            total = float(torch.einsum("ij,ik,kj->", w2.T, c, w2.T))
-            errs[ff_id] = ffn.nystrom_errors(c, order, w2, [width])[width] / total if total > 0 else 0.0
+            total = ffn.total_energy(c, w2)
+            rest = ffn.residual(c, ffn.kept_channels(order, width), nw2, total)  # from the solve just made
+            errs[ff_id] = rest / total if total > 0 else 0.0
         new[f"{ff_id}.net.0.proj.weight"], new[f"{ff_id}.net.0.proj.bias"], new[f"{ff_id}.net.2.weight"] = nw1, nb1, nw2
     for k, t in new.items():
         check_finite(t, f"decomposed weight {k}")
@@ -160,19 +161,20 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
     keep = resnet_nystrom.kept_channels(order, keep_groups, r.group_size).to(device)
     f64 = dict(device=device, dtype=torch.float64)
     w2 = mod.conv2.weight.detach().to(**f64)
+    t = resnet_nystrom.reconstruction(c, keep)  # C[:,S] C[S,S]⁻¹: folded into conv2 and read by the residual
     new = {
         f"{r.path}.conv1.weight": mod.conv1.weight.detach().to(**f64)[keep],
         f"{r.path}.conv1.bias": mod.conv1.bias.detach().to(**f64)[keep],
         f"{r.path}.norm2.weight": mod.norm2.weight.detach().to(**f64)[keep],
         f"{r.path}.norm2.bias": mod.norm2.bias.detach().to(**f64)[keep],
-        f"{r.path}.conv2.weight": resnet_nystrom.fold_conv2(w2, resnet_nystrom.reconstruction(c, keep)),
+        f"{r.path}.conv2.weight": resnet_nystrom.fold_conv2(w2, t),
     }
     if mod.time_emb_proj is not None:
         new[f"{r.path}.time_emb_proj.weight"] = mod.time_emb_proj.weight.detach().to(**f64)[keep]
         new[f"{r.path}.time_emb_proj.bias"] = mod.time_emb_proj.bias.detach().to(**f64)[keep]
     a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
     total = float(torch.einsum("ij,ik,kj->", a, c, a))
-    rel = resnet_nystrom.residual(c, keep, w2) / total if total > 0 else 0.0
+    rel = resnet_nystrom.residual(c, keep, w2, t) / total if total > 0 else 0.0
     for k, t in new.items():
         check_finite(t, f"decomposed weight {k}")
     return new, {"rel_error": {name: max(rel, 0.0)}}

@@ -64,20 +64,32 @@ def least_squares_down(c: torch.Tensor, keep: torch.Tensor, w2: torch.Tensor) ->
     return sol.T
 
 
+def total_energy(c: torch.Tensor, w2: torch.Tensor) -> float:
+    """``tr(A₂ᵀ C A₂)``: the error of keeping no channel."""
+    a2 = w2.T.to(c.dtype)
+    return float(((c @ a2) * a2).sum())
+
+
+def residual(c: torch.Tensor, keep: torch.Tensor, down: torch.Tensor, total: float) -> float:
+    """``tr(A₂ᵀ (C/C[S,S]) A₂) = tr(A₂ᵀ C A₂) − tr(Bᵀ C[S,S] B)`` for the least-squares down-projection of ``keep``.
+
+    Args:
+        down: :func:`least_squares_down` of ``keep`` (torch layout ``[C_out, r]``); total: :func:`total_energy`.
+    """
+    if keep.numel() >= c.shape[0]:
+        return 0.0
+    b = down.T.to(c.dtype)  # [r, C_out]
+    explained = float(((c[keep][:, keep] @ b) * b).sum())
+    return max(total - explained, 0.0)
+
+
 def nystrom_errors(c: torch.Tensor, order: torch.Tensor, w2: torch.Tensor, widths: list[int]) -> dict[int, float]:
     """Residual ``tr(A₂ᵀ (C/C[S,S]) A₂)`` for the first ``r`` channels of ``order``, for each ``r`` in ``widths``."""
-    a2 = w2.T.to(c.dtype)
-    total = float(torch.einsum("ij,ik,kj->", a2, c, a2))
+    total = total_energy(c, w2)
     out = {}
     for r in widths:
-        if r >= c.shape[0]:
-            out[r] = 0.0
-            continue
         keep = order[:r]
-        b = least_squares_down(c, keep, w2).T  # [r, C_out]
-        # tr(A₂ᵀ C A₂) − tr(Bᵀ C[S,S] B) for the least-squares B
-        explained = float(torch.einsum("ij,ik,kj->", b, c[keep][:, keep], b))
-        out[r] = max(total - explained, 0.0)
+        out[r] = 0.0 if r >= c.shape[0] else residual(c, keep, least_squares_down(c, keep, w2), total)
     return out
 
 
@@ -96,6 +108,11 @@ def ffn_slim_weights(
         ``(proj.weight [2r, C], proj.bias [2r], net.2.weight [C_out, r])``.
     """
     m = w2.shape[1]
-    keep = torch.sort(order[:width]).values  # sorted: full width reproduces the dense layer's channel order
+    keep = kept_channels(order, width)
     rows = torch.cat([keep, keep + m])
     return w1[rows], b1[rows], least_squares_down(c, keep, w2)
+
+
+def kept_channels(order: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` channels of ``order``, sorted: full width reproduces the dense layer's channel order."""
+    return torch.sort(order[:width]).values

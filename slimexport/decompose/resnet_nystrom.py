@@ -72,9 +72,11 @@ def fold_conv2(w2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ockl,cs->oskl", w2, t.to(w2.dtype))
 
 
-def residual(c: torch.Tensor, keep: torch.Tensor, w2: torch.Tensor) -> float:
-    """``tr(Aᵀ (C − C[:,S] C[S,S]⁻¹ C[S,:]) A)`` with ``A[c, (o,kh,kw)] = W2[o, c, kh, kw]`` (taps treated as outputs)."""
+def residual(c: torch.Tensor, keep: torch.Tensor, w2: torch.Tensor, t: torch.Tensor | None = None) -> float:
+    """``tr(Aᵀ (C − C[:,S] C[S,S]⁻¹ C[S,:]) A)`` with ``A[c, (o,kh,kw)] = W2[o, c, kh, kw]`` (taps treated as outputs).
+
+    ``t``: :func:`reconstruction` of ``keep`` where the caller has it already."""
     a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1).to(c.dtype)
-    t = reconstruction(c, keep)
+    t = reconstruction(c, keep) if t is None else t
     schur = c - t @ c[keep, :]
     return float(torch.einsum("ij,ik,kj->", a, schur, a))

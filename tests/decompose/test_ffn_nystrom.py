@@ -3,9 +3,12 @@ import torch
 
 from slimexport.decompose.ffn_nystrom import (
     ffn_slim_weights,
+    kept_channels,
     leverage_order,
     nystrom_errors,
     pivoted_cholesky_order,
+    residual,
+    total_energy,
 )
 
 
@@ -34,6 +37,9 @@ def test_residual_formula_matches_least_squares_error(width):
     keep = torch.sort(order[:width]).values
     measured = float(((z @ w2.T - z[:, keep] @ nw2.T) ** 2).sum())
     assert measured == pytest.approx(nystrom_errors(c, order, w2, [width])[width], rel=1e-6)
+    # the decomposition's own error, read from the down-projection it just solved for (no second solve)
+    assert measured == pytest.approx(residual(c, kept_channels(order, width), nw2, total_energy(c, w2)), rel=1e-6)
+    assert total_energy(c, w2) == pytest.approx(float(((z @ w2.T) ** 2).sum()), rel=1e-9)
 
 
 def test_pivots_are_nested_and_greedy_on_diagonal():
