@@ -161,20 +161,20 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
     keep = resnet_nystrom.kept_channels(order, keep_groups, r.group_size).to(device)
     f64 = dict(device=device, dtype=torch.float64)
     w2 = mod.conv2.weight.detach().to(**f64)
-    t = resnet_nystrom.reconstruction(c, keep)  # C[:,S] C[S,S]⁻¹: folded into conv2 and read by the residual
+    recon = resnet_nystrom.reconstruction(c, keep)  # C[:,S] C[S,S]⁻¹: folded into conv2 and read by the residual
     new = {
         f"{r.path}.conv1.weight": mod.conv1.weight.detach().to(**f64)[keep],
         f"{r.path}.conv1.bias": mod.conv1.bias.detach().to(**f64)[keep],
         f"{r.path}.norm2.weight": mod.norm2.weight.detach().to(**f64)[keep],
         f"{r.path}.norm2.bias": mod.norm2.bias.detach().to(**f64)[keep],
-        f"{r.path}.conv2.weight": resnet_nystrom.fold_conv2(w2, t),
+        f"{r.path}.conv2.weight": resnet_nystrom.fold_conv2(w2, recon),
     }
     if mod.time_emb_proj is not None:
         new[f"{r.path}.time_emb_proj.weight"] = mod.time_emb_proj.weight.detach().to(**f64)[keep]
         new[f"{r.path}.time_emb_proj.bias"] = mod.time_emb_proj.bias.detach().to(**f64)[keep]
     a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
     total = float(torch.einsum("ij,ik,kj->", a, c, a))
-    rel = resnet_nystrom.residual(c, keep, w2, t) / total if total > 0 else 0.0
+    rel = resnet_nystrom.residual(c, keep, w2, recon) / total if total > 0 else 0.0
     for k, t in new.items():
         check_finite(t, f"decomposed weight {k}")
     return new, {"rel_error": {name: max(rel, 0.0)}}
