@@ -200,13 +200,17 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
     plan_path = out_dir / "plan.json"
     cached = plan_cached = manifest.cached("plan", plan_key)
+    factors = None  # the greedy allocation's factorisations, handed to the decomposition
     with _Stage(records, "allocate", cached, device):
         if cached:
             plan = read_json(plan_path, "rank plan")
         else:
             from slimexport.allocate.api import plan_ranks
+            from slimexport.decompose.api import Factorisations
 
-            plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=bundle.latent_size(cfg.calib.height, cfg.calib.width))
+            factors = Factorisations() if cfg.alloc.method == "greedy" else None
+            plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=bundle.latent_size(cfg.calib.height, cfg.calib.width),
+                              factors=factors)
             write_json(plan_path, plan)
             manifest.record("plan", plan_key, [plan_path], 0.0)
 
@@ -220,7 +224,8 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
             from slimexport.decompose.api import slim_unet
             from slimexport.slim.apply import save_slim_unet
 
-            slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress)
+            slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress, factors=factors)
+            log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
             for name, err in diag["rel_error"].items():
                 plan["modules"][name]["rel_error"] = err
             plan["cholesky_fallbacks"] = diag["cholesky_fallbacks"]
@@ -235,7 +240,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
                                                          "budget": cfg.alloc.budget, "plan_sha256": sha256_json(plan),
                                                          "params": plan["params"], "ranks": plan["ranks"]})
             manifest.record("slim", slim_key, [slim_dir], 0.0)
-            del slim
+            del slim, factors
     move(bundle.unet, "cpu")
     manifest.set("params", plan["params"])
     manifest.save()

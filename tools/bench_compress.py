@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="calibration image size in pixels")
     ap.add_argument("--budget", type=float, default=0.73)
     ap.add_argument("--targets", default="attn,ffn")
+    ap.add_argument("--allocation", default="softmax", choices=("softmax", "uniform", "greedy"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -39,7 +40,7 @@ def main() -> None:
         model=args.model, random_weights=args.random_weights, device=args.device,
         calib=CalibConfig(num_prompts=args.prompts, num_steps=args.steps, num_bins=min(5, args.steps),
                           batch_size=args.batch, height=args.size, width=args.size),
-        alloc=AllocConfig(budget=args.budget, targets=tuple(args.targets.split(","))),
+        alloc=AllocConfig(budget=args.budget, targets=tuple(args.targets.split(",")), method=args.allocation),
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +52,7 @@ def main() -> None:
     out = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.node()} ({torch.get_num_threads()} threads)",
         "device": device, "model": args.model, "random_weights": args.random_weights, "prompts": args.prompts,
-        "steps": args.steps, "budget": args.budget, "targets": args.targets, "wall_s": round(wall, 1),
+        "steps": args.steps, "budget": args.budget, "targets": args.targets, "allocation": args.allocation, "wall_s": round(wall, 1),
         "peak_rss_mb": round(peak_rss), "stats_mb": round(stats_bytes / 2**20),
         "stages": {k: {"seconds": round(v.seconds, 2), "cached": v.cached, "peak_mb": v.peak_memory_mb} for k, v in res.stages.items()},
         "params": res.plan["params"], "macs": res.plan.get("macs"),

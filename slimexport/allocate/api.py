@@ -15,7 +15,7 @@ from slimexport.allocate.budget import (
     max_step_cost,
     softmax_weights,
 )
-from slimexport.allocate.scores import module_score
+from slimexport.allocate.scores import module_score, plan_weights
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import AllocConfig, DecomposeConfig
 from slimexport.models.arch import (
@@ -192,10 +192,12 @@ def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocCon
 
 
 def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig,
-               latent_hw: tuple[int, int] | None = None) -> dict:
+               latent_hw: tuple[int, int] | None = None, factors=None) -> dict:
     """The rank plan: ``{"ranks": {module: rank}, "modules": {...}, "params": {...}, ...}``.
 
-    ``latent_hw`` (default: the UNet's sample size) sets the token counts of the ``macs`` metric.
+    ``latent_hw`` (default: the UNet's sample size) sets the token counts of the ``macs`` metric. ``factors``
+    (a :class:`~slimexport.decompose.api.Factorisations`): where the greedy allocation's error curves leave
+    their factorisations for the decomposition.
     """
     greedy = acfg.method == "greedy"
     if greedy and (dcfg.qkvo_method != "whiten" or dcfg.ffn_selection not in ("cpqr", "leverage")):
@@ -235,7 +237,7 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     if greedy:
         from slimexport.decompose.curves import module_curves
 
-        curves = module_curves(unet, stats, scored, dcfg)
+        curves = module_curves(unet, stats, scored, dcfg, factors=factors)
         weights = {n: s["ms"].propagation ** 2 for n, s in scored.items()}  # output energy / residual-stream energy
         ranks = allocate_greedy(modules, budget, curves, weights)
         temperature = math.inf  # pi below: uniform, unused
@@ -254,7 +256,7 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         "modules": {
             m.name: {"kind": m.kind, "rank": ranks[m.name], "max_rank": m.max_rank, "keep": ranks[m.name] / m.max_rank,
                      "unit_cost": param_cost[m.name], "alloc_cost": m.unit_cost, "quantum": m.quantum, "r_min": m.r_min, "score": m.score, "softmax": p,
-                     "timestep_weights": [round(float(x), 6) for x in scored[m.name]["ms"].bin_weights],
+                     "timestep_weights": plan_weights(scored[m.name]["ms"].bin_weights),
                      **({"rel_error": float(curves[m.name][ranks[m.name]]), "weight": weights[m.name]} if greedy else {})}
             for m, p in zip(modules, pi)
         },

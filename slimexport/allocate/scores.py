@@ -86,6 +86,12 @@ def module_score(stats: CalibStats, block: Info, kind: str, weight_fro2: float, 
     return ModuleScore(sis=sis, weights=w, bin_weights=bins, score=score, propagation=g)
 
 
+def plan_weights(bin_weights: torch.Tensor) -> list[float]:
+    """Timestep-bin weights as the plan records them (rounded to 6 decimals). The greedy allocation's error curves
+    aggregate with these too, so that they and the decomposition factor the very same matrices."""
+    return [round(float(x), 6) for x in bin_weights]
+
+
 def aggregate(stats: CalibStats, block: Info, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
     """Time-aggregated, trace-normalised correlation ``C̄`` (fp64) of ``<block>.<key>``."""
     c = stats.corr[f"{block.path}.{key}"].double()

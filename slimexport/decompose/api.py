@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from slimexport.decompose import resnet_nystrom
 from slimexport.decompose.linalg import check_finite, cholesky, ridge
 from slimexport.decompose.proj_svd import proj_factors
 from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
-from slimexport.models.arch import PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
+from slimexport.models.arch import FFN_KIND, PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
 from slimexport.slim.apply import install_processors, replace_linears
 from slimexport.slim.lowrank import dense_weight, factor_layer
 
@@ -69,6 +70,89 @@ class _Whitener:
         return self._cache[ck]
 
 
+def factorise(mod, kind: str, W: _Whitener, bin_weights: torch.Tensor | None, cfg: DecomposeConfig, device):
+    """One module's factorisation at every rank, the part the error curves and the decomposition share.
+
+    Args:
+        mod: the module holding it (transformer block, ResNet block or transformer); ``kind``: ``attn1.qk``,
+            ``attn1.vo``, ``attn2.qk``, ``attn2.vo``, ``ff``, ``resnet``, ``proj_in`` or ``proj_out``.
+        W: the whitener of ``mod``'s statistics; ``bin_weights``: the plan's timestep weights of the module.
+
+    Returns:
+        :class:`HeadFactors` (attention pairs; plain weight SVD unless ``qkvo_method`` is ``whiten``), the channel
+        selection order (``ff``), the group order (``resnet``) or :class:`ProjFactors` (projections).
+    """
+    whiten = cfg.qkvo_method == "whiten"
+
+    def w(layer) -> torch.Tensor:
+        return layer.weight.detach().to(device=device, dtype=torch.float64)
+
+    def chol(key: str) -> torch.Tensor | None:
+        return W.chol(key, bin_weights) if whiten else None
+
+    if kind == FFN_KIND:
+        return ffn_order(W.corr("z", bin_weights), cfg)
+    if kind == RESNET_KIND:
+        return resnet_nystrom.group_pivoted_order(W.corr("r", bin_weights), W.block.group_size)
+    if kind in PROJ_KINDS:
+        weight = dense_weight(getattr(mod, kind))[0].detach().to(device=device, dtype=torch.float64)
+        return proj_factors(weight, chol("pi" if kind == "proj_in" else "po"))
+    which, pair = kind.split(".")
+    attn = getattr(mod, which)
+    q_key, kv_key = ATTN_INPUTS[which]
+    if pair == "qk":
+        return qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, chol(q_key), chol(kv_key))
+    return vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, chol(kv_key))
+
+
+def ffn_order(c: torch.Tensor, cfg: DecomposeConfig) -> torch.Tensor:
+    """The FFN channels' selection order from their correlation (``cpqr`` or ``leverage``)."""
+    return ffn.pivoted_cholesky_order(c) if cfg.ffn_selection == "cpqr" else ffn.leverage_order(c)
+
+
+class Factorisations:
+    """The factorisations of one compress run: made once for the greedy allocation's error curves, then taken
+    by the decomposition (which would otherwise factor every module a second time).
+
+    Holds each module's :func:`factorise` result keyed by module name and timestep weights, and each block's
+    :class:`_Whitener` (its Cholesky fallbacks are counted once, there). The decomposition takes (removes) what
+    it uses, releasing memory block by block. Valid for one UNet, one set of statistics, one config, one device.
+    """
+
+    def __init__(self):
+        self._whiteners: dict[str, _Whitener] = {}
+        self._made: dict[tuple, Any] = {}
+        self.reused = 0
+
+    def whitener(self, stats: CalibStats, block, cfg: DecomposeConfig, device, take: bool = False) -> _Whitener:
+        """The block's whitener: kept for later, or (``take``) handed over and forgotten."""
+        if take:
+            return self._whiteners.pop(block.path, None) or _Whitener(stats, block, cfg, device)
+        return self._whiteners.setdefault(block.path, _Whitener(stats, block, cfg, device))
+
+    def factorise(self, name: str, mod, kind: str, W: _Whitener, bin_weights: torch.Tensor | None,
+                  cfg: DecomposeConfig, device, take: bool = False) -> Any:
+        """:func:`factorise`, made once: kept for later, or (``take``) handed over and forgotten."""
+        key = (name, None if bin_weights is None else tuple(bin_weights.tolist()))
+        if key in self._made:
+            self.reused += int(take)
+            return self._made.pop(key) if take else self._made[key]
+        made = factorise(mod, kind, W, bin_weights, cfg, device)
+        if not take:
+            self._made[key] = made
+        return made
+
+
+def _whitener(factors: Factorisations | None, stats: CalibStats, block, cfg: DecomposeConfig, device) -> _Whitener:
+    return _Whitener(stats, block, cfg, device) if factors is None else factors.whitener(stats, block, cfg, device, take=True)
+
+
+def _factorised(factors: Factorisations | None, name: str, mod, kind: str, W: _Whitener, bin_weights, cfg, device):
+    if factors is None:
+        return factorise(mod, kind, W, bin_weights, cfg, device)
+    return factors.factorise(name, mod, kind, W, bin_weights, cfg, device, take=True)
+
+
 def _random_factors(w1: torch.Tensor, w2: torch.Tensor, heads: int, seed: int, vo: bool) -> HeadFactors:
     """Baseline: a random orthonormal r-dim subspace of each head (no activations, no spectrum)."""
     from slimexport.decompose.whiten_svd import split_heads_in
@@ -85,24 +169,25 @@ def _random_factors(w1: torch.Tensor, w2: torch.Tensor, heads: int, seed: int, v
     return HeadFactors(left=a1 @ q, right=a2 @ q, sigma=torch.zeros(heads, d, dtype=torch.float64, device=a1.device))
 
 
-def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
+                    factors: Factorisations | None = None) -> tuple[dict, dict]:
     """New weights (torch layout, fp64) for every planned module of one block, and each module's relative error.
 
     The relative error is the whitened error at the planned rank over the error at rank 0 (for ``whiten``
-    and ``cpqr``/``leverage``), the quantity the closed forms minimise.
+    and ``cpqr``/``leverage``), the quantity the closed forms minimise. ``factors``: what the error curves
+    factored already (taken from there instead of factored again).
     """
     ranks = plan["ranks"]
     mod = unet.get_submodule(block.path)
-    W = _Whitener(stats, block, cfg, device)
+    W = _whitener(factors, stats, block, cfg, device)
     new: dict[str, torch.Tensor] = {}
     errs: dict[str, float] = {}
-    whiten = cfg.qkvo_method == "whiten"
     seed = cfg.seed + sum(map(ord, block.path))
 
     def w(linear) -> torch.Tensor:
         return linear.weight.detach().to(device=device, dtype=torch.float64)
 
-    for name, (q_key, ctx_key) in ATTN_INPUTS.items():
+    for name in ATTN_INPUTS:
         attn = getattr(mod, name)
         qk_id, vo_id = f"{block.path}.{name}.qk", f"{block.path}.{name}.vo"
         if qk_id in ranks:
@@ -110,9 +195,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             if cfg.qkvo_method == "random":
                 f = _random_factors(w(attn.to_q), w(attn.to_k), attn.heads, seed, vo=False)
             else:
-                Lq = W.chol(q_key, bw) if whiten else None
-                Lk = W.chol(ctx_key, bw) if whiten else None
-                f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, Lq, Lk)
+                f = _factorised(factors, qk_id, mod, f"{name}.qk", W, bw, cfg, device)
             q, k = qk_weights(f, ranks[qk_id])
             new[f"{block.path}.{name}.to_q.weight"], new[f"{block.path}.{name}.to_k.weight"] = q, k
             errs[qk_id] = _rel(f, ranks[qk_id])
@@ -121,8 +204,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             if cfg.qkvo_method == "random":
                 f = _random_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, seed + 1, vo=True)
             else:
-                Lv = W.chol(ctx_key, bw) if whiten else None
-                f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, Lv)
+                f = _factorised(factors, vo_id, mod, f"{name}.vo", W, bw, cfg, device)
             v, o = vo_weights(f, ranks[vo_id])
             new[f"{block.path}.{name}.to_v.weight"], new[f"{block.path}.{name}.to_out.0.weight"] = v, o
             errs[vo_id] = _rel(f, ranks[vo_id])
@@ -137,9 +219,9 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             nw1, nb1, nw2 = w1[torch.cat([keep, keep + w2.shape[1]])], b1[torch.cat([keep, keep + w2.shape[1]])], w2[:, keep]
             errs[ff_id] = float("nan")
         else:
-            c = W.corr("z", _weights_of(plan, ff_id))
-            order = ffn.pivoted_cholesky_order(c) if cfg.ffn_selection == "cpqr" else ffn.leverage_order(c)
-            order = order.to(device)
+            bw = _weights_of(plan, ff_id)
+            c = W.corr("z", bw)
+            order = _factorised(factors, ff_id, mod, FFN_KIND, W, bw, cfg, device).to(device)
             nw1, nb1, nw2 = ffn.ffn_slim_weights(w1, b1, w2, c, order, width)
             total = ffn.total_energy(c, w2)
             rest = ffn.residual(c, ffn.kept_channels(order, width), nw2, total)  # from the solve just made
@@ -150,14 +232,16 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
     return new, {"rel_error": errs, "cholesky_fallbacks": W.fallbacks}
 
 
-def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
+                     factors: Factorisations | None = None) -> tuple[dict, dict]:
     """Group-pivoted Nyström of one ResNet block's inner channels at the planned number of groups."""
     name = f"{r.path}.{RESNET_KIND}"
     keep_groups = plan["ranks"][name]
     mod = unet.get_submodule(r.path)
-    c = ridge(aggregate(stats, r, "r", _weights_of(plan, name)).to(device), cfg.ridge)
-    check_finite(c, f"time-aggregated correlation of {r.path}'s inner channels")
-    order = resnet_nystrom.group_pivoted_order(c, r.group_size)
+    bw = _weights_of(plan, name)
+    W = _whitener(factors, stats, r, cfg, device)
+    c = W.corr("r", bw)
+    order = _factorised(factors, name, mod, RESNET_KIND, W, bw, cfg, device)
     keep = resnet_nystrom.kept_channels(order, keep_groups, r.group_size).to(device)
     f64 = dict(device=device, dtype=torch.float64)
     w2 = mod.conv2.weight.detach().to(**f64)
@@ -180,14 +264,15 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
     return new, {"rel_error": {name: max(rel, 0.0)}}
 
 
-def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device) -> tuple[dict, dict]:
+def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
+                   factors: Factorisations | None = None) -> tuple[dict, dict]:
     """Whitened-SVD factors ``(U, V, bias)`` of each planned projection of one transformer below its break-even rank.
 
     A projection planned at its break-even rank (``max_rank``) stays dense and is not returned."""
     mod = unet.get_submodule(t.path)
-    W = _Whitener(stats, t, cfg, device)
+    W = _whitener(factors, stats, t, cfg, device)
     new, errs = {}, {}
-    for kind, key in zip(PROJ_KINDS, ("pi", "po")):
+    for kind in PROJ_KINDS:
         name = f"{t.path}.{kind}"
         if name not in plan["ranks"]:
             continue
@@ -195,10 +280,9 @@ def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: Decomp
         if rank >= plan["modules"][name]["max_rank"]:
             errs[name] = 0.0
             continue
-        w, b = dense_weight(getattr(mod, kind))
-        L = W.chol(key, _weights_of(plan, name)) if cfg.qkvo_method == "whiten" else None
-        f = proj_factors(w.detach().to(device=device, dtype=torch.float64), L)
+        f = _factorised(factors, name, mod, kind, W, _weights_of(plan, name), cfg, device)
         u, v = f.truncate(rank)
+        b = dense_weight(getattr(mod, kind))[1]
         bias = None if b is None else b.detach().to(device=device, dtype=torch.float64)
         for part, x in (("u", u), ("v", v), ("bias", bias)):
             if x is not None:
@@ -213,11 +297,17 @@ def _rel(f: HeadFactors, rank: int) -> float:
     return float(f.error(rank)) / total if total > 0 else 0.0
 
 
-def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=None, progress: bool = True):
+def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=None, progress: bool = True,
+              factors: Factorisations | None = None):
     """A slim copy of ``unet`` with every planned module replaced by its decomposition at the planned rank.
 
+    Args:
+        factors: the factorisations the greedy allocation's error curves made (:func:`module_curves`) for this
+            UNet, statistics, config and device: taken from there, not made again.
+
     Returns:
-        ``(slim_unet, diagnostics)``; diagnostics hold per-module relative errors and Cholesky fallbacks.
+        ``(slim_unet, diagnostics)``; diagnostics hold per-module relative errors, Cholesky fallbacks and the
+        number of factorisations reused.
     """
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     slim = copy.deepcopy(unet)
@@ -229,18 +319,18 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
 
         it = tqdm(blocks, desc="decompose", unit="block", dynamic_ncols=True)
     for block in it:
-        new, d = decompose_block(unet, block, stats, plan, cfg, device)
+        new, d = decompose_block(unet, block, stats, plan, cfg, device, factors)
         replace_linears(slim, new)
         diag["rel_error"].update(d["rel_error"])
         diag["cholesky_fallbacks"] += d["cholesky_fallbacks"]
     for r in stats.resnets:
         if f"{r.path}.{RESNET_KIND}" in plan["ranks"]:
-            new, d = decompose_resnet(unet, r, stats, plan, cfg, device)
+            new, d = decompose_resnet(unet, r, stats, plan, cfg, device, factors)
             replace_linears(slim, new)
             diag["rel_error"].update(d["rel_error"])
     for t in stats.projs:
         if any(f"{t.path}.{k}" in plan["ranks"] for k in PROJ_KINDS):
-            new, d = decompose_proj(unet, t, stats, plan, cfg, device)
+            new, d = decompose_proj(unet, t, stats, plan, cfg, device, factors)
             parent = slim.get_submodule(t.path)
             for name, (u, v, b) in new.items():
                 factor_layer(parent, name.rsplit(".", 1)[1], u, v, b)
@@ -249,5 +339,6 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
     if diag["cholesky_fallbacks"]:
         log.warning("%d correlation(s) were ill-conditioned and needed the Cholesky fallback (eigenvalue shift)",
                     diag["cholesky_fallbacks"])
+    diag["factorisations_reused"] = factors.reused if factors is not None else 0
     install_processors(slim)
     return slim.eval().requires_grad_(False), diag

@@ -41,58 +41,44 @@ def relative(err: torch.Tensor) -> torch.Tensor:
     return err / total if total > 0 else torch.zeros_like(err)
 
 
-def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None) -> dict[str, torch.Tensor]:
+def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None, factors=None) -> dict[str, torch.Tensor]:
     """Relative whitened error at every rank ``0..max_rank`` of each scored module (``allocate.api.score_modules``).
 
-    Uses the decompositions' own statistics (time-aggregated with each module's timestep weights, ridged) and
-    selection orders, so the curve at the planned rank is the error the decomposition then has.
+    Uses the decompositions' own statistics (time-aggregated with each module's timestep weights as the plan
+    records them, ridged) and selection orders, so the curve at the planned rank is the error the decomposition
+    then has. ``factors`` (a :class:`~slimexport.decompose.api.Factorisations`) keeps the factorisations for the
+    decomposition.
     """
     from slimexport.allocate.api import max_rank
-    from slimexport.decompose import ffn_nystrom as ffn
+    from slimexport.allocate.scores import plan_weights
     from slimexport.decompose import resnet_nystrom
-    from slimexport.decompose.api import ATTN_INPUTS, _Whitener
-    from slimexport.decompose.proj_svd import proj_factors
-    from slimexport.decompose.whiten_svd import qk_factors, vo_factors
-    from slimexport.slim.lowrank import dense_weight
+    from slimexport.decompose.api import Factorisations
 
     device = torch.device(device) if device is not None else next(unet.parameters()).device
-    whiteners: dict[str, _Whitener] = {}
+    factors = factors if factors is not None else Factorisations()
+
+    def w(layer) -> torch.Tensor:
+        return layer.weight.detach().to(device=device, dtype=torch.float64)
+
     out = {}
     for name, s in scored.items():
         block, kind = s["block"], s["kind"]
-        bw = s["ms"].bin_weights
-        W = whiteners.setdefault(block.path, _Whitener(stats, block, dcfg, device))
+        bw = torch.tensor(plan_weights(s["ms"].bin_weights), dtype=torch.float64)
+        W = factors.whitener(stats, block, dcfg, device)
         mod = unet.get_submodule(block.path)
-
-        def w(layer) -> torch.Tensor:
-            return layer.weight.detach().to(device=device, dtype=torch.float64)
-
-        if kind in ("attn1.qk", "attn2.qk"):
-            attn = getattr(mod, kind.split(".")[0])
-            q_key, kv_key = ATTN_INPUTS[kind.split(".")[0]]
-            f = qk_factors(w(attn.to_q), w(attn.to_k), attn.heads, W.chol(q_key, bw), W.chol(kv_key, bw))
-            curve = relative(f.errors())
-        elif kind in ("attn1.vo", "attn2.vo"):
-            attn = getattr(mod, kind.split(".")[0])
-            kv_key = ATTN_INPUTS[kind.split(".")[0]][1]
-            f = vo_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, W.chol(kv_key, bw))
-            curve = relative(f.errors())
-        elif kind == "ff":
-            c = W.corr("z", bw)
-            order = ffn.pivoted_cholesky_order(c) if dcfg.ffn_selection == "cpqr" else ffn.leverage_order(c)
-            curve = relative(prefix_errors(c, order, w(mod.ff.net[2]).T))
-        elif kind == "resnet":
-            c = W.corr("r", bw)
+        f = factors.factorise(name, mod, kind, W, bw, dcfg, device)
+        if kind == "ff":  # f: the channel order
+            curve = relative(prefix_errors(W.corr("z", bw), f, w(mod.ff.net[2]).T))
+        elif kind == "resnet":  # f: the group order
             g = block.group_size
-            channels = resnet_nystrom.group_channels(resnet_nystrom.group_pivoted_order(c, g), g)
             w2 = w(mod.conv2)
             a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
-            curve = relative(prefix_errors(c, channels, a))[::g]  # whole groups: rank = groups kept
-        else:  # proj_in / proj_out: rank up to the break-even rank, where the layer stays dense
-            f = proj_factors(dense_weight(getattr(mod, kind))[0].detach().to(device=device, dtype=torch.float64),
-                             W.chol("pi" if kind == "proj_in" else "po", bw))
+            curve = relative(prefix_errors(W.corr("r", bw), resnet_nystrom.group_channels(f, g), a))[::g]  # rank = groups kept
+        elif kind in ("proj_in", "proj_out"):  # rank up to the break-even rank, where the layer stays dense
             d = max_rank(block, kind)
             curve = relative(tail_sums(f.sigma**2))[: d + 1].clone()
             curve[d] = 0.0
+        else:  # attention pairs: HeadFactors
+            curve = relative(f.errors())
         out[name] = curve.detach().cpu()
     return out

@@ -72,6 +72,25 @@ def test_greedy_plan_reports_the_errors_the_decomposition_has(tiny, tiny_stats):
         assert m["rel_error"] == pytest.approx(diag["rel_error"][name], rel=1e-6, abs=1e-9), name
 
 
+def test_decomposition_reuses_the_curves_factorisations_exactly(tiny, tiny_stats):
+    """Taking the error curves' factorisations gives the very weights factoring again gives, and every one is used."""
+    from slimexport.allocate.api import plan_ranks
+    from slimexport.decompose.api import Factorisations, slim_unet
+
+    acfg = AllocConfig(budget=0.6, method="greedy", targets=("attn", "ffn", "resnet", "proj"))
+    factors = Factorisations()
+    plan = plan_ranks(tiny.unet, tiny_stats, DecomposeConfig(), acfg, factors=factors)
+    reused, d_reused = slim_unet(tiny.unet, tiny_stats, plan, DecomposeConfig(), progress=False, factors=factors)
+    fresh, d_fresh = slim_unet(tiny.unet, tiny_stats, plan, DecomposeConfig(), progress=False)
+    below_break_even = [n for n, m in plan["modules"].items() if not (m["kind"] in ("proj_in", "proj_out") and m["rank"] >= m["max_rank"])]
+    assert d_reused["factorisations_reused"] == len(below_break_even) and d_fresh["factorisations_reused"] == 0
+    a, b = reused.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert d_reused["rel_error"] == d_fresh["rel_error"] and d_reused["cholesky_fallbacks"] == d_fresh["cholesky_fallbacks"]
+    for name, m in plan["modules"].items():  # the curves and the decomposition factor the same matrices now
+        assert m["rel_error"] == pytest.approx(d_reused["rel_error"][name], rel=1e-9, abs=1e-12), name
+
+
 @pytest.mark.parametrize("targets", [("attn", "ffn"), ("attn", "ffn", "resnet", "proj")])
 def test_greedy_beats_softmax_and_uniform_on_its_objective(tiny, tiny_stats, targets):
     from slimexport.allocate.api import plan_ranks
