@@ -143,16 +143,6 @@ class Factorisations:
         return made
 
 
-def _whitener(factors: Factorisations | None, stats: CalibStats, block, cfg: DecomposeConfig, device) -> _Whitener:
-    return _Whitener(stats, block, cfg, device) if factors is None else factors.whitener(stats, block, cfg, device, take=True)
-
-
-def _factorised(factors: Factorisations | None, name: str, mod, kind: str, W: _Whitener, bin_weights, cfg, device):
-    if factors is None:
-        return factorise(mod, kind, W, bin_weights, cfg, device)
-    return factors.factorise(name, mod, kind, W, bin_weights, cfg, device, take=True)
-
-
 def _random_factors(w1: torch.Tensor, w2: torch.Tensor, heads: int, seed: int, vo: bool) -> HeadFactors:
     """Baseline: a random orthonormal r-dim subspace of each head (no activations, no spectrum)."""
     from slimexport.decompose.whiten_svd import split_heads_in
@@ -170,16 +160,16 @@ def _random_factors(w1: torch.Tensor, w2: torch.Tensor, heads: int, seed: int, v
 
 
 def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
-                    factors: Factorisations | None = None) -> tuple[dict, dict]:
+                    factors: Factorisations) -> tuple[dict, dict]:
     """New weights (torch layout, fp64) for every planned module of one block, and each module's relative error.
 
     The relative error is the whitened error at the planned rank over the error at rank 0 (for ``whiten``
     and ``cpqr``/``leverage``), the quantity the closed forms minimise. ``factors``: what the error curves
-    factored already (taken from there instead of factored again).
+    factored already is taken from there instead of factored again (an empty one: everything is factored here).
     """
     ranks = plan["ranks"]
     mod = unet.get_submodule(block.path)
-    W = _whitener(factors, stats, block, cfg, device)
+    W = factors.whitener(stats, block, cfg, device, take=True)
     new: dict[str, torch.Tensor] = {}
     errs: dict[str, float] = {}
     seed = cfg.seed + sum(map(ord, block.path))
@@ -195,7 +185,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             if cfg.qkvo_method == "random":
                 f = _random_factors(w(attn.to_q), w(attn.to_k), attn.heads, seed, vo=False)
             else:
-                f = _factorised(factors, qk_id, mod, f"{name}.qk", W, bw, cfg, device)
+                f = factors.factorise(qk_id, mod, f"{name}.qk", W, bw, cfg, device, take=True)
             q, k = qk_weights(f, ranks[qk_id])
             new[f"{block.path}.{name}.to_q.weight"], new[f"{block.path}.{name}.to_k.weight"] = q, k
             errs[qk_id] = _rel(f, ranks[qk_id])
@@ -204,7 +194,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
             if cfg.qkvo_method == "random":
                 f = _random_factors(w(attn.to_v), w(attn.to_out[0]), attn.heads, seed + 1, vo=True)
             else:
-                f = _factorised(factors, vo_id, mod, f"{name}.vo", W, bw, cfg, device)
+                f = factors.factorise(vo_id, mod, f"{name}.vo", W, bw, cfg, device, take=True)
             v, o = vo_weights(f, ranks[vo_id])
             new[f"{block.path}.{name}.to_v.weight"], new[f"{block.path}.{name}.to_out.0.weight"] = v, o
             errs[vo_id] = _rel(f, ranks[vo_id])
@@ -221,7 +211,7 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
         else:
             bw = _weights_of(plan, ff_id)
             c = W.corr("z", bw)
-            order = _factorised(factors, ff_id, mod, FFN_KIND, W, bw, cfg, device).to(device)
+            order = factors.factorise(ff_id, mod, FFN_KIND, W, bw, cfg, device, take=True).to(device)
             nw1, nb1, nw2 = ffn.ffn_slim_weights(w1, b1, w2, c, order, width)
             total = ffn.total_energy(c, w2)
             rest = ffn.residual(c, ffn.kept_channels(order, width), nw2, total)  # from the solve just made
@@ -233,15 +223,15 @@ def decompose_block(unet, block: BlockInfo, stats: CalibStats, plan: dict, cfg: 
 
 
 def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
-                     factors: Factorisations | None = None) -> tuple[dict, dict]:
+                     factors: Factorisations) -> tuple[dict, dict]:
     """Group-pivoted Nyström of one ResNet block's inner channels at the planned number of groups."""
     name = f"{r.path}.{RESNET_KIND}"
     keep_groups = plan["ranks"][name]
     mod = unet.get_submodule(r.path)
     bw = _weights_of(plan, name)
-    W = _whitener(factors, stats, r, cfg, device)
+    W = factors.whitener(stats, r, cfg, device, take=True)
     c = W.corr("r", bw)
-    order = _factorised(factors, name, mod, RESNET_KIND, W, bw, cfg, device)
+    order = factors.factorise(name, mod, RESNET_KIND, W, bw, cfg, device, take=True)
     keep = resnet_nystrom.kept_channels(order, keep_groups, r.group_size).to(device)
     f64 = dict(device=device, dtype=torch.float64)
     w2 = mod.conv2.weight.detach().to(**f64)
@@ -265,12 +255,12 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
 
 
 def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device,
-                   factors: Factorisations | None = None) -> tuple[dict, dict]:
+                   factors: Factorisations) -> tuple[dict, dict]:
     """Whitened-SVD factors ``(U, V, bias)`` of each planned projection of one transformer below its break-even rank.
 
     A projection planned at its break-even rank (``max_rank``) stays dense and is not returned."""
     mod = unet.get_submodule(t.path)
-    W = _whitener(factors, stats, t, cfg, device)
+    W = factors.whitener(stats, t, cfg, device, take=True)
     new, errs = {}, {}
     for kind in PROJ_KINDS:
         name = f"{t.path}.{kind}"
@@ -280,7 +270,7 @@ def decompose_proj(unet, t: ProjInfo, stats: CalibStats, plan: dict, cfg: Decomp
         if rank >= plan["modules"][name]["max_rank"]:
             errs[name] = 0.0
             continue
-        f = _factorised(factors, name, mod, kind, W, _weights_of(plan, name), cfg, device)
+        f = factors.factorise(name, mod, kind, W, _weights_of(plan, name), cfg, device, take=True)
         u, v = f.truncate(rank)
         b = dense_weight(getattr(mod, kind))[1]
         bias = None if b is None else b.detach().to(device=device, dtype=torch.float64)
@@ -310,6 +300,7 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
         number of factorisations reused.
     """
     device = torch.device(device) if device is not None else next(unet.parameters()).device
+    factors = factors if factors is not None else Factorisations()
     slim = copy.deepcopy(unet)
     diag = {"rel_error": {}, "cholesky_fallbacks": 0}
     blocks = stats.blocks
@@ -339,6 +330,6 @@ def slim_unet(unet, stats: CalibStats, plan: dict, cfg: DecomposeConfig, device=
     if diag["cholesky_fallbacks"]:
         log.warning("%d correlation(s) were ill-conditioned and needed the Cholesky fallback (eigenvalue shift)",
                     diag["cholesky_fallbacks"])
-    diag["factorisations_reused"] = factors.reused if factors is not None else 0
+    diag["factorisations_reused"] = factors.reused
     install_processors(slim)
     return slim.eval().requires_grad_(False), diag
