@@ -17,7 +17,7 @@ from slimexport.calibrate.stats import CalibStats
 from slimexport.config import DecomposeConfig
 from slimexport.decompose import ffn_nystrom as ffn
 from slimexport.decompose import resnet_nystrom
-from slimexport.decompose.linalg import check_finite, cholesky, ridge
+from slimexport.decompose.linalg import check_finite, cholesky, ridge, trace_form
 from slimexport.decompose.proj_svd import proj_factors
 from slimexport.decompose.whiten_svd import HeadFactors, qk_factors, qk_weights, vo_factors, vo_weights
 from slimexport.models.arch import FFN_KIND, PROJ_KINDS, RESNET_KIND, BlockInfo, ProjInfo, ResnetInfo
@@ -246,8 +246,7 @@ def decompose_resnet(unet, r: ResnetInfo, stats: CalibStats, plan: dict, cfg: De
     if mod.time_emb_proj is not None:
         new[f"{r.path}.time_emb_proj.weight"] = mod.time_emb_proj.weight.detach().to(**f64)[keep]
         new[f"{r.path}.time_emb_proj.bias"] = mod.time_emb_proj.bias.detach().to(**f64)[keep]
-    a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
-    total = float(torch.einsum("ij,ik,kj->", a, c, a))
+    total = trace_form(c, resnet_nystrom.conv2_matrix(w2))
     rel = resnet_nystrom.residual(c, keep, w2, recon) / total if total > 0 else 0.0
     for k, t in new.items():
         check_finite(t, f"decomposed weight {k}")

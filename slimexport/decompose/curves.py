@@ -71,8 +71,7 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None, facto
             curve = relative(prefix_errors(W.corr("z", bw), f, w(mod.ff.net[2]).T))
         elif kind == "resnet":  # f: the group order
             g = block.group_size
-            w2 = w(mod.conv2)
-            a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
+            a = resnet_nystrom.conv2_matrix(w(mod.conv2))
             curve = relative(prefix_errors(W.corr("r", bw), resnet_nystrom.group_channels(f, g), a))[::g]  # rank = groups kept
         elif kind in ("proj_in", "proj_out"):  # rank up to the break-even rank, where the layer stays dense
             d = max_rank(block, kind)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from slimexport.decompose.linalg import trace_form
 from slimexport.errors import NumericalError
 
 
@@ -66,8 +67,7 @@ def least_squares_down(c: torch.Tensor, keep: torch.Tensor, w2: torch.Tensor) ->
 
 def total_energy(c: torch.Tensor, w2: torch.Tensor) -> float:
     """``tr(A₂ᵀ C A₂)``: the error of keeping no channel."""
-    a2 = w2.T.to(c.dtype)
-    return float(((c @ a2) * a2).sum())
+    return trace_form(c, w2.T)
 
 
 def residual(c: torch.Tensor, keep: torch.Tensor, down: torch.Tensor, total: float) -> float:
@@ -78,9 +78,7 @@ def residual(c: torch.Tensor, keep: torch.Tensor, down: torch.Tensor, total: flo
     """
     if keep.numel() >= c.shape[0]:
         return 0.0
-    b = down.T.to(c.dtype)  # [r, C_out]
-    explained = float(((c[keep][:, keep] @ b) * b).sum())
-    return max(total - explained, 0.0)
+    return max(total - trace_form(c[keep][:, keep], down.T), 0.0)  # down.T: B [r, C_out]
 
 
 def nystrom_errors(c: torch.Tensor, order: torch.Tensor, w2: torch.Tensor, widths: list[int]) -> dict[int, float]:

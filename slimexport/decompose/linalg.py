@@ -41,6 +41,12 @@ def cholesky(c: torch.Tensor, what: str = "correlation") -> tuple[torch.Tensor, 
     return L, True
 
 
+def trace_form(c: torch.Tensor, a: torch.Tensor) -> float:
+    """``tr(Aᵀ C A)`` for ``C [n, n]`` and ``A [n, m]``: the output energy of ``A`` under the correlation ``C``."""
+    a = a.to(c.dtype)
+    return float(((c @ a) * a).sum())
+
+
 def whiten_solve(L: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``L⁻ᵀ m`` by a triangular solve (never an explicit inverse)."""
     return torch.linalg.solve_triangular(L.transpose(-2, -1), m, upper=True)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from slimexport.decompose.linalg import trace_form
+
 
 def group_pivoted_order(c: torch.Tensor, group_size: int) -> torch.Tensor:
     """Greedy order of the groups of consecutive channels (block pivoted Cholesky on ``c``, fp64)."""
@@ -72,11 +74,14 @@ def fold_conv2(w2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ockl,cs->oskl", w2, t.to(w2.dtype))
 
 
+def conv2_matrix(w2: torch.Tensor) -> torch.Tensor:
+    """``A[c, (o,kh,kw)] = W2[o, c, kh, kw]``: conv2 as a map from its input channels (taps treated as outputs)."""
+    return w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1)
+
+
 def residual(c: torch.Tensor, keep: torch.Tensor, w2: torch.Tensor, t: torch.Tensor | None = None) -> float:
-    """``tr(Aᵀ (C − C[:,S] C[S,S]⁻¹ C[S,:]) A)`` with ``A[c, (o,kh,kw)] = W2[o, c, kh, kw]`` (taps treated as outputs).
+    """``tr(Aᵀ (C − C[:,S] C[S,S]⁻¹ C[S,:]) A)`` with ``A`` = :func:`conv2_matrix` of ``w2``.
 
     ``t``: :func:`reconstruction` of ``keep`` where the caller has it already."""
-    a = w2.permute(1, 0, 2, 3).reshape(w2.shape[1], -1).to(c.dtype)
     t = reconstruction(c, keep) if t is None else t
-    schur = c - t @ c[keep, :]
-    return float(torch.einsum("ij,ik,kj->", a, schur, a))
+    return trace_form(c - t @ c[keep, :], conv2_matrix(w2))
