@@ -29,14 +29,13 @@ def embed_prompts(bundle: ModelBundle, prompts: list[str], device: str | torch.d
 
     Batches hold prompts of similar length (``PromptEncoder.pooled`` pads a batch to its longest prompt only);
     ``device``: where the encoder runs (a copy; ``None``: where the bundle has it)."""
+    if not prompts:
+        return torch.empty(0, 0)
     encoder = bundle.encoder if device is None else bundle.encoder.on_device(device)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    parts = [encoder.pooled([prompts[i] for i in order[s:s + ENCODE_BATCH]]).float().cpu()
-             for s in range(0, len(order), ENCODE_BATCH)]
-    out = torch.empty(len(prompts), parts[0].shape[-1]) if parts else torch.empty(0, 0)
-    if parts:
-        out[torch.tensor(order)] = torch.cat(parts)
-    return out
+    order = torch.tensor(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+    emb = torch.cat([encoder.pooled([prompts[i] for i in order[s:s + ENCODE_BATCH].tolist()]).float().cpu()
+                     for s in range(0, len(order), ENCODE_BATCH)])
+    return emb[torch.argsort(order)]  # back to the callers' order
 
 
 def select_prompts(bundle: ModelBundle, cfg: CalibConfig, device: str | torch.device | None = None) -> list[str]:
