@@ -69,6 +69,10 @@ class _Whitener:
             self._cache[ck] = L
         return self._cache[ck]
 
+    def release(self) -> None:
+        """Forget the cached correlations and factors (remade on demand: the aggregation is cheap)."""
+        self._cache.clear()
+
 
 def factorise(mod, kind: str, W: _Whitener, bin_weights: torch.Tensor | None, cfg: DecomposeConfig, device):
     """One module's factorisation at every rank, the part the error curves and the decomposition share.
@@ -115,7 +119,8 @@ class Factorisations:
     by the decomposition (which would otherwise factor every module a second time).
 
     Holds each module's :func:`factorise` result keyed by module name and timestep weights, and each block's
-    :class:`_Whitener` (its Cholesky fallbacks are counted once, there). The decomposition takes (removes) what
+    :class:`_Whitener` (its Cholesky fallbacks are counted once, there; the curves release its cached matrices once
+    the block is done, and the decomposition remakes the few it needs). The decomposition takes (removes) what
     it uses, releasing memory block by block. Valid for one UNet, one set of statistics, one config, one device.
     """
 

@@ -60,6 +60,7 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None, facto
     def w(layer) -> torch.Tensor:
         return layer.weight.detach().to(device=device, dtype=torch.float64)
 
+    last = {s["block"].path: name for name, s in scored.items()}  # after it, the block's whitener is released
     out = {}
     for name, s in scored.items():
         block, kind = s["block"], s["kind"]
@@ -80,4 +81,6 @@ def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None, facto
         else:  # attention pairs: HeadFactors
             curve = relative(f.errors())
         out[name] = curve.detach().cpu()
+        if last[block.path] == name:
+            W.release()
     return out

@@ -80,6 +80,7 @@ def test_decomposition_reuses_the_curves_factorisations_exactly(tiny, tiny_stats
     acfg = AllocConfig(budget=0.6, method="greedy", targets=("attn", "ffn", "resnet", "proj"))
     factors = Factorisations()
     plan = plan_ranks(tiny.unet, tiny_stats, DecomposeConfig(), acfg, factors=factors)
+    assert factors._whiteners and not any(w._cache for w in factors._whiteners.values())  # released after the curves
     reused, d_reused = slim_unet(tiny.unet, tiny_stats, plan, DecomposeConfig(), progress=False, factors=factors)
     fresh, d_fresh = slim_unet(tiny.unet, tiny_stats, plan, DecomposeConfig(), progress=False)
     below_break_even = [n for n, m in plan["modules"].items() if not (m["kind"] in ("proj_in", "proj_out") and m["rank"] >= m["max_rank"])]
