@@ -225,7 +225,8 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
             from slimexport.slim.apply import save_slim_unet
 
             slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress, factors=factors)
-            log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
+            if factors is not None:
+                log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
             for name, err in diag["rel_error"].items():
                 plan["modules"][name]["rel_error"] = err
             plan["cholesky_fallbacks"] = diag["cholesky_fallbacks"]
