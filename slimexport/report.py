@@ -75,8 +75,9 @@ def render_markdown(rep: dict) -> str:
     s = rep.get("speed")
     if s:
         env = s.get("environment", {})
+        threads = s.get("dense_engine", {}).get("threads") or env.get("torch_threads") or "?"
         lines += ["", "## Speed", "",
-                  f"Backend `{s['backend']}` on {s.get('device_name') or s['device']} ({env.get('threads', '?')} threads), "
+                  f"Backend `{s['backend']}` on {s.get('device_name') or s['device']} ({threads} threads), "
                   f"shapes {s.get('shapes', {}).get('sample')}, {s['iterations']} timed iterations per model after "
                   f"{s.get('warmup')} warm-ups, {s.get('mode', '')}.", "",
                   "| | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|",

@@ -38,6 +38,8 @@ def test_layout_and_report_keys(built):
     assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0
     assert set(s["dense_ms"]) >= {"p50", "p90", "p99"} and set(s["slim_ms"]) >= {"p50", "p90", "p99"}
     assert all(set(v) == {"seconds", "cached"} for v in rep["stages"].values())
+    threads = s["dense_engine"]["threads"]
+    assert isinstance(threads, int) and f"({threads} threads)" in (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     for k in ("model", "onnx", "io", "profile", "versions", "results", "slim_weights"):
         assert k in manifest, k
