@@ -33,6 +33,16 @@ def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages
     return rep
 
 
+def speedup_text(speed: dict, times: str = "×") -> str:
+    """``1.164× (95% interval 1.08–1.25)``, saying so when the interval holds 1 (the run cannot tell the two apart)."""
+    text = f"{speed['speedup']:.3f}{times}"
+    ci = speed.get("speedup_ci95")  # absent in reports written before it was measured
+    if ci:
+        text += f" (95% interval {ci[0]:.3f}–{ci[1]:.3f}"
+        text += ": not distinguishable from 1 at this iteration count)" if ci[0] <= 1.0 <= ci[1] else ")"
+    return text
+
+
 def _fmt(v, spec=".3g"):
     if v is None:
         return "–"
@@ -45,7 +55,7 @@ def render_markdown(rep: dict) -> str:
     p = rep["params"]
     lines = [f"# slimexport build: {rep['model']} at budget {rep['budget']:g} ({rep['budget_scope']})", ""]
     verdict = "PASSED" if rep["passed"] else "FAILED"
-    lines += [f"**Verdict: {verdict}**" + (f"; speed-up {rep['speed']['speedup']:.3f}× (p50 dense / p50 slim)" if rep.get("speed") else ""), ""]
+    lines += [f"**Verdict: {verdict}**" + (f"; speed-up {speedup_text(rep['speed'])} (p50 dense / p50 slim)" if rep.get("speed") else ""), ""]
     lines += ["## Parameters", "", "| | dense | slim | kept |", "|---|---:|---:|---:|",
               f"| targeted ({', '.join(rep.get('targets') or [])}) | {p['targeted_dense']:,} | {p['targeted_slim']:,} | {p['targeted_slim'] / p['targeted_dense']:.3f} |",
               f"| whole UNet | {p['dense_total']:,} | {p['slim_total']:,} | {p['slim_total'] / p['dense_total']:.3f} |"]
@@ -83,7 +93,9 @@ def render_markdown(rep: dict) -> str:
                   "| | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|",
                   f"| dense | {s['dense_ms']['p50']:.3f} | {s['dense_ms']['p90']:.3f} | {s['dense_ms']['p99']:.3f} |",
                   f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
-                  "", f"Speed-up (p50 dense / p50 slim): **{s['speedup']:.3f}×**"]
+                  "", f"Speed-up (p50 dense / p50 slim): **{s['speedup']:.3f}×**"
+                  + (f"; 95% paired-bootstrap interval {s['speedup_ci95'][0]:.3f}–{s['speedup_ci95'][1]:.3f}×"
+                     if s.get("speedup_ci95") else "")]
     lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
     for k, v in rep["stages"].items():
         lines.append(f"| {k} | {v['seconds']:.2f} | {'yes' if v['cached'] else 'no'} |")

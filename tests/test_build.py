@@ -38,8 +38,12 @@ def test_layout_and_report_keys(built):
     assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0
     assert set(s["dense_ms"]) >= {"p50", "p90", "p99"} and set(s["slim_ms"]) >= {"p50", "p90", "p99"}
     assert all(set(v) == {"seconds", "cached"} for v in rep["stages"].values())
+    lo, hi = s["speedup_ci95"]
+    assert lo <= s["speedup"] <= hi
+    md = (out / "report.md").read_text()
     threads = s["dense_engine"]["threads"]
-    assert isinstance(threads, int) and f"({threads} threads)" in (out / "report.md").read_text()
+    assert isinstance(threads, int) and f"({threads} threads)" in md
+    assert f"95% paired-bootstrap interval {lo:.3f}–{hi:.3f}×" in md
     manifest = json.loads((out / "manifest.json").read_text())
     for k in ("model", "onnx", "io", "profile", "versions", "results", "slim_weights"):
         assert k in manifest, k

@@ -308,12 +308,9 @@ def main() -> None:
                 engines[name] = TorchEngine(results[name].load_slim(), cfg)
             feeds = make_feeds(io_spec_for_unet(bundle.unet, dtype=cfg.dtype), b, h, w)
             r = compare_speed(engines["dense"], engines[name], feeds, warmup=5, iterations=args.iterations if cuda else 5)
-            row = {"model": name, "batch": b, "latent": [h, w], "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
-                   "dense_p90": r["dense_ms"]["p90"], "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"],
-                   "params": results[name].plan["params"]["slim_total"]}
+            row = speed_row(r, model=name, batch=b, latent=[h, w], params=results[name].plan["params"]["slim_total"])
             rows.append(row)
-            print(f"  {name:13s} batch {b} {h}x{w}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
-                  f"speed-up {row['speedup']:.3f}x", flush=True)
+            print(f"  {name:13s} batch {b} {h}x{w}: {speed_line(row)}", flush=True)
         return {"rows": rows, "iterations": args.iterations if cuda else 5,
                 "mode": "fp16 channels_last CUDA graphs, interleaved ABBA" if cuda else "fp32 eager CPU"}
 
@@ -462,6 +459,18 @@ def aoti_profile(cuda: bool):
                          min_width=side, opt_width=side, max_width=side)
 
 
+def speed_row(r: dict, **what) -> dict:
+    """One speed row of a :func:`compare_speed` result: p50/p90 of both models, the speed-up and its interval."""
+    return {**what, "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"], "dense_p90": r["dense_ms"]["p90"],
+            "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"], "speedup_ci95": r["speedup_ci95"]}
+
+
+def speed_line(row: dict) -> str:
+    lo, hi = row["speedup_ci95"]
+    return (f"dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, speed-up {row['speedup']:.3f}x "
+            f"(95% {lo:.3f}-{hi:.3f})")
+
+
 def onnx_worker(slim_dir: Path) -> None:
     """Export the slim UNet at 32×32 (fp32, CPU), run it with ONNX Runtime on the CPU, compare with torch; print the
     record as the last line (JSON)."""
@@ -508,10 +517,8 @@ def aoti_speed_worker(packages: dict[str, str], iterations: int) -> None:
         for b in (2, 8):
             feeds = make_feeds(engines["dense"].io_spec, b, side, side)
             r = compare_speed(engines["dense"], engines[name], feeds, warmup=5, iterations=iterations)
-            row = {"model": name, "batch": b, "dense_p50": r["dense_ms"]["p50"], "slim_p50": r["slim_ms"]["p50"],
-                   "dense_p90": r["dense_ms"]["p90"], "slim_p90": r["slim_ms"]["p90"], "speedup": r["speedup"]}
-            print(f"aoti {name:8s} batch {b}: dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, "
-                  f"speed-up {row['speedup']:.3f}x", flush=True)
+            row = speed_row(r, model=name, batch=b)
+            print(f"aoti {name:8s} batch {b}: {speed_line(row)}", flush=True)
             print(json.dumps(row), flush=True)
     for e in engines.values():
         e.close()

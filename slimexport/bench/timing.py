@@ -6,7 +6,9 @@ sync inside the loop; for engines that synchronise themselves this approaches wa
 
 ``compare_speed`` times the dense and the slim engine in the same process, on the same backend, device and
 feeds, alternating between them (ABBA order per iteration by default) so that clock, thermal and cache drift
-hits both alike. ``speedup = p50_dense / p50_slim``.
+hits both alike. ``speedup = p50_dense / p50_slim``, with a 95% paired-bootstrap interval: iterations (one dense
+and one slim call each, made back to back) are resampled with replacement and the ratio of medians recomputed, so
+the interval carries the run's own noise, drift shared by the pair included.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ def _summary(times_ms: list[float]) -> dict:
     out = {f"p{p}": float(np.percentile(t, p)) for p in PERCENTILES}
     out.update(mean=float(t.mean()), min=float(t.min()), iterations=int(t.size))
     return out
+
+
+def speedup_interval(dense_ms, slim_ms, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(dense) / median(slim)`` over paired iterations.
+
+    ``dense_ms[i]`` and ``slim_ms[i]`` are one iteration's two calls; resampling iterations (not calls) keeps what
+    they share. Deterministic for a given ``seed``.
+    """
+    d, s = np.asarray(dense_ms, dtype=np.float64), np.asarray(slim_ms, dtype=np.float64)
+    if d.shape != s.shape or d.ndim != 1 or d.size == 0:
+        raise ValueError(f"paired timings must be two equally long non-empty lists, got {d.shape} and {s.shape}")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    ratios = np.median(d[idx], axis=1) / np.median(s[idx], axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def _is_cuda(device: str) -> bool:
@@ -127,8 +145,8 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
             alternating blocks of ``iterations / rounds`` calls each.
 
     Returns:
-        ``{"dense_ms": {...}, "slim_ms": {...}, "speedup", "backend", "device", "shapes", "mode", "warmup",
-        "environment": {...}, "dense_engine": info, "slim_engine": info}``.
+        ``{"dense_ms": {...}, "slim_ms": {...}, "speedup", "speedup_ci95": [low, high], "backend", "device",
+        "shapes", "mode", "warmup", "environment": {...}, "dense_engine": info, "slim_engine": info}``.
 
     Raises:
         UsageError: the engines differ in backend or device.
@@ -165,6 +183,7 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
     dense, slim = _summary(times["dense"]), _summary(times["slim"])
     return {
         "dense_ms": dense, "slim_ms": slim, "speedup": dense["p50"] / slim["p50"],
+        "speedup_ci95": list(speedup_interval(times["dense"], times["slim"])),  # i-th calls: same iteration or round
         "backend": dense_engine.name, "device": device,
         "shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
         "mode": "interleaved ABBA" if interleave else f"{rounds} alternating blocks", "warmup": warmup,

@@ -102,8 +102,10 @@ def _print_verdict(rep: dict) -> None:
         click.echo(f"  {mark}  {key:14s} {detail}")
     s = rep.get("speed")
     if s:
+        from slimexport.report import speedup_text
+
         click.echo(f"speed ({s['backend']}, {s.get('device_name') or s['device']}, {s['iterations']} iterations): dense p50 "
-                   f"{s['dense_ms']['p50']:.3f} ms, slim p50 {s['slim_ms']['p50']:.3f} ms, speed-up {s['speedup']:.3f}x")
+                   f"{s['dense_ms']['p50']:.3f} ms, slim p50 {s['slim_ms']['p50']:.3f} ms, speed-up {speedup_text(s, 'x')}")
 
 
 def _verdict_exit(res) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimexport.bench.timing import compare_speed, time_callable
+from slimexport.bench.timing import compare_speed, speedup_interval, time_callable
 from slimexport.engines.base import Engine, make_feeds, unet_io_spec
 from slimexport.errors import UsageError
 
@@ -51,6 +51,8 @@ def test_compare_speed_fake_engines(interleave):
     assert res["dense_ms"]["iterations"] == res["slim_ms"]["iterations"] == 8
     assert 1.4 < res["speedup"] < 2.8
     assert res["speedup"] == pytest.approx(res["dense_ms"]["p50"] / res["slim_ms"]["p50"])
+    lo, hi = res["speedup_ci95"]
+    assert lo <= res["speedup"] <= hi and lo > 1.0  # 6 ms against 3 ms: clearly faster
     assert res["shapes"]["sample"] == [2, 4, 8, 8] and res["backend"] == "fake"
     env = res["environment"]
     assert env["device_name"] and env["cpus_available"] >= 1 and env["versions"]["torch"] == torch.__version__
@@ -85,3 +87,28 @@ def test_cuda_events():
     assert res["timer"] == "cuda_events" and 0 < res["p50"] <= res["p99"]
     big = time_callable(lambda: (x @ x) @ x, warmup=3, iterations=20, device="cuda")
     assert big["p50"] > res["p50"]  # two products take longer than one: events time the GPU work
+
+
+def test_speedup_interval_is_the_bootstrap_of_the_ratio_of_medians():
+    rng = np.random.default_rng(1)
+    drift = rng.normal(0, 3.0, 400)  # shared by each iteration's two calls
+    dense = 20.0 + drift + rng.normal(0, 0.2, 400)
+    slim = 10.0 + drift + rng.normal(0, 0.2, 400)
+    lo, hi = speedup_interval(dense, slim)
+    assert lo < np.median(dense) / np.median(slim) < hi and 1.8 < lo and hi < 2.2
+    # identical timings: no interval at all; equal engines: an interval around 1 that a "speed-up" must clear
+    assert speedup_interval([5.0] * 10, [5.0] * 10) == (1.0, 1.0)
+    same = 10.0 + rng.normal(0, 1.0, (2, 30))
+    lo, hi = speedup_interval(same[0], same[1])
+    assert lo < 1.0 < hi
+    assert speedup_interval(dense, slim, seed=3) == speedup_interval(dense, slim, seed=3)
+    with pytest.raises(ValueError, match="equally long"):
+        speedup_interval([1.0, 2.0], [1.0])
+
+
+def test_speedup_text_says_when_the_run_cannot_tell_the_models_apart():
+    from slimexport.report import speedup_text
+
+    assert speedup_text({"speedup": 1.2, "speedup_ci95": [1.1, 1.3]}) == "1.200× (95% interval 1.100–1.300)"
+    assert "not distinguishable from 1" in speedup_text({"speedup": 1.02, "speedup_ci95": [0.95, 1.1]}, "x")
+    assert speedup_text({"speedup": 1.02}) == "1.020×"  # a report written before the interval existed

@@ -39,6 +39,6 @@ def strip_timings(report: dict) -> dict:
     rep = json.loads(json.dumps(report))
     rep.pop("stages", None)
     speed = rep.get("speed") or {}
-    for k in ("dense_ms", "slim_ms", "speedup"):
+    for k in ("dense_ms", "slim_ms", "speedup", "speedup_ci95"):
         speed.pop(k, None)
     return rep
