@@ -553,8 +553,9 @@ def verify_folder(folder: str | Path) -> BuildResult:
         for e in engines.values():
             e.close()
     parity["integrity"] = integrity
-    write_json(folder / "verify.json", parity)
     report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
+    write_json(folder / "verify.json", parity)
+    manifest.refresh("verify", [folder / "verify.json"])  # a rerun of verify must not find its own output altered
     report["parity"] = parity
     report["passed"] = all(v.get("passed", False) for v in parity.values())
     if report.get("params"):
@@ -568,6 +569,7 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     from slimexport.report import write_report
 
     folder, manifest, cfg, bundle = _load_build(folder)
+    report = read_json(folder / "report.json", "report")  # before timing: a missing report fails fast, nothing written
     if iterations is not None:
         cfg = cfg.replace(bench=cfg.bench.replace(iterations=iterations))
     profile = engine_profile(cfg, bundle)
@@ -585,7 +587,7 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
         for e in engines.values():
             e.close()
     write_json(folder / "bench.json", speed)
-    report = read_json(folder / "report.json", "report")
+    manifest.refresh("bench", [folder / "bench.json"])
     report["speed"] = speed
     write_report(folder, report)
     return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))

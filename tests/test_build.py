@@ -59,6 +59,29 @@ def test_second_run_is_a_cache_hit(built):
     assert again.report["parity"] == first.report["parity"]
 
 
+def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, capsys):
+    """verify and bench rewrite verify.json/bench.json: a later verify must not call its own outputs altered."""
+    root, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "tiny", copy)
+    for args in (["verify"], ["verify"], ["bench", "--iterations", "3"], ["verify"]):
+        rc = main(["-q", *args, str(copy)])
+        out = capsys.readouterr()
+        assert rc == 0, (args, out.out + out.err)
+    rep = json.loads((copy / "report.json").read_text())
+    assert rep["parity"]["integrity"]["passed"] and rep["speed"]["iterations"] == 3
+
+
+def test_bench_without_a_report_writes_nothing(built, tmp_path, capsys):
+    root, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "tiny", copy)
+    (copy / "report.json").unlink()
+    before = (copy / "bench.json").read_bytes()
+    assert main(["-q", "bench", str(copy)]) != 0
+    assert "report" in capsys.readouterr().err and (copy / "bench.json").read_bytes() == before
+
+
 def test_corrupted_slim_weight_fails_verify_naming_the_comparison(built, tmp_path, capsys):
     root, _ = built
     bad = tmp_path / "bad"
