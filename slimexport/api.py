@@ -315,20 +315,23 @@ def _check_backend_available(backend: str) -> None:
 MODEL_BACKENDS = ("torch", "aoti", "torch-compile")
 
 
-def _engine_config(cfg, device: str, profile):
+def _engine_config(cfg, device: str, profile, seq_len: int):
     from slimexport.engines.base import EngineConfig
 
     cuda = device.startswith("cuda")
     eager_like = cuda and cfg.backend in ("torch", "torch-compile")
     return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype if cfg.backend not in MODEL_BACKENDS or cuda else "fp32",
                         channels_last=eager_like, cuda_graphs=eager_like,
-                        optimization_level=cfg.optimization_level, output_name=cfg.export.output_name)
+                        optimization_level=cfg.optimization_level, output_name=cfg.export.output_name, seq_len=seq_len)
 
 
 def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir: Path | None = None):
     from slimexport.engines.base import build_engine
 
-    ecfg = _engine_config(cfg, device, profile)
+    from slimexport.engines.base import CONTEXT
+
+    seq_len = next(e["shape"][1] for e in exports["dense"].io_spec["inputs"] if e["name"] == CONTEXT)  # the text tokens
+    ecfg = _engine_config(cfg, device, profile, seq_len)
     if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
         return {k: build_engine("aoti", models[k], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / k)))
                 for k in ("dense", "slim")}

@@ -110,3 +110,16 @@ def test_tensorrt_without_tensorrt_is_a_usage_error(tmp_path, capsys):
     rc = main(["build", "--model", "tiny", "--backend", "tensorrt", "--out", str(tmp_path / "x")])
     msg = capsys.readouterr().err
     assert rc == 2 and "slimexport[trt]" in msg
+
+
+def test_torch_backend_builds_and_verifies_digits(tmp_path):
+    """The model backends take the text length off the export: ``digits`` has 6 tokens, not CLIP's 77."""
+    from slimexport.config import BenchConfig
+
+    cfg = BuildConfig(compress=CompressConfig(model="digits", calib=CalibConfig(num_prompts=8, num_steps=4, num_bins=2, batch_size=8),
+                                              alloc=AllocConfig(budget=0.73)),
+                      bench=BenchConfig(iterations=3), backend="torch", engine_device="cpu")
+    res = build(cfg, out=tmp_path / "digits", progress=False, cache_dir=tmp_path / "cache")
+    assert res.passed, res.report["parity"]
+    assert res.report["speed"]["dense_engine"]["backend"] == "torch"
+    assert all(res.report["parity"][k]["max_abs"] < 1e-4 for k in ("dense_export", "slim_export"))

@@ -75,7 +75,7 @@ CPU_FEATURES = (
     "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
     "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2",
 )
-SEQ_AXIS_STATIC = 77  # text tokens: encoder_hidden_states' sequence axis is compiled static (CLIP's 77)
+SEQ_AXIS_STATIC = 77  # text tokens: encoder_hidden_states' sequence axis is compiled static (default: CLIP's 77)
 
 
 # ---------------------------------------------------------------- pure parts: names, compatibility, reuse
@@ -211,30 +211,33 @@ def code_digest() -> str:
 
 
 def _differences(sidecar: Mapping[str, Any], *, source_sha256: str, profile: EngineProfile, dtype: str,
-                 inductor_configs: Mapping[str, Any] | None, code_sha256: str | None) -> list[str]:
+                 inductor_configs: Mapping[str, Any] | None, code_sha256: str | None, seq_len: int) -> list[str]:
     """Which of a package's inputs differ from these (the machine aside)."""
     configs = dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
     return [k for k, same in (
         ("model weights", sidecar.get("source_sha256") == source_sha256),
         ("profile", sidecar.get("profile") == profile.to_dict()),
         ("dtype", sidecar.get("dtype") == dtype),
+        ("text length", sidecar.get("seq_len", SEQ_AXIS_STATIC) == seq_len),
         ("inductor settings", sidecar.get("inductor_configs") == configs),
         ("slimexport code", sidecar.get("code_sha256") == (code_sha256 or code_digest())),
     ) if not same]
 
 
 def reusable(sidecar: Mapping[str, Any], *, source_sha256: str, profile: EngineProfile, dtype: str, here: Target,
-             inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None) -> bool:
-    """True when a package on disk was compiled from this model (digest), dtype, profile, inductor settings and
-    slimexport code (:func:`code_digest`, ``None``: this code), for this device and torch version."""
+             inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None,
+             seq_len: int = SEQ_AXIS_STATIC) -> bool:
+    """True when a package on disk was compiled from this model (digest), dtype, profile, text length, inductor
+    settings and slimexport code (:func:`code_digest`, ``None``: this code), for this device and torch version."""
     return (sidecar.get("format") == SIDECAR_FORMAT and not incompatibilities(sidecar, here)
             and not _differences(sidecar, source_sha256=source_sha256, profile=profile, dtype=dtype,
-                                 inductor_configs=inductor_configs, code_sha256=code_sha256))
+                                 inductor_configs=inductor_configs, code_sha256=code_sha256, seq_len=seq_len))
 
 
 def reuse_decision(package: Path, sidecar: Mapping[str, Any] | None, *, package_sha256: str | None,
                    source_sha256: str, profile: EngineProfile, dtype: str, here: Target,
-                   inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None) -> tuple[bool, str]:
+                   inductor_configs: Mapping[str, Any] | None = None, code_sha256: str | None = None,
+                   seq_len: int = SEQ_AXIS_STATIC) -> tuple[bool, str]:
     """``(reuse?, why)`` for the package at ``package``: the whole decision, including a missing or altered file."""
     if sidecar is None:
         return False, f"no package {package.name} yet"
@@ -244,7 +247,7 @@ def reuse_decision(package: Path, sidecar: Mapping[str, Any] | None, *, package_
     if diffs:
         return False, f"{package.name} was compiled for another machine ({'; '.join(diffs)})"
     what = _differences(sidecar, source_sha256=source_sha256, profile=profile, dtype=dtype,
-                        inductor_configs=inductor_configs, code_sha256=code_sha256)
+                        inductor_configs=inductor_configs, code_sha256=code_sha256, seq_len=seq_len)
     if what:
         return False, f"{package.name} was compiled from another {', '.join(what)}"
     if package_sha256 is None:
@@ -351,12 +354,12 @@ def check_compiler() -> None:
 
 
 def _example_inputs(in_channels: int, context_dim: int, sizes: Mapping[str, int], dtype: torch.dtype,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    device: torch.device, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     b, h, w = sizes["batch"], sizes["height"], sizes["width"]
     sample = torch.randn(b, in_channels, h, w, generator=g).to(device, dtype)
     timestep = torch.linspace(1.0, 999.0, b).to(device)  # float32 always (see unet_io_spec)
-    context = torch.randn(b, SEQ_AXIS_STATIC, context_dim, generator=g).to(device, dtype)
+    context = torch.randn(b, seq_len, context_dim, generator=g).to(device, dtype)
     return sample, timestep, context
 
 
@@ -377,7 +380,7 @@ def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool]) -> dict
 
 
 def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, context_dim: int, dtype: torch.dtype,
-                device: torch.device):
+                device: torch.device, seq_len: int = SEQ_AXIS_STATIC):
     """``torch.export`` of ``UNetIO(model)`` with the profile's dynamic axes.
 
     Returns:
@@ -390,7 +393,7 @@ def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, c
     from slimexport.engines.torch_runner import UNetIO
 
     wrapped = UNetIO(model).eval()
-    args = _example_inputs(in_channels, context_dim, trace_sizes(profile), dtype, device)
+    args = _example_inputs(in_channels, context_dim, trace_sizes(profile), dtype, device, seq_len)
     dynamic = dynamic_plan(profile)
     try:
         with torch.no_grad():
@@ -443,6 +446,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
         profile: the shapes to accept (dynamic where min < max).
         dtype: ``fp32`` or ``fp16`` weights and activations (timestep stays fp32).
         rebuild: compile even if a matching package exists.
+        seq_len: text tokens of ``encoder_hidden_states`` (a static axis of the package).
 
     Returns:
         :class:`AotiBuildResult` (``reused`` is True when nothing was compiled).
@@ -452,8 +456,8 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
 
     if dtype not in NP_DTYPES:
         raise UsageError(f"dtype={dtype!r} is not supported by the aoti backend", "use fp32 or fp16")
-    if seq_len != SEQ_AXIS_STATIC:
-        raise UsageError(f"seq_len={seq_len}: packages are compiled for {SEQ_AXIS_STATIC} text tokens", "pass 77")
+    if not (isinstance(seq_len, int) and seq_len >= 1):
+        raise UsageError(f"seq_len={seq_len!r} is invalid", "pass the text encoder's token count (77 for CLIP)")
     dev = resolve_device(device)
     here = current_target(dev)
     t0 = time.perf_counter()
@@ -465,7 +469,8 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     side = sidecar_path(package)
     old = read_json(side, "AOTInductor package sidecar") if side.exists() else None
     decision, why = reuse_decision(package, old, package_sha256=sha256_file(package) if package.exists() else None,
-                                   source_sha256=source_sha, profile=profile, dtype=dtype, here=here, code_sha256=code_sha)
+                                   source_sha256=source_sha, profile=profile, dtype=dtype, here=here, code_sha256=code_sha,
+                                   seq_len=seq_len)
     if decision and not rebuild:
         log.info("reusing %s: %s", package, why)
         return AotiBuildResult(package, old, True)
@@ -481,7 +486,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     with heartbeat(label + " (export)"):
         exported, dynamic, fallback = export_unet(model, profile, in_channels=int(cfg.in_channels),
                                                   context_dim=int(cfg.cross_attention_dim),
-                                                  dtype=TORCH_DTYPES[dtype], device=dev)
+                                                  dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len)
     export_seconds = time.perf_counter() - t0
     print(f"{label}: exported in {export_seconds:.0f} s; compiling with AOTInductor (minutes)", file=sys.stderr, flush=True)
     compile_seconds = _compile_package(exported, package, label)
@@ -490,7 +495,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     accepts = accepted_profile(profile, dynamic)
     sidecar = {
         "format": SIDECAR_FORMAT, **here.to_dict(), "package": package.name, "package_sha256": sha256_file(package),
-        "source_sha256": source_sha, "code_sha256": code_sha, "dtype": dtype, "profile": profile.to_dict(), "dynamic": dynamic,
+        "source_sha256": source_sha, "code_sha256": code_sha, "dtype": dtype, "seq_len": seq_len, "profile": profile.to_dict(), "dynamic": dynamic,
         "accepts": accepts.to_dict(), "traced_sizes": trace_sizes(profile), "dynamic_fallback": fallback,
         "inductor_configs": dict(INDUCTOR_CONFIGS), "io_spec": io_spec, "digest_seconds": round(digest_seconds, 2),
         "export_seconds": round(export_seconds, 1), "compile_seconds": round(compile_seconds, 1),
@@ -620,5 +625,5 @@ def create(source, cfg: EngineConfig) -> AotiEngine:
         return AotiEngine(source, cfg)
     source = unet_from_source(source, "aoti", "a UNet module, a slim UNet folder or a .pt2 package")
     profile = cfg.profile or default_profile(source)
-    res = build_aoti_package(source, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device)
+    res = build_aoti_package(source, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device, seq_len=cfg.seq_len)
     return AotiEngine(res.package, cfg, reused=res.reused)

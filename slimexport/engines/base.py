@@ -225,6 +225,8 @@ class EngineConfig(_Config):
             packages (``unet.<device>.torch<ver>.pt2`` + sidecar); ``None``: a per-model folder under
             ``~/.cache/slimexport/aoti``.
         output_name: torch backend: name of the output (``latent`` or ``out_sample``).
+        seq_len: torch and aoti backends: text tokens of ``encoder_hidden_states`` (77 for CLIP, 6 for ``digits``;
+            the ONNX backends read it off the ONNX).
     """
 
     device: str = "cpu"
@@ -237,12 +239,14 @@ class EngineConfig(_Config):
     optimization_level: int = 3
     cache_dir: str | None = None
     output_name: str = "latent"
+    seq_len: int = 77
 
     _nested: ClassVar[dict[str, type]] = {"profile": EngineProfile}
 
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "device", self.device, _is_device(self.device, allowed=("cpu",)), "cpu, cuda or cuda:N")
+        _check(n, "seq_len", self.seq_len, _is_int(self.seq_len) and self.seq_len >= 1, "an integer >= 1")
         _check(n, "threads", self.threads, self.threads is None or (_is_int(self.threads) and self.threads >= 1),
                "None or an integer >= 1")
         _check(n, "profile", self.profile, self.profile is None or isinstance(self.profile, EngineProfile),

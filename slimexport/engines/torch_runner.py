@@ -94,7 +94,7 @@ class TorchEngine(Engine):
         self.dtype = TORCH_DTYPES[cfg.dtype]
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)  # process-wide: PyTorch has no per-model thread pool
-        self.io_spec = io_spec_for_unet(unet, dtype=cfg.dtype, output_name=cfg.output_name)
+        self.io_spec = io_spec_for_unet(unet, dtype=cfg.dtype, output_name=cfg.output_name, seq_len=cfg.seq_len)
         self.output_name = cfg.output_name
         model = converted_copy(unet.eval(), device=dev, dtype=self.dtype)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

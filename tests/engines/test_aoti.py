@@ -123,6 +123,7 @@ def test_reuse_decision():
         (_sidecar(source_sha256="other"), "p1", "another model weights"),
         (_sidecar(profile=PROFILE.replace(max_batch=4).to_dict()), "p1", "another profile"),
         (_sidecar(dtype="fp16"), "p1", "another dtype"),
+        (_sidecar(seq_len=6), "p1", "another text length"),
         (_sidecar(inductor_configs={"max_autotune": True}), "p1", "another inductor settings"),
         (_sidecar(code_sha256="0" * 64), "p1", "another slimexport code"),  # a package traced by older code
         (_sidecar(code_sha256=None), "p1", "another slimexport code"),
