@@ -326,9 +326,7 @@ def _engine_config(cfg, device: str, profile, seq_len: int):
 
 
 def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir: Path | None = None):
-    from slimexport.engines.base import build_engine
-
-    from slimexport.engines.base import CONTEXT
+    from slimexport.engines.base import CONTEXT, build_engine
 
     seq_len = next(e["shape"][1] for e in exports["dense"].io_spec["inputs"] if e["name"] == CONTEXT)  # the text tokens
     ecfg = _engine_config(cfg, device, profile, seq_len)
