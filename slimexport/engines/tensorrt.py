@@ -17,9 +17,11 @@ and profile shapes are pure functions, testable anywhere.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,20 +148,85 @@ def profile_shapes(profile: EngineProfile, io_spec: dict) -> dict[str, tuple[tup
     return out
 
 
-def reusable(sidecar: Mapping[str, Any], *, onnx_sha256: str, profile: EngineProfile, optimization_level: int,
-             here: DeviceInfo) -> bool:
-    """True when an engine on disk was built from this ONNX, with this profile and level, for this machine
-    (engines are reused by content, never by file existence alone)."""
+def reusable(sidecar: Mapping[str, Any], *, onnx_sha256: str, data_sha256: Mapping[str, str], profile: EngineProfile,
+             optimization_level: int, here: DeviceInfo) -> bool:
+    """True when an engine on disk was built from this ONNX and these weights (``data_sha256``, as
+    :func:`external_data_sha256`), with this profile and level, for this machine (engines are reused by content,
+    never by file existence alone; a sidecar without the weights' digests never matches)."""
     return (
         sidecar.get("format") == SIDECAR_FORMAT
         and sidecar.get("onnx_sha256") == onnx_sha256
+        and sidecar.get("data_sha256") == dict(data_sha256)
         and sidecar.get("profile") == profile.to_dict()
         and sidecar.get("optimization_level") == optimization_level
         and not incompatibilities(sidecar, here)
     )
 
 
+def narrow_profile(asked: EngineProfile, built: EngineProfile) -> EngineProfile:
+    """``asked`` limited to the shapes the engine was built for (TensorRT fails deep inside on anything wider).
+
+    Raises:
+        UsageError: an axis of ``asked`` has no size in common with the engine's.
+    """
+    m = math.lcm(asked.latent_multiple, built.latent_multiple)
+    changes: dict[str, int] = {"latent_multiple": m}
+    for axis in ("batch", "height", "width"):
+        unit = 1 if axis == "batch" else m
+        lo = -(-max(getattr(asked, f"min_{axis}"), getattr(built, f"min_{axis}")) // unit) * unit
+        hi = min(getattr(asked, f"max_{axis}"), getattr(built, f"max_{axis}")) // unit * unit
+        if lo > hi:
+            raise UsageError(f"the TensorRT engine was built for {axis} {getattr(built, f'min_{axis}')}.."
+                             f"{getattr(built, f'max_{axis}')}, the profile asks for {getattr(asked, f'min_{axis}')}.."
+                             f"{getattr(asked, f'max_{axis}')}",
+                             "rebuild the engine for this profile (slimexport build --backend tensorrt with --batch/"
+                             "--height/--width MIN,OPT,MAX) or leave EngineConfig.profile unset to use the engine's")
+        opt = min(max(getattr(asked, f"opt_{axis}") // unit * unit, lo), hi)
+        changes.update({f"min_{axis}": lo, f"opt_{axis}": opt, f"max_{axis}": hi})
+    return asked.replace(**changes)
+
+
+def cuda_index(device: str) -> int:
+    """``cuda:N`` -> N; ``cuda`` (or ``cpu``, which TensorRT replaces) -> 0."""
+    _, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise UsageError(f"device {device!r} is not cuda or cuda:N", "pass e.g. cuda:1")
+    return int(index or 0)
+
+
+def external_data_sha256(onnx_path: str | Path) -> dict[str, str]:
+    """``{file: sha256}`` of the external-data files ``onnx_path`` references (the export's ``model.onnx_data``,
+    which holds every initializer of 1 KiB or more): ``model.onnx`` alone does not change with the weights.
+
+    Raises:
+        ArtifactError: a referenced file is missing.
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    files = sorted({e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                    for e in t.external_data if e.key == "location"})
+    out = {}
+    for name in files:
+        path = onnx_path.parent / name
+        if not path.exists():
+            raise ArtifactError(f"{path}, the weights {onnx_path.name} references, is missing",
+                                "re-export the model (slimexport build)")
+        out[name] = sha256_file(path)
+    return out
+
+
 # ---------------------------------------------------------------- parts that need a GPU and TensorRT
+
+
+@contextmanager
+def _on_device(index: int):
+    """Make ``cuda:index`` current: TensorRT builds, deserialises and runs on the current CUDA device."""
+    import torch
+
+    with torch.cuda.device(index):
+        yield
 
 
 def current_device_info(device: str = "cuda:0") -> DeviceInfo:
@@ -217,13 +284,13 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, profile: Engine
     here = current_device_info(device)
     out_dir = Path(out_dir)
     plan = out_dir / engine_filename(here.compute_capability, here.trt_version, stem)
-    onnx_sha = sha256_file(onnx_path)
+    onnx_sha, data_sha = sha256_file(onnx_path), external_data_sha256(onnx_path)
     side = sidecar_path(plan)
     if not rebuild and plan.exists() and side.exists():
         old = read_json(side, "engine sidecar")
-        if reusable(old, onnx_sha256=onnx_sha, profile=profile, optimization_level=optimization_level, here=here) \
-                and old.get("plan_sha256") == sha256_file(plan):
-            log.info("reusing %s (same ONNX, profile, level and machine)", plan)
+        if reusable(old, onnx_sha256=onnx_sha, data_sha256=data_sha, profile=profile,
+                    optimization_level=optimization_level, here=here) and old.get("plan_sha256") == sha256_file(plan):
+            log.info("reusing %s (same ONNX, weights, profile, level and machine)", plan)
             return TrtBuildResult(plan, old, True)
     cache = Path(cache_dir or out_dir) / timing_cache_filename(here)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -234,15 +301,16 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, profile: Engine
                           load_timing_cache=str(cache) if cache.exists() else None)
     log.info("building TensorRT engine %s (optimization level %d): this takes minutes", plan.name, optimization_level)
     t0 = time.perf_counter()
-    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-    data = engine_bytes_from_network(network, config=config, save_timing_cache=str(cache))
+    with _on_device(cuda_index(device)):  # tactics are timed on, and the engine made for, the configured GPU
+        network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        data = engine_bytes_from_network(network, config=config, save_timing_cache=str(cache))
     seconds = time.perf_counter() - t0
     with atomic_path(plan) as tmp:
         Path(tmp).write_bytes(bytes(data))
     sidecar = {
         "format": SIDECAR_FORMAT, **here.to_dict(), "onnx": onnx_path.name, "onnx_sha256": onnx_sha,
-        "plan_sha256": sha256_file(plan), "profile": profile.to_dict(), "optimization_level": optimization_level,
-        "strongly_typed": True, "build_seconds": round(seconds, 1), "timing_cache": cache.name, "io_spec": io_spec,
+        "data_sha256": data_sha, "plan_sha256": sha256_file(plan), "profile": profile.to_dict(),
+        "optimization_level": optimization_level, "strongly_typed": True, "build_seconds": round(seconds, 1), "timing_cache": cache.name, "io_spec": io_spec,
         "tensorrt_module": trt.__name__,
     }
     write_json(side, sidecar)
@@ -271,14 +339,19 @@ class TrtEngine(Engine):
             raise ArtifactError(f"TensorRT engine {plan} does not match its sidecar's sha256", "rebuild it")
         self.plan = plan
         self.io_spec = self.sidecar["io_spec"]
-        self.profile = cfg.profile or EngineProfile.from_dict(self.sidecar["profile"])
-        self.device = cfg.device if ":" in cfg.device else "cuda:0"
-        self.runner = TrtRunner(engine_from_bytes(plan.read_bytes()), name=plan.stem)
-        self.runner.activate()
+        built = EngineProfile.from_dict(self.sidecar["profile"])
+        self.profile = built if cfg.profile is None else narrow_profile(cfg.profile, built)
+        self.index = cuda_index(cfg.device)
+        self.device = f"cuda:{self.index}"
+        with _on_device(self.index):  # the engine, its context and stream live on the configured GPU
+            self.runner = TrtRunner(engine_from_bytes(plan.read_bytes()), name=plan.stem)
+            self.runner.activate()
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.runner.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, check_inputs=False)
-        return {k: np.asarray(v) for k, v in outs.items()}
+        with _on_device(self.index):
+            outs = self.runner.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, check_inputs=False)
+        # copies: Polygraphy returns views of host buffers it reuses, which the next call overwrites
+        return {k: np.array(v, copy=True) for k, v in outs.items()}
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         """Inputs are staged on the GPU once (as torch tensors); outputs stay there."""
@@ -286,7 +359,12 @@ class TrtEngine(Engine):
 
         self.check(feeds)
         staged = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
-        return lambda: self.runner.infer(staged, check_inputs=False, copy_outputs_to_host=False)
+
+        def call():
+            with _on_device(self.index):
+                return self.runner.infer(staged, check_inputs=False, copy_outputs_to_host=False)
+
+        return call
 
     def info(self) -> dict:
         return {"backend": self.name, "device": self.device, "device_name": self.here.gpu_name,
@@ -295,7 +373,8 @@ class TrtEngine(Engine):
 
     def close(self) -> None:
         if getattr(self, "runner", None) is not None and self.runner.is_active:
-            self.runner.deactivate()
+            with _on_device(self.index):
+                self.runner.deactivate()
         self.runner = None
 
 
@@ -307,7 +386,8 @@ def create(source, cfg: EngineConfig) -> TrtEngine:
     if path.suffix == PLAN_SUFFIX:
         return TrtEngine(path, cfg)
     if cfg.profile is None:
-        raise UsageError("building a TensorRT engine needs a shape profile", "set EngineConfig.profile (--min/--opt/--max sizes)")
+        raise UsageError("building a TensorRT engine needs a shape profile",
+                         "set EngineConfig.profile (CLI: --batch/--height/--width MIN,OPT,MAX)")
     folder = path if path.is_dir() else path.parent
     res = build_trt_engine(path, folder, cfg.profile, optimization_level=cfg.optimization_level,
                            cache_dir=cfg.cache_dir, device=cfg.device if cfg.device != "cpu" else "cuda:0")

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import shutil
+import types
 
 import numpy as np
 import pytest
 
+from slimexport.artifacts import read_json, sha256_file, write_json
 from slimexport.engines import tensorrt as trtmod
 from slimexport.engines.base import EngineConfig, EngineProfile, build_engine, make_feeds, unet_io_spec
+from slimexport.engines.onnx_export import DATA_FILE, MODEL_FILE, RESULT_FILE
 from slimexport.engines.tensorrt import (
     DeviceInfo,
     check_compatible,
+    cuda_index,
     engine_filename,
+    external_data_sha256,
     incompatibilities,
+    narrow_profile,
     profile_shapes,
     reusable,
     sidecar_path,
@@ -20,7 +28,7 @@ from slimexport.engines.tensorrt import (
     timing_cache_key,
     trt_tag,
 )
-from slimexport.errors import IncompatibleArtifactError, MissingExtraError, UsageError
+from slimexport.errors import ArtifactError, IncompatibleArtifactError, MissingExtraError, UsageError
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.8.0.43")
@@ -79,13 +87,188 @@ def test_profile_shapes():
 
 def test_reusable():
     p = EngineProfile.static(2, 64, 64)
-    side = {"format": trtmod.SIDECAR_FORMAT, **H100.to_dict(), "onnx_sha256": "abc", "profile": p.to_dict(),
-            "optimization_level": 3}
-    assert reusable(side, onnx_sha256="abc", profile=p, optimization_level=3, here=H100)
-    assert not reusable(side, onnx_sha256="abd", profile=p, optimization_level=3, here=H100)
-    assert not reusable(side, onnx_sha256="abc", profile=EngineProfile.static(4, 64, 64), optimization_level=3, here=H100)
-    assert not reusable(side, onnx_sha256="abc", profile=p, optimization_level=5, here=H100)
-    assert not reusable(side, onnx_sha256="abc", profile=p, optimization_level=3, here=DeviceInfo("x", "8.0", "10.8.0.43"))
+    data = {DATA_FILE: "def"}
+    side = {"format": trtmod.SIDECAR_FORMAT, **H100.to_dict(), "onnx_sha256": "abc", "data_sha256": data,
+            "profile": p.to_dict(), "optimization_level": 3}
+    kw = {"onnx_sha256": "abc", "data_sha256": data, "profile": p, "optimization_level": 3, "here": H100}
+    assert reusable(side, **kw)
+    assert not reusable(side, **{**kw, "onnx_sha256": "abd"})
+    assert not reusable(side, **{**kw, "data_sha256": {DATA_FILE: "deg"}})  # same graph, other weights
+    assert not reusable(side, **{**kw, "profile": EngineProfile.static(4, 64, 64)})
+    assert not reusable(side, **{**kw, "optimization_level": 5})
+    assert not reusable(side, **{**kw, "here": DeviceInfo("x", "8.0", "10.8.0.43")})
+    old = {k: v for k, v in side.items() if k != "data_sha256"}  # written before weights were hashed
+    assert not reusable(old, **kw)
+    assert not reusable(old, **{**kw, "data_sha256": {}})
+
+
+def test_external_data_sha256(dense_export, tmp_path):
+    assert external_data_sha256(dense_export.onnx_path) == {DATA_FILE: dense_export.data_sha256}
+    shutil.copy(dense_export.onnx_path, tmp_path / MODEL_FILE)
+    with pytest.raises(ArtifactError, match="model.onnx_data, the weights model.onnx references, is missing"):
+        external_data_sha256(tmp_path / MODEL_FILE)
+
+
+def test_cuda_index():
+    assert cuda_index("cuda:1") == 1 and cuda_index("cuda") == 0 and cuda_index("cpu") == 0
+    with pytest.raises(UsageError):
+        cuda_index("cuda:x")
+
+
+def test_narrow_profile():
+    built = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
+    assert narrow_profile(built, built) == built
+    wide = EngineProfile(1, 2, 8, 8, 16, 64, 8, 16, 64, latent_multiple=2)
+    assert narrow_profile(wide, built) == built
+    inner = EngineProfile(2, 2, 2, 16, 16, 24, 16, 16, 16, latent_multiple=2)
+    assert narrow_profile(inner, built) == inner
+    # a coarser multiple keeps the sizes both allow
+    assert narrow_profile(EngineProfile(1, 8, 8, 8, 64, 64, 8, 64, 64, latent_multiple=8), built) == \
+        EngineProfile(1, 4, 4, 8, 32, 32, 8, 32, 32, latent_multiple=8)
+    with pytest.raises(UsageError, match=r"built for batch 1\.\.4, the profile asks for 8\.\.16") as info:
+        narrow_profile(EngineProfile(8, 8, 16, 8, 16, 32, 8, 16, 32, latent_multiple=2), built)
+    assert "--batch/--height/--width MIN,OPT,MAX" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- fakes for TensorRT and the GPU
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """TensorRT, the GPU and Polygraphy's TensorRT calls faked: returns the list of CUDA devices made current
+    (the innermost last) and a log of what ran on which device."""
+    import polygraphy.backend.trt as ptrt
+    import torch
+
+    current, ran = [], []
+
+    @contextlib.contextmanager
+    def device(index):
+        current.append(index)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def engine_bytes_from_network(network, config, save_timing_cache):
+        ran.append(("build", current[-1] if current else None))
+        return b"plan:" + network
+
+    class FakeProfile(dict):
+        def add(self, name, min, opt, max):
+            self[name] = (min, opt, max)
+
+    class FakeRunner:
+        """Like Polygraphy's TrtRunner: outputs are views of one host buffer reused by every call."""
+
+        def __init__(self, engine, name=None):
+            self.is_active, self.calls, self.host = False, 0, np.zeros(1 << 16, np.float16)
+
+        def activate(self):
+            ran.append(("activate", current[-1] if current else None))
+            self.is_active = True
+
+        def deactivate(self):
+            ran.append(("deactivate", current[-1] if current else None))
+            self.is_active = False
+
+        def infer(self, feeds, check_inputs=True, copy_outputs_to_host=True):
+            ran.append(("infer", current[-1] if current else None))
+            self.calls += 1
+            n, _, h, w = feeds["sample"].shape
+            out = self.host[: n * 4 * h * w].reshape(n, 4, h, w)
+            out[:] = self.calls
+            return {"latent": out}
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(trtmod, "_require_trt", lambda: types.SimpleNamespace(__name__="tensorrt", __version__=H100.trt_version))
+    monkeypatch.setattr(trtmod, "current_device_info", lambda device="cuda:0": H100)
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda path, strongly_typed: open(path, "rb").read()[:16])
+    monkeypatch.setattr(ptrt, "engine_bytes_from_network", engine_bytes_from_network)
+    monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: kw)
+    monkeypatch.setattr(ptrt, "Profile", FakeProfile)
+    monkeypatch.setattr(ptrt, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(ptrt, "engine_from_bytes", lambda data: data)
+    return current, ran
+
+
+def _copy_export(export, dst):
+    dst.mkdir()
+    for name in (MODEL_FILE, DATA_FILE, RESULT_FILE):
+        shutil.copy(export.folder / name, dst / name)
+    return dst
+
+
+def test_reuse_needs_the_same_weights(fake_gpu, dense_export, tmp_path):
+    _, ran = fake_gpu
+    folder = _copy_export(dense_export, tmp_path / "export")
+    profile = EngineProfile.static(2, 16, 16, 2)
+    res = trtmod.build_trt_engine(folder, tmp_path / "engines", profile)
+    assert not res.reused and res.sidecar["data_sha256"] == {DATA_FILE: dense_export.data_sha256}
+    assert trtmod.build_trt_engine(folder, tmp_path / "engines", profile).reused
+    # same architecture, other weights: model.onnx is unchanged, model.onnx_data is not
+    data = bytearray((folder / DATA_FILE).read_bytes())
+    data[:4] = bytes(b ^ 0xFF for b in data[:4])
+    (folder / DATA_FILE).write_bytes(bytes(data))
+    assert sha256_file(folder / MODEL_FILE) == dense_export.onnx_sha256
+    again = trtmod.build_trt_engine(folder, tmp_path / "engines", profile)
+    assert not again.reused and again.sidecar["data_sha256"] == {DATA_FILE: sha256_file(folder / DATA_FILE)}
+    assert trtmod.build_trt_engine(folder, tmp_path / "engines", profile).reused
+    # a sidecar from before weights were hashed is never trusted
+    side = trtmod.sidecar_path(again.plan)
+    write_json(side, {k: v for k, v in read_json(side).items() if k != "data_sha256"})
+    assert not trtmod.build_trt_engine(folder, tmp_path / "engines", profile).reused
+    assert [r for r in ran if r[0] == "build"] == [("build", 0)] * 3
+
+
+def _fake_plan(tmp_path, profile):
+    plan = tmp_path / engine_filename(H100.compute_capability, H100.trt_version)
+    plan.write_bytes(b"fake plan")
+    write_json(sidecar_path(plan), {"format": trtmod.SIDECAR_FORMAT, **H100.to_dict(), "plan_sha256": sha256_file(plan),
+                                    "profile": profile.to_dict(), "io_spec": SPEC})
+    return plan
+
+
+def test_engine_on_the_configured_device(fake_gpu, dense_export, tmp_path):
+    current, ran = fake_gpu
+    folder = _copy_export(dense_export, tmp_path / "export")
+    cfg = EngineConfig(device="cuda:1", profile=EngineProfile.static(2, 16, 16, 2))
+    with build_engine("tensorrt", folder, cfg) as eng:
+        assert eng.device == "cuda:1" and eng.info()["device"] == "cuda:1"
+        eng.run(make_feeds(eng.io_spec, 2, 16, 16))
+    assert ran == [("build", 1), ("activate", 1), ("infer", 1), ("deactivate", 1)] and current == []
+    with trtmod.TrtEngine(_fake_plan(tmp_path, EngineProfile.static(2, 16, 16, 2)), EngineConfig(device="cuda")) as eng:
+        assert eng.device == "cuda:0"
+    assert ran[-2:] == [("activate", 0), ("deactivate", 0)]
+
+
+def test_run_returns_copies(fake_gpu, tmp_path):
+    profile = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
+    with trtmod.TrtEngine(_fake_plan(tmp_path, profile), EngineConfig(device="cuda")) as eng:
+        feeds = make_feeds(eng.io_spec, 2, 16, 16)
+        first = eng.run(feeds)["latent"]
+        second = eng.run(feeds)["latent"]
+        assert (first == 1).all() and (second == 2).all()  # the second call did not overwrite the first's output
+
+
+def test_profile_narrowed_to_the_built_one(fake_gpu, tmp_path):
+    built = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
+    plan = _fake_plan(tmp_path, built)
+    with trtmod.TrtEngine(plan, EngineConfig(device="cuda")) as eng:
+        assert eng.profile == built
+    wide = EngineProfile(1, 2, 8, 8, 16, 64, 8, 16, 64, latent_multiple=2)
+    with trtmod.TrtEngine(plan, EngineConfig(device="cuda", profile=wide)) as eng:
+        assert eng.profile == built
+        with pytest.raises(UsageError, match="outside the engine profile"):
+            eng.run(make_feeds(eng.io_spec, 8, 16, 16))  # refused here, not deep inside TensorRT
+    with pytest.raises(UsageError, match="rebuild the engine for this profile"):
+        trtmod.TrtEngine(plan, EngineConfig(device="cuda", profile=EngineProfile.static(8, 16, 16, 2)))
+
+
+def test_create_without_profile_names_the_flags(fake_gpu, dense_export):
+    with pytest.raises(UsageError, match="needs a shape profile") as info:
+        trtmod.create(dense_export.folder, EngineConfig(device="cuda"))
+    assert "--batch/--height/--width MIN,OPT,MAX" in str(info.value)
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed")
