@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 from slimexport.errors import ArtifactError, ResourceError, UsageError
 
 TMP_PREFIX = ".tmp-"
+OLD_SUFFIX = ".old"  # atomic_dir: the folder being replaced, kept until the new one is in place
 
 
 def _umask() -> int:
@@ -74,13 +76,18 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
 
 
 def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
-    """Delete the ``.tmp-*`` files and folders a killed run left under ``root`` (never trusted: only wasted disk).
+    """Delete the ``.tmp-*`` files and folders a killed run left under ``root`` (never trusted: only wasted disk),
+    except a folder :func:`atomic_dir` was replacing when killed, with nothing in its place: that one goes back.
 
     Call it before a run writes into ``root``; two runs writing into one folder at once are not supported."""
     removed = []
     for p in sorted(Path(root).rglob(TMP_PREFIX + "*")):
         if any(part.startswith(TMP_PREFIX) for part in p.relative_to(root).parts[:-1]):
             continue  # inside a temporary folder removed with it
+        final = p.with_name(p.name[len(TMP_PREFIX):-len(OLD_SUFFIX)])
+        if p.name.endswith(OLD_SUFFIX) and not final.exists():
+            os.replace(p, final)  # killed between atomic_dir's two renames: the previous folder is the good one
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -132,10 +139,14 @@ def atomic_dir(path: str | os.PathLike):
         yield tmp
         _publish_mode(tmp, True)
         if final.exists():
-            old = final.with_name(TMP_PREFIX + final.name + ".old")
+            old = final.with_name(TMP_PREFIX + final.name + OLD_SUFFIX)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the previous folder goes back: nothing is lost
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -154,20 +165,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN and ±inf (an exact match's SQNR, a metric with nothing to measure) are written as ``null``,
+    since ``NaN``/``Infinity`` are not JSON and strict parsers (jq, JavaScript) reject them."""
+    return write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=_json_default,
+                                       allow_nan=False) + "\n")
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):
-    import math
-
     if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, float) and math.isinf(o):
-        return "inf"
+        return _json_safe(o.to_dict())
     if isinstance(o, Path):
         return str(o)
-    if hasattr(o, "item"):
-        return o.item()
+    if hasattr(o, "item"):  # numpy and torch scalars
+        return _json_safe(o.item())
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
