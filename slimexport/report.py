@@ -81,7 +81,7 @@ def render_markdown(rep: dict) -> str:
         tr = svd.get("trajectory", {})
         if tr:
             lines.append(f"Final latents of a {tr['steps']}-step fixed-seed DDIM trajectory (CFG {tr['guidance_scale']:g}): "
-                         f"relative error {tr['rel_error']:.4f}, cosine {tr['cosine']:.4f} (gate ≥ {svd['gate']['min_latent_cosine']:g}).")
+                         f"relative error {tr['rel_error']:.4f}, cosine {_fmt(tr['cosine'], '.4f')} (gate ≥ {svd['gate']['min_latent_cosine']:g}).")
     s = rep.get("speed")
     if s:
         env = s.get("environment", {})

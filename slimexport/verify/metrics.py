@@ -133,6 +133,9 @@ def compare(actual: np.ndarray, reference: np.ndarray, tol: Tolerance | str = "f
                    elementwise_fail_fraction=None)
 
     failed, reasons = [], []
+    if out["numel"] == 0:
+        failed.append("empty")
+        reasons.append("the output is empty: nothing to compare")
     nonfinite = out["nan_count"] + out["inf_count"] + out["ref_nan_count"] + out["ref_inf_count"]
     if nonfinite:
         failed.append("finite")

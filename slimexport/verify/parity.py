@@ -67,7 +67,7 @@ def summarize(per_t: list[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> dic
     b = np.concatenate([y.ravel() for _, y in per_t])
     m = compare(a, b, tol)
     return {**{k: m.get(k) for k in METRIC_KEYS}, "passed": bool(m["passed"]), "failed": m["failed"], "reason": m["reason"],
-            "nan_count": m.get("nan_count", 0), "inf_count": m.get("inf_count", 0), "tolerance": m["tolerance"]}
+            "nan_count": m.get("nan_count", 0), "inf_count": m.get("inf_count", 0), "numel": m["numel"], "tolerance": m["tolerance"]}
 
 
 def export_tolerance(dtype: str, cfg: VerifyConfig) -> Tolerance:
@@ -126,7 +126,8 @@ def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg:
         reasons.append(f"mean relative ε error {mean_err:.3g} > {cfg.max_eps_error:g}")
     if traj.get("cosine") is None or traj["cosine"] < cfg.min_latent_cosine:
         failed.append("latent_cosine")
-        reasons.append(f"final-latent cosine {traj.get('cosine', float('nan')):.4f} < {cfg.min_latent_cosine:g}")
+        c = traj.get("cosine")  # None: no finite element to compare
+        reasons.append(f"final-latent cosine {'n/a' if c is None else format(c, '.4f')} < {cfg.min_latent_cosine:g}")
     res.update(
         eps_rel_error=per_t, eps_rel_error_mean=mean_err,
         trajectory={"steps": cfg.trajectory_steps, "guidance_scale": cfg.guidance_scale, "rel_error": traj_rel,
