@@ -288,7 +288,7 @@ def resolve_engine_device(cfg) -> str:
         raise UsageError(f"--engine-device {cfg.engine_device} asked for, but no CUDA GPU is visible",
                          "use --engine-device cpu (or auto)")
     if cfg.engine_device != "auto":
-        return "cuda" if cfg.engine_device.startswith("cuda") and cfg.backend != "onnxruntime" else cfg.engine_device
+        return cfg.engine_device  # cuda:N kept: every backend places its engine on that GPU
     if not torch.cuda.is_available():
         return "cpu"
     if cfg.backend == "onnxruntime":
@@ -330,12 +330,21 @@ def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_di
 
     seq_len = next(e["shape"][1] for e in exports["dense"].io_spec["inputs"] if e["name"] == CONTEXT)  # the text tokens
     ecfg = _engine_config(cfg, device, profile, seq_len)
-    if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
-        return {k: build_engine("aoti", models[k], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / k)))
-                for k in ("dense", "slim")}
-    if cfg.backend in MODEL_BACKENDS:
-        return {k: build_engine(cfg.backend, models[k], ecfg) for k in ("dense", "slim")}
-    return {k: build_engine(cfg.backend, exports[k].folder, ecfg) for k in ("dense", "slim")}
+
+    def make(kind: str):
+        if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
+            return build_engine("aoti", models[kind], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / kind)))
+        return build_engine(cfg.backend, models[kind] if cfg.backend in MODEL_BACKENDS else exports[kind].folder, ecfg)
+
+    engines = {}
+    try:
+        for kind in ("dense", "slim"):
+            engines[kind] = make(kind)
+    except BaseException:
+        for e in engines.values():  # the dense engine when the slim one fails: its device memory goes back
+            e.close()
+        raise
+    return engines
 
 
 def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
@@ -343,12 +352,18 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
     from slimexport.verify import parity
 
     hw = (profile.opt_height, profile.opt_width)
-    inputs = parity.fixed_inputs(bundle, cfg.verify, hw)
-    tol = parity.export_tolerance(engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp"), cfg.verify)
+    vcfg = cfg.verify  # 2 × num_prompts rows (CFG): kept inside the engines' batch range
+    n = max(1, min(max(vcfg.num_prompts, -(-profile.min_batch // 2)), profile.max_batch // 2))
+    if n != vcfg.num_prompts:
+        log.info("verify: %d prompt(s) instead of %d, the most the engine profile (batch %d..%d rows) takes",
+                 n, vcfg.num_prompts, profile.min_batch, profile.max_batch)
+        vcfg = vcfg.replace(num_prompts=n)
+    inputs = parity.fixed_inputs(bundle, vcfg, hw)
+    tol = parity.export_tolerance(engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp"), vcfg)
     out = {}
     for kind in ("dense", "slim"):
         out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)
-    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, cfg.verify, hw)
+    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw)
     return out
 
 
@@ -362,12 +377,9 @@ def run_bench(cfg, engines: dict, profile) -> dict:
                        cfg.bench.width or profile.opt_width, seed=0)
     res = compare_speed(engines["dense"], engines["slim"], feeds, warmup=cfg.bench.warmup, iterations=iters)
     res["iterations"] = iters
-    if device.startswith("cuda"):
-        res["device_name"] = torch.cuda.get_device_name()
-    else:
-        from slimexport.engines.torch_runner import device_name
+    from slimexport.engines.torch_runner import device_name
 
-        res["device_name"] = device_name("cpu")
+    res["device_name"] = device_name(device)
     return res
 
 
@@ -488,8 +500,9 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     manifest.set("slim_weights", {"path": "slim_unet/diffusion_pytorch_model.safetensors",
                                   "plan_sha256": sha256_json(res.plan["ranks"])})
     manifest.set("versions", _versions())
-    manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(),
-                            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))} if device.startswith("cuda") else {})})
+    gpu = torch.device(device) if device.startswith("cuda") else None
+    manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(gpu),
+                            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(gpu)))} if gpu else {})})
     manifest.set("results", {"parity": {k: v["passed"] for k, v in parity.items()}, "speedup": speed.get("speedup")})
     manifest.set("built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     manifest.save()

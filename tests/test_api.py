@@ -91,3 +91,30 @@ def test_nan_statistics_abort_before_anything_is_written(tiny, tmp_path, monkeyp
     with pytest.raises(NumericalError, match="GEGLU output.*timestep bin 0"):
         compress(cfg, out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "out" / "slim_unet").exists() and not (tmp_path / "out" / "calib").exists()
+
+
+def test_a_failed_slim_engine_closes_the_dense_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from slimexport import api
+    from slimexport.config import BuildConfig
+    from slimexport.engines import base
+    from slimexport.engines.base import unet_io_spec
+
+    closed = []
+
+    class Fake:
+        def close(self):
+            closed.append(self)
+
+    def build_engine(backend, source, cfg):
+        if source == "slim":
+            raise RuntimeError("out of memory")
+        return Fake()
+
+    monkeypatch.setattr(base, "build_engine", build_engine)
+    spec = unet_io_spec(dtype="fp32", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32)
+    exports = {k: SimpleNamespace(folder=k, io_spec=spec) for k in ("dense", "slim")}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        api._make_engines(BuildConfig(), exports, {}, "cpu", None)
+    assert len(closed) == 1

@@ -123,3 +123,13 @@ def test_torch_backend_builds_and_verifies_digits(tmp_path):
     assert res.passed, res.report["parity"]
     assert res.report["speed"]["dense_engine"]["backend"] == "torch"
     assert all(res.report["parity"][k]["max_abs"] < 1e-4 for k in ("dense_export", "slim_export"))
+
+
+def test_verify_fits_the_fixed_inputs_into_a_one_prompt_profile(built):
+    """--batch 1,1,1 makes engines of 2 UNet rows: verify uses one prompt (not the default two) instead of failing."""
+    root, _ = built
+    res = build(CFG.replace(batch=(1, 1, 1)), out=root / "one", progress=False, cache_dir=root / "cache")
+    assert res.passed, res.report["parity"]
+    prof = res.report["profile"]
+    rows = res.report["parity"]["dense_export"]["numel"] // (4 * prof["opt_height"] * prof["opt_width"] * 5)  # 5 timesteps
+    assert prof["max_batch"] == 2 and rows == 2

@@ -156,6 +156,8 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
                          f"{slim_engine.device}) must run on the same backend and device", "build both with the same --backend and --device")
     if not (isinstance(iterations, int) and iterations >= 1):
         raise UsageError(f"iterations={iterations!r} is invalid", "use an integer >= 1")
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise UsageError(f"warmup={warmup!r} is invalid", "use an integer >= 0")
     device = dense_engine.device
     calls = {"dense": dense_engine.prepare(feeds), "slim": slim_engine.prepare(feeds)}
     for _ in range(warmup):

@@ -58,6 +58,7 @@ from slimexport.engines.base import (
     sm_tag,
     unet_from_source,
 )
+from slimexport.engines.torch_runner import exact_fp32
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
 
 log = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     """Compile (or reuse) an AOTInductor package of ``unet`` for ``profile`` on ``device``.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (dense or slim); never modified (a converted copy is compiled
+        unet: a diffusers ``UNet2DConditionModel`` (dense or slim); weights never modified (put in eval mode; a converted copy is compiled
             when dtype or device differ).
         out_dir: where ``<stem>.<device>.torch<ver>.pt2`` and its ``.json`` sidecar go; ``None``:
             :func:`default_cache_dir` of the model's digest.
@@ -544,6 +545,7 @@ class AotiEngine(Engine):
         self.files = [package, side]
         self.reused = reused
         self.device = str(dev)
+        self.exact = dev.type == "cuda" and self.sidecar["dtype"] == "fp32"
         self.output_name = cfg.output_name
         spec = self.sidecar["io_spec"]
         out = [{**e, "name": cfg.output_name} for e in spec["outputs"]]
@@ -560,7 +562,7 @@ class AotiEngine(Engine):
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in (SAMPLE, TIMESTEP, CONTEXT))
 
     def _call(self, args) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32(self.exact):  # fp32 packages on a GPU: no TF32 in cuDNN/cuBLAS calls
             out = self.runner(*args)
         return out[0] if isinstance(out, (list, tuple)) else out
 

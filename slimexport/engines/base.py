@@ -70,7 +70,7 @@ def io_spec_for_unet(unet, *, dtype: str = "fp32", output_name: str = "latent", 
 
 def make_feeds(io_spec: dict, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs matching ``io_spec``: ``sample`` and ``encoder_hidden_states`` ~ N(0, 1), timesteps
-    spread over [0, 1000) (fractional, as samplers produce them).
+    spread over [0, 999] (fractional, as samplers produce them).
 
     Args:
         batch: the ``2B`` axis; height, width: latent cells.
@@ -197,7 +197,7 @@ class EngineProfile(_Config):
             raise UsageError(
                 f"input shape (batch {batch}, {height}x{width} latent) is outside the engine profile: "
                 f"{'; '.join(problems)} (profile: {self.describe()})",
-                "rebuild the engine with a profile that covers it (--min/--max batch, height, width)",
+                "rebuild the engine with a profile that covers it (--batch/--height/--width MIN,OPT,MAX)",
             )
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:

@@ -288,7 +288,7 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
     and ``W`` are dynamic; ``L`` is static (77 for SD).
 
     Args:
-        unet: a ``UNet2DConditionModel`` (dense or slim), any device; never modified.
+        unet: a ``UNet2DConditionModel`` (dense or slim), any device; its weights are never modified (it is put in eval mode).
         out_dir: the export folder; replaced atomically if it exists.
         opset: ONNX opset, 17..21.
         dtype: ``fp32`` or ``fp16`` (GroupNorm/LayerNorm kept in fp32).

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimexport.engines.base import CONTEXT, SAMPLE, TIMESTEP, EngineConfig
-from slimexport.engines.torch_runner import TorchEngine
+from slimexport.engines.torch_runner import TorchEngine, exact_fp32
 
 MODE_GRAPHS = "reduce-overhead"  # Inductor with CUDA graph trees
 MODE_PLAIN = "default"
@@ -40,7 +40,8 @@ class TorchCompileEngine(TorchEngine):
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.mode == MODE_GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be overwritten
-        return self.compiled(inputs[SAMPLE], inputs[TIMESTEP], inputs[CONTEXT])
+        with exact_fp32(self.exact):
+            return self.compiled(inputs[SAMPLE], inputs[TIMESTEP], inputs[CONTEXT])
 
     def _call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._forward(inputs)
@@ -50,6 +51,10 @@ class TorchCompileEngine(TorchEngine):
         self.check(feeds)
         inputs = self._to_device(feeds)
         return lambda: self._forward(inputs)
+
+    def close(self) -> None:
+        super().close()
+        self.compiled = None
 
     def info(self) -> dict:
         return {**super().info(), "backend": self.name, "cuda_graphs": self.cfg.cuda_graphs, "compile_mode": self.mode}

@@ -7,6 +7,7 @@ of the SD1.4 UNet's GPU time converting NCHW↔NHWC, and launch overhead is larg
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +29,21 @@ from slimexport.models.bundle import Fp32Norm, converted_copy  # noqa: F401  (re
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 GRAPH_WARMUP_CALLS = 3  # eager calls on a side stream before capture (lazy cuDNN/cuBLAS init; torch docs)
+
+
+@contextlib.contextmanager
+def exact_fp32(active: bool):
+    """No TF32 inside: fp32 convolutions and matmuls on an Ampere-or-newer GPU otherwise run in TF32 (cuDNN's default),
+    about 1e-3 off fp32, which fails the fp32 parity gate. Restores the process's settings after."""
+    if not active:
+        yield
+        return
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 class UNetIO(nn.Module):
@@ -75,7 +91,7 @@ class TorchEngine(Engine):
     """Eager PyTorch behind the engine interface.
 
     The UNet is used as given when its device and dtype already match ``cfg``; otherwise a converted copy is
-    made (the caller's model is never cast or moved in place).
+    made (the caller's model is never cast or moved in place; it is put in eval mode).
     """
 
     name = "torch"
@@ -88,10 +104,11 @@ class TorchEngine(Engine):
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise UsageError(f"device {cfg.device} was asked for but PyTorch sees no CUDA GPU",
-                                 "pass --device cpu or install a CUDA build of PyTorch")
+                                 "pass --engine-device cpu or install a CUDA build of PyTorch")
             dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         self.device = str(dev)
         self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.exact = dev.type == "cuda" and self.dtype == torch.float32  # fp32 engines run without TF32
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)  # process-wide: PyTorch has no per-model thread pool
         self.io_spec = io_spec_for_unet(unet, dtype=cfg.dtype, output_name=cfg.output_name, seq_len=cfg.seq_len)
@@ -116,7 +133,8 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(inputs[SAMPLE], inputs[TIMESTEP], inputs[CONTEXT])
+        with exact_fp32(self.exact):  # also while a CUDA graph is captured: its kernels keep the setting
+            return self.model(inputs[SAMPLE], inputs[TIMESTEP], inputs[CONTEXT])
 
     def _graph_for(self, inputs: dict[str, torch.Tensor]):
         key = tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items()))
@@ -168,7 +186,9 @@ class TorchEngine(Engine):
         }
 
     def close(self) -> None:
+        """Drop the CUDA graphs and the engine's model (its device copy: the memory goes back to the allocator)."""
         self._graphs.clear()
+        self.model = None
 
 
 def create(source, cfg: EngineConfig) -> TorchEngine:

@@ -92,3 +92,21 @@ def test_cuda_fp16_channels_last_graphs(slim_unet, torch_reference):
     call = graphs.prepare(feeds16)
     call()
     torch.cuda.synchronize()
+
+
+def test_exact_fp32_turns_tf32_off_inside_and_restores_it():
+    from slimexport.engines.torch_runner import exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with exact_fp32(True):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with exact_fp32(False):
+            assert torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError), exact_fp32(True):
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
