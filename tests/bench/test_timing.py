@@ -66,17 +66,75 @@ def test_compare_speed_refuses_mixed_backends():
         compare_speed(SleepEngine(1), SleepEngine(1, device="cuda:0"), feeds)
 
 
+def _slim_tiny_unet(rank_qk: int = 4, rank_vo: int = 4):
+    """``tiny`` with every attention slimmed (per-head q/k size ``rank_qk``, v/o size ``rank_vo``; dense 16)."""
+    from slimexport.models.arch import blocks
+    from slimexport.models.load import build_unet
+    from slimexport.models.registry import TINY_UNET
+    from slimexport.slim.apply import install_processors, replace_linears
+
+    unet = build_unet(TINY_UNET)
+    g = torch.Generator().manual_seed(1)
+    weights = {}
+    for b in blocks(unet):
+        for name, ctx in (("attn1", b.width), ("attn2", b.context_dim)):
+            h = b.num_heads
+            weights[f"{b.path}.{name}.to_q.weight"] = torch.randn(h * rank_qk, b.width, generator=g) * b.width ** -0.5
+            weights[f"{b.path}.{name}.to_k.weight"] = torch.randn(h * rank_qk, ctx, generator=g) * ctx ** -0.5
+            weights[f"{b.path}.{name}.to_v.weight"] = torch.randn(h * rank_vo, ctx, generator=g) * ctx ** -0.5
+            weights[f"{b.path}.{name}.to_out.0.weight"] = torch.randn(b.width, h * rank_vo, generator=g) * (h * rank_vo) ** -0.5
+    replace_linears(unet, weights)
+    install_processors(unet)
+    return unet.eval()
+
+
 def test_compare_speed_torch_dense_vs_slim():
     from slimexport.engines.torch_runner import TorchEngine
     from slimexport.models.load import build_unet
     from slimexport.models.registry import TINY_UNET
+    from slimexport.slim.attention import SlimAttnProcessor
 
-    dense = TorchEngine(build_unet(TINY_UNET))
-    slim = TorchEngine(build_unet(TINY_UNET))
+    dense_unet, slim_unet = build_unet(TINY_UNET).eval(), _slim_tiny_unet()
+    assert {type(p) for p in slim_unet.attn_processors.values()} == {SlimAttnProcessor}
+    assert sum(p.numel() for p in slim_unet.parameters()) < sum(p.numel() for p in dense_unet.parameters())
+    dense, slim = TorchEngine(dense_unet), TorchEngine(slim_unet)
+    calls = {"dense": 0, "slim": 0}
+
+    def counting(engine, key):
+        prepare = engine.prepare
+
+        def counted_prepare(feeds):
+            fn = prepare(feeds)
+
+            def call():
+                calls[key] += 1
+                return fn()
+            return call
+        engine.prepare = counted_prepare
+
+    counting(dense, "dense")
+    counting(slim, "slim")
     feeds = make_feeds(dense.io_spec, 2, 16, 16)
+    # two different models: the comparison times the real slim UNet, not the dense one twice
+    out_d, out_s = dense.run(feeds)["latent"], slim.run(feeds)["latent"]
+    assert out_d.shape == out_s.shape == (2, 4, 16, 16) and np.isfinite(out_s).all()
+    assert float(np.abs(out_d - out_s).max()) > 1e-3
     res = compare_speed(dense, slim, feeds, warmup=1, iterations=3)
-    assert res["dense_ms"]["p50"] > 0 and res["slim_ms"]["p50"] > 0 and np.isfinite(res["speedup"])
-    assert res["dense_engine"]["backend"] == "torch" and res["dense_engine"]["threads"] >= 1
+    assert calls == {"dense": 4, "slim": 4}  # 1 warm-up + 3 timed calls each
+    assert res["dense_ms"]["iterations"] == res["slim_ms"]["iterations"] == 3 and res["warmup"] == 1
+    for k in ("dense_ms", "slim_ms"):
+        t = res[k]
+        assert 0 < t["min"] <= t["p50"] <= t["p90"] <= t["p99"] and t["min"] <= t["mean"]
+    assert res["speedup"] == pytest.approx(res["dense_ms"]["p50"] / res["slim_ms"]["p50"]) and np.isfinite(res["speedup"])
+    lo, hi = res["speedup_ci95"]
+    assert 0 < lo <= hi and np.isfinite(hi)
+    assert res["backend"] == "torch" and res["device"] == "cpu" and res["timer"] == "perf_counter"
+    assert res["mode"] == "interleaved ABBA" and res["shapes"]["sample"] == [2, 4, 16, 16]
+    for k in ("dense_engine", "slim_engine"):
+        info = res[k]
+        assert info["backend"] == "torch" and info["device"] == "cpu" and info["threads"] == torch.get_num_threads() >= 1
+        assert info["dtype"] == "fp32" and info["versions"]["torch"] == torch.__version__
+    assert res["environment"]["torch_threads"] == torch.get_num_threads()
 
 
 @pytest.mark.gpu

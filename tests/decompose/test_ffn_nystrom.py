@@ -47,6 +47,15 @@ def test_pivots_are_nested_and_greedy_on_diagonal():
     order = pivoted_cholesky_order(c)
     assert sorted(order.tolist()) == list(range(c.shape[0]))
     assert int(order[0]) == int(torch.argmax(torch.diagonal(c)))
+    # every later pivot is greedy too: the channel with the largest residual variance given the channels before it,
+    # diag(C − C[:,S] C[S,S]⁻¹ C[S,:]) (by hand, with explicit solves)
+    for k in range(1, c.shape[0]):
+        s = order[:k]
+        res = torch.diagonal(c - c[:, s] @ torch.linalg.solve(c[s][:, s], c[s, :])).clone()
+        res[s] = -float("inf")
+        assert float(res[int(order[k])]) >= float(res.max()) * (1 - 1e-8), k
+    # and it is not simply the diagonal's order (the test would not tell the two apart otherwise)
+    assert order.tolist() != torch.argsort(torch.diagonal(c), descending=True).tolist()
 
 
 def test_errors_never_increase_with_width():

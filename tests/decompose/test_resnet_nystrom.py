@@ -26,11 +26,37 @@ def test_all_groups_reproduce_conv2_exactly():
     assert abs(residual(c, keep, w2)) < 1e-6
 
 
+def _greedy_groups(c, group_size, count):
+    """By hand: repeatedly take the group with the largest trace of its Schur complement given the groups taken."""
+    taken = []
+    for _ in range(count):
+        best, best_tr = None, -float("inf")
+        for g in range(c.shape[0] // group_size):
+            if g in taken:
+                continue
+            gi = list(range(g * group_size, (g + 1) * group_size))
+            sc = c[gi][:, gi]
+            if taken:
+                si = [g2 * group_size + j for g2 in taken for j in range(group_size)]
+                sc = sc - c[gi][:, si] @ torch.linalg.solve(c[si][:, si], c[si][:, gi])
+            if float(torch.trace(sc)) > best_tr:
+                best, best_tr = g, float(torch.trace(sc))
+        taken.append(best)
+    return taken
+
+
 def test_kept_channels_are_whole_groups():
     _, c = _corr(24, 1)
-    keep = kept_channels(group_pivoted_order(c, 4), 3, 4)
+    order = group_pivoted_order(c, 4)
+    assert order.tolist() == _greedy_groups(c, 4, 6)
+    keep = kept_channels(order, 3, 4)
+    assert keep.shape == (12,)  # 3 groups of 4
     groups = keep.reshape(-1, 4)
+    assert len(groups) == 3
     assert all(int(g[0]) % 4 == 0 and g.tolist() == list(range(int(g[0]), int(g[0]) + 4)) for g in groups)
+    # which groups: the first three of the greedy order, in channel order
+    assert [int(g[0]) // 4 for g in groups] == sorted(order[:3].tolist())
+    assert torch.equal(keep, torch.tensor([4 * g + j for g in sorted(order[:3].tolist()) for j in range(4)]))
 
 
 def test_fold_is_least_squares_through_a_convolution():

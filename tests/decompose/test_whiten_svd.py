@@ -69,6 +69,25 @@ def test_full_rank_reproduces_products_and_errors_decrease():
 
 
 def test_cholesky_fallback_on_indefinite_matrix():
-    c = torch.diag(torch.tensor([1.0, 0.5, -1e-3], dtype=torch.float64))
+    from slimexport.decompose.linalg import CHOLESKY_FALLBACK_FLOOR
+
+    # an indefinite symmetric matrix, not diagonal: Q diag(λ) Qᵀ with one slightly negative eigenvalue
+    evals = torch.tensor([1.0, 0.5, 0.25, -1e-3], dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64))[0]
+    c = q @ torch.diag(evals) @ q.T
+    assert int(torch.linalg.cholesky_ex(c)[1]) != 0  # a plain Cholesky fails
     L, used = cholesky(c)
     assert used and torch.isfinite(L).all()
+    # the documented fallback: C + (−λ_min + floor · |mean λ|) I, factored once
+    shift = 1e-3 + CHOLESKY_FALLBACK_FLOOR * float(evals.mean().abs())
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(L @ L.T, c + shift * eye, rtol=0, atol=1e-12)
+    assert torch.equal(L, torch.tril(L)) and bool((torch.diagonal(L) > 0).all())
+    # the shifted matrix's smallest eigenvalue is the floor, not more
+    assert float(torch.linalg.eigvalsh(L @ L.T).min()) == pytest.approx(CHOLESKY_FALLBACK_FLOOR * float(evals.mean()), rel=1e-3)
+    # an SPD input is factored as it is: no fallback, no shift
+    spd = _spd(4, 20, 10)
+    L2, used2 = cholesky(spd)
+    assert not used2
+    torch.testing.assert_close(L2, torch.linalg.cholesky(spd), rtol=0, atol=0)
+    torch.testing.assert_close(L2 @ L2.T, spd, rtol=1e-12, atol=1e-12)

@@ -68,7 +68,21 @@ def test_choose_providers():
         choose_providers("cpu", ("OpenVINOExecutionProvider",), [CPU_EP])
 
 
-def test_fp16_engine_runs_on_cpu(slim_export_fp16):
+def test_fp16_engine_runs_on_cpu(slim_export_fp16, slim_unet, torch_reference):
+    from slimexport.verify.metrics import compare
+
     eng = OrtEngine(slim_export_fp16.folder)
-    out = eng.run(make_feeds(eng.io_spec, 2, 16, 16))["latent"]
-    assert out.dtype == np.float16 and np.isfinite(out).all()
+    assert eng.device == "cpu" and eng.info()["providers"] == [CPU_EP]
+    feeds = make_feeds(eng.io_spec, 2, 16, 16)
+    assert feeds["sample"].dtype == np.float16 and feeds["encoder_hidden_states"].dtype == np.float16
+    out = eng.run(feeds)["latent"]
+    assert out.dtype == np.float16 and out.shape == (2, 4, 16, 16) and np.isfinite(out).all()
+    # the fp16 engine against the fp32 PyTorch model on the same (fp16-valued) inputs, under the fp16 gate
+    ref = torch_reference(slim_unet, feeds)
+    m = compare(out, ref, "fp16")
+    assert m["passed"], m["reason"]
+    assert 0 < m["max_abs"] and m["cosine"] > 0.999
+    # the gate tells a different output apart: the reference of the other sample in the batch
+    assert not compare(out[::-1].copy(), ref, "fp16")["passed"]
+    np.testing.assert_array_equal(eng.prepare(feeds)()["latent"], out)
+    eng.close()

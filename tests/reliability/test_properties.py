@@ -25,7 +25,8 @@ from slimexport.decompose.resnet_nystrom import (
 )
 from slimexport.decompose.whiten_svd import qk_factors, qk_weights, vo_factors, vo_weights
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run (seeded from each test's name), so CI cannot flake
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 F64 = torch.float64
 # Monotonicity slack, relative to the rank-0 error: fp64 round-off amplified by condition numbers up to ~1e10
 # after the ridge (1e-16 * 1e10 = 1e-6).

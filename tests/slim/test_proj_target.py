@@ -120,21 +120,34 @@ def test_slim_unet_factors_projections_and_round_trips(proj_slim, tiny, tiny_inp
 
 
 def test_projection_dispatch_picks_torch_on_cpu(proj_slim, tiny_inputs, monkeypatch):
-    import slimexport.kernels as kernels
-    from slimexport.kernels import KernelImpl, choose_impl
+    import importlib
 
+    op = importlib.import_module("slimexport.kernels.lowrank_linear")  # the module (the package attribute is the function)
     slim = proj_slim[0]
-    calls = []
-    real = kernels.lowrank_linear
-
-    def spy(x, u, v, bias=None, impl=KernelImpl.AUTO):
-        calls.append(choose_impl("lowrank_linear", x.reshape(-1, x.shape[-1]), u, v, bias, impl=impl))
-        return real(x, u, v, bias, impl=impl)
-
-    monkeypatch.setattr(kernels, "lowrank_linear", spy)
+    factored = [m for m in slim.modules() if isinstance(m, LowRankProj)]
+    assert factored
     x, ctx, ts = tiny_inputs
-    slim(x, torch.full((x.shape[0],), float(ts[0])), ctx)
-    assert calls and set(calls) == {KernelImpl.TORCH}
+    t = torch.full((x.shape[0],), float(ts[0]))
+    with torch.no_grad():
+        want = slim(x, t, ctx).sample
+    calls = []
+    real = op.lowrank_linear_ref
+
+    def ref_spy(x, u, v, bias):
+        calls.append((x.device.type, u.shape))
+        return real(x, u, v, bias)
+
+    def triton_must_not_run(*args, **kwargs):
+        raise AssertionError("the Triton lowrank_linear ran on the CPU")
+
+    monkeypatch.delenv("SLIMEXPORT_KERNELS", raising=False)
+    monkeypatch.setattr(op, "lowrank_linear_ref", ref_spy)
+    monkeypatch.setattr(op, "lowrank_linear_triton", triton_must_not_run)
+    with torch.no_grad():
+        got = slim(x, t, ctx).sample
+    # every factored projection ran through the torch reference, once per forward, on the CPU
+    assert sorted(calls) == sorted(("cpu", m.u.shape) for m in factored)
+    assert torch.equal(got, want)
 
 
 def test_onnx_export_has_two_matmuls_per_factored_projection(proj_slim, tiny, tmp_path):

@@ -90,10 +90,26 @@ def judge():
 
 
 def test_judge_on_real_digits(judge):
+    images, labels = judge.test_images, judge.test_labels
+    assert len(images) == len(labels) > 300 and set(labels.tolist()) == set(range(10))
+    # accuracy from the classifier's own predictions, counted by hand
+    sk_pred = torch.as_tensor(judge.clf.predict(images.reshape(len(images), -1).double().numpy()))
+    assert torch.equal(judge.predict(images), sk_pred.long())
+    by_hand = sum(int(p) == int(y) for p, y in zip(sk_pred, labels)) / len(labels)
+    assert judge.test_accuracy == pytest.approx(by_hand, abs=1e-12)
     assert judge.test_accuracy > 0.95
-    assert judge.accuracy(judge.test_images, judge.test_labels) == judge.test_accuracy
-    feats = judge.features(judge.test_images[:10])
+    assert judge.accuracy(images, labels) == pytest.approx(by_hand, abs=1e-12)
+    assert judge.accuracy(images, labels.tolist()) == pytest.approx(by_hand, abs=1e-12)
+    # wrong labels: a judge this accurate gets almost none of them
+    wrong = (labels + 1) % 10
+    assert judge.accuracy(images, wrong) == pytest.approx(float((sk_pred == wrong).double().mean()), abs=1e-12)
+    assert judge.accuracy(images, wrong) < 0.05
+    feats = judge.features(images[:10])
     assert feats.shape == (10, judge.HIDDEN[-1]) and feats.dtype == torch.float64
+    assert bool((feats >= 0).all()) and float(feats.abs().sum()) > 0  # ReLU activations, not all dead
+    # the features are the last hidden layer: the output layer applied to them gives the predictions
+    logits = feats @ torch.from_numpy(judge.clf.coefs_[-1]) + torch.from_numpy(judge.clf.intercepts_[-1])
+    assert torch.equal(logits.argmax(1), sk_pred[:10].long())
 
 
 def test_judge_frechet(judge):
