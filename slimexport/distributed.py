@@ -8,6 +8,7 @@ all-reduced (NCCL on GPU, gloo on CPU); rank 0 alone decomposes, writes artifact
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 
 def dist_info() -> tuple[int, int]:
@@ -41,19 +42,24 @@ def init_from_env() -> str | None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return str(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    # Collectives wait for the slowest rank's calibration shard; the default 10 minutes can be too short at SD size.
+    timeout = timedelta(seconds=float(os.environ.get("SLIMEXPORT_DIST_TIMEOUT_S", "3600")))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        # gloo beside NCCL: statistics kept on the CPU (--device cpu, --calib-offload) are all-reduced too
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=torch.device("cuda", local), timeout=timeout)
         return f"cuda:{local}"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return "cpu"
 
 
 def shutdown() -> None:
+    """Leave the process group, without a barrier: the other ranks finish after calibration while rank 0 goes on
+    for minutes (decompose, export, verify), and a rank that failed must exit (torchrun then stops the rest)
+    rather than wait in a collective its peers never join."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()

@@ -32,3 +32,18 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     plan_a = json.loads((tmp_path / "one" / "plan.json").read_text())
     plan_b = json.loads((tmp_path / "two" / "plan.json").read_text())
     assert plan_a["ranks"] == plan_b["ranks"]
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_0_ends_the_run_instead_of_hanging(tmp_path):
+    """Rank 0 alone reads the output folder: when it refuses it, the other rank is waiting in a collective.
+    Rank 0 must exit (torchrun then stops the rest), not wait in a shutdown barrier its peer never reaches."""
+    out = tmp_path / "two"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "someone-else/1", "stages": {}}))
+    torchrun = shutil.which("torchrun") or sys.executable
+    cmd = ([torchrun] if torchrun.endswith("torchrun") else [sys.executable, "-m", "torch.distributed.run"])
+    multi = subprocess.run([*cmd, "--nproc-per-node", "2", "-m", "slimexport", *ARGS, "--out", str(out)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert multi.returncode != 0
+    assert "has format 'someone-else/1'" in multi.stderr + multi.stdout
