@@ -157,11 +157,21 @@ class ModelBundle:
     fingerprint: str | None = None
 
     def identity(self) -> str:
-        """Content hash of what calibration depends on: UNet and encoder weights (or their seeded recipe)."""
+        """Content hash of what calibration depends on: UNet and encoder weights, the UNet's config, the sampler's
+        config and the tokenizer's vocabulary (or, for ``--random-weights``, their seeded recipe)."""
         if self.fingerprint is None:
             import hashlib
 
+            from slimexport.artifacts import sha256_json
+
             h = hashlib.sha256()
+            tokenizer = getattr(self.encoder, "tokenizer", None)
+            vocab = sha256_json(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None
+            def public(cfg) -> dict:  # not "_name_or_path" (where it was read from), "_diffusers_version", ...
+                return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+
+            h.update(sha256_json({"unet_config": public(self.unet.config), "scheduler": public(self.scheduler_config),
+                                  "vocab": vocab}).encode())
             modules = [self.unet] + [m for m in (self.encoder, getattr(self.encoder, "text_encoder", None)) if isinstance(m, torch.nn.Module)]
             for mod in modules:
                 for name, t in sorted(mod.state_dict().items()):

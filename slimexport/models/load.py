@@ -23,7 +23,13 @@ log = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_SECONDS = 3.0
-PIPELINE_PARTS = ["model_index.json", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
+# What a pipeline folder needs here: configs and the safetensors weights (default variant, shards included), not
+# the .bin pickles, fp16/non_ema variants or ONNX/Flax copies that hub repos also hold (SD1.4: ~4 GB, not ~20 GB).
+PIPELINE_PARTS = ["model_index.json", "tokenizer/*", "scheduler/*",
+                  "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "unet/diffusion_pytorch_model-*-of-*.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+                  "text_encoder/config.json", "text_encoder/model.safetensors",
+                  "text_encoder/model-*-of-*.safetensors", "text_encoder/model.safetensors.index.json"]
 
 
 def char_tokenizer(max_length: int = 77):
@@ -85,6 +91,7 @@ def _random_bundle(spec: ModelSpec, source: str, seed: int = 0) -> ModelBundle:
     from slimexport.artifacts import sha256_json
 
     recipe = sha256_json({"unet": spec.unet_config, "text": spec.text_config, "seed": seed, "tokenizer": "char-v1",
+                          "scheduler": dict(spec.scheduler),
                           "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__})
     return ModelBundle(
         name=spec.name, source=source, unet=build_unet(spec.unet_config, seed), encoder=CLIPPromptEncoder(tokenizer, text_encoder),

@@ -77,3 +77,21 @@ def test_folder_that_is_not_diffusers(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(UsageError, match="not a diffusers folder"):
         load_model(str(tmp_path / "junk"))
+
+
+def test_hub_download_takes_configs_and_safetensors_only():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from slimexport.models.load import PIPELINE_PARTS
+
+    repo = ["model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+            "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin",
+            "text_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors", "sd-v1-4.ckpt",
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json"]
+    got = set(filter_repo_objects(repo, allow_patterns=PIPELINE_PARTS))
+    assert got == {"model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+                   "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                   "text_encoder/model.safetensors", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+                   "unet/diffusion_pytorch_model.safetensors.index.json"}
