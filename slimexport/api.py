@@ -183,6 +183,9 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
         if cached:
             stats = CalibStats.load(stats_dir) if rank == 0 else None
         else:
+            from slimexport.calibrate.api import check_steps
+
+            check_steps(bundle, cfg.calib.num_steps)  # before the prompt selection's minute of embedding
             prompts = select_prompts(bundle, cfg.calib, device=device)
             stats = calibrate(bundle, prompts, cfg.calib, device=device, dtype=dtype, progress=progress)
             if rank == 0:
@@ -195,54 +198,58 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     if rank != 0:
         return None
 
-    # Stage C–E: scores and the rank plan.
+    # Stage C–E: scores and the rank plan. The bundle's UNet is borrowed (fp32, on the device) and given back as it was.
+    p0 = next(bundle.unet.parameters())
+    home = (p0.device, p0.dtype)
     unet = move(bundle.unet, device, torch.float32)
-    plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
-    plan_path = out_dir / "plan.json"
-    cached = plan_cached = manifest.cached("plan", plan_key)
-    factors = None  # the greedy allocation's factorisations, handed to the decomposition
-    with _Stage(records, "allocate", cached, device):
-        if cached:
-            plan = read_json(plan_path, "rank plan")
-        else:
-            from slimexport.allocate.api import plan_ranks
-            from slimexport.decompose.api import Factorisations
+    try:
+        plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
+        plan_path = out_dir / "plan.json"
+        cached = plan_cached = manifest.cached("plan", plan_key)
+        factors = None  # the greedy allocation's factorisations, handed to the decomposition
+        with _Stage(records, "allocate", cached, device):
+            if cached:
+                plan = read_json(plan_path, "rank plan")
+            else:
+                from slimexport.allocate.api import plan_ranks
+                from slimexport.decompose.api import Factorisations
 
-            factors = Factorisations() if cfg.alloc.method == "greedy" else None
-            plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=bundle.latent_size(cfg.calib.height, cfg.calib.width),
-                              factors=factors)
-            write_json(plan_path, plan)
-            manifest.record("plan", plan_key, [plan_path], 0.0)
+                factors = Factorisations() if cfg.alloc.method == "greedy" else None
+                plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=bundle.latent_size(cfg.calib.height, cfg.calib.width),
+                                  factors=factors)
+                write_json(plan_path, plan)
+                manifest.record("plan", plan_key, [plan_path], 0.0)
 
-    # Stage D–F: decompositions → slim UNet folder.
-    slim_key = stage_key("slim", plan_key)
-    slim_dir = out_dir / "slim_unet"
-    # A recomputed plan lacks what decomposing adds to it (errors, MACs): decompose again rather than keep a stale plan.
-    cached = plan_cached and manifest.cached("slim", slim_key)
-    with _Stage(records, "decompose", cached, device):
-        if not cached:
-            from slimexport.decompose.api import slim_unet
-            from slimexport.slim.apply import save_slim_unet
+        # Stage D–F: decompositions → slim UNet folder.
+        slim_key = stage_key("slim", plan_key)
+        slim_dir = out_dir / "slim_unet"
+        # A recomputed plan lacks what decomposing adds to it (errors, MACs): decompose again rather than keep a stale plan.
+        cached = plan_cached and manifest.cached("slim", slim_key)
+        with _Stage(records, "decompose", cached, device):
+            if not cached:
+                from slimexport.decompose.api import slim_unet
+                from slimexport.slim.apply import save_slim_unet
 
-            slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress, factors=factors)
-            if factors is not None:
-                log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
-            for name, err in diag["rel_error"].items():
-                plan["modules"][name]["rel_error"] = err
-            plan["cholesky_fallbacks"] = diag["cholesky_fallbacks"]
-            from slimexport.models.macs import count_macs
+                slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress, factors=factors)
+                if factors is not None:
+                    log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
+                for name, err in diag["rel_error"].items():
+                    plan["modules"][name]["rel_error"] = err
+                plan["cholesky_fallbacks"] = diag["cholesky_fallbacks"]
+                from slimexport.models.macs import count_macs
 
-            lh, lw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
-            plan["macs"] = {"latent": [lh, lw], "batch": 1, "dense": count_macs(unet, 1, lh, lw)["total"],
-                            "slim": count_macs(slim, 1, lh, lw)["total"]}
-            write_json(plan_path, plan)
-            manifest.record("plan", plan_key, [plan_path], 0.0)
-            save_slim_unet(move(slim, "cpu"), slim_dir, plan={"model": cfg.model, "fingerprint": bundle.identity(),
-                                                         "budget": cfg.alloc.budget, "plan_sha256": sha256_json(plan),
-                                                         "params": plan["params"], "ranks": plan["ranks"]})
-            manifest.record("slim", slim_key, [slim_dir], 0.0)
-            del slim, factors
-    move(bundle.unet, "cpu")
+                lh, lw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
+                plan["macs"] = {"latent": [lh, lw], "batch": 1, "dense": count_macs(unet, 1, lh, lw)["total"],
+                                "slim": count_macs(slim, 1, lh, lw)["total"]}
+                write_json(plan_path, plan)
+                manifest.record("plan", plan_key, [plan_path], 0.0)
+                save_slim_unet(move(slim, "cpu"), slim_dir, plan={"model": cfg.model, "fingerprint": bundle.identity(),
+                                                             "budget": cfg.alloc.budget, "plan_sha256": sha256_json(plan),
+                                                             "params": plan["params"], "ranks": plan["ranks"]})
+                manifest.record("slim", slim_key, [slim_dir], 0.0)
+                del slim, factors
+    finally:
+        move(bundle.unet, *home)
     manifest.set("params", plan["params"])
     manifest.save()
     return CompressResult(out_dir=out_dir, slim_dir=slim_dir, stats_dir=stats_dir, plan=plan, stages=records, bundle=bundle)

@@ -73,6 +73,19 @@ def _optional(find, unet, what: str) -> list:
         return []
 
 
+def check_steps(bundle: ModelBundle, num_steps: int) -> None:
+    """Refuse, before any work, a step count whose sampler timesteps leave the model's training range (DDIM with
+    ``steps_offset=1`` and 1000 steps reaches t=1000, which the scheduler then indexes past its end)."""
+    from slimexport.errors import UsageError
+
+    sched = bundle.make_scheduler()
+    sched.set_timesteps(num_steps)
+    top, n = int(sched.timesteps.max()), int(sched.config.num_train_timesteps)
+    if top >= n:
+        raise UsageError(f"--calib-steps {num_steps} gives sampler timestep {top}, outside the model's 0..{n - 1}",
+                         f"use fewer steps (at most {n - 1}; the method's default is 25)")
+
+
 def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, progress: bool = True, accumulate=None) -> CalibStats:
     """Run the calibration sampler over ``prompts`` and collect statistics.
@@ -88,6 +101,7 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
         accumulate: ``acc += xᵀx`` implementation; ``None`` uses the kernel dispatch (Triton on CUDA where faster).
     """
     device = torch.device(device)
+    check_steps(bundle, cfg.num_steps)
     accumulate = accumulate or kernel_accumulate
     unet = converted_copy(bundle.unet, device, dtype)  # never round the caller's weights to fp16 in place
     blocks = find_blocks(unet)

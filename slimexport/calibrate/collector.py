@@ -232,12 +232,16 @@ class StatsCollector:
                 mod.register_forward_pre_hook(on_block_in, with_kwargs=True)]
 
     def __enter__(self):
-        for b in self.blocks:
-            self._handles += self._hooks_for(b, self.unet.get_submodule(b.path))
-        for r in self.resnets:
-            self._handles += self._resnet_hooks(r, self.unet.get_submodule(r.path))
-        for t in self.projs:
-            self._handles += self._proj_hooks(t, self.unet.get_submodule(t.path))
+        try:
+            for b in self.blocks:
+                self._handles += self._hooks_for(b, self.unet.get_submodule(b.path))
+            for r in self.resnets:
+                self._handles += self._resnet_hooks(r, self.unet.get_submodule(r.path))
+            for t in self.projs:
+                self._handles += self._proj_hooks(t, self.unet.get_submodule(t.path))
+        except BaseException:
+            self.__exit__()  # no hook stays on the UNet when registering fails halfway
+            raise
         return self
 
     def __exit__(self, *exc):

@@ -13,6 +13,8 @@ Curves are relative (error at rank r over the error at rank 0), indexed by rank 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from slimexport.decompose.linalg import cholesky
@@ -25,7 +27,9 @@ def prefix_errors(c: torch.Tensor, order: torch.Tensor, a: torch.Tensor) -> torc
         c: ``[n, n]`` positive definite correlation; order: a permutation of ``0..n-1``; a: ``[n, m]``.
     """
     p = order.to(c.device)
-    L, _ = cholesky(c[p][:, p], "correlation (error curve)")
+    L, shifted = cholesky(c[p][:, p], "correlation (error curve)")
+    if shifted:  # the curve is then that of a shifted matrix: say so (the decomposition counts its own fallbacks)
+        logging.getLogger("slimexport").warning("an error curve's correlation needed the Cholesky fallback (eigenvalue shift)")
     e = ((a.to(c.dtype)[p].T @ L) ** 2).sum(0)  # energy each pivot column carries
     return tail_sums(e)
 

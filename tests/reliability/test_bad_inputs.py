@@ -476,3 +476,13 @@ def test_engine_refuses_inputs_outside_the_build(name, change, fragment, build_e
 def test_bench_iterations_zero_on_a_build(built, capsys):
     rc, msg = _run(["bench", str(built), "--iterations", "0"], capsys)
     assert rc == 2 and "BenchConfig.iterations=0" in msg and "Traceback" not in msg
+
+
+def test_too_many_calibration_steps_are_refused_before_any_work(tmp_path):
+    """DDIM with steps_offset=1 at 1000 steps reaches t=1000: refused up front, not mid-calibration."""
+    from slimexport.config import CalibConfig, CompressConfig
+
+    cfg = CompressConfig(model="tiny", calib=CalibConfig(num_prompts=2, num_steps=1000, num_bins=2, batch_size=2))
+    with pytest.raises(UsageError, match="--calib-steps 1000 gives sampler timestep 1000"):
+        api.compress(cfg, out=tmp_path / "o", progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "o" / "calib").exists()
