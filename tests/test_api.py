@@ -118,3 +118,15 @@ def test_a_failed_slim_engine_closes_the_dense_one(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         api._make_engines(BuildConfig(), exports, {}, "cpu", None)
     assert len(closed) == 1
+
+
+def test_compress_gives_the_bundle_unet_back_as_it_was(tmp_path):
+    from slimexport.config import CalibConfig
+    from slimexport.models import load_model
+    from slimexport.models.bundle import move
+
+    bundle = load_model("tiny")
+    move(bundle.unet, "cpu", torch.float16)  # a caller's half-precision UNet
+    cfg = CompressConfig(model="tiny", device="cpu", calib=CalibConfig(num_prompts=2, num_steps=2, num_bins=2, batch_size=2))
+    compress(cfg, out=tmp_path / "o", bundle=bundle, progress=False, cache_dir=tmp_path / "cache")
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float16}

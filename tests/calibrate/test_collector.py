@@ -23,6 +23,22 @@ def test_hooks_are_removed_exactly_and_others_kept(tiny, tiny_inputs):
     foreign.remove()
 
 
+def test_no_hook_stays_when_registering_fails_halfway(tiny, monkeypatch):
+    from slimexport.models.arch import resnet_blocks
+
+    unet = tiny.unet
+    before = _hook_count(unet)
+    col = StatsCollector(unet, blocks(unet), num_steps=2, num_bins=2, device="cpu", resnets=resnet_blocks(unet))
+
+    def broken(*a):
+        raise RuntimeError("cannot hook this ResNet")
+
+    monkeypatch.setattr(col, "_resnet_hooks", broken)  # after every transformer block is hooked
+    with pytest.raises(RuntimeError, match="cannot hook"), col:
+        pass
+    assert _hook_count(unet) == before
+
+
 def test_correlation_equals_manual_sum(tiny, tiny_inputs):
     unet = tiny.unet
     bl = blocks(unet)[0]
