@@ -76,12 +76,12 @@ def render_markdown(rep: dict) -> str:
     svd = rep["parity"].get("slim_vs_dense", {})
     if svd.get("eps_rel_error"):
         lines += ["", "Relative ε-prediction error of the slim model, per timestep: "
-                  + ", ".join(f"t={float(t):g}: {e:.4f}" for t, e in svd["eps_rel_error"].items())
-                  + f" (mean {svd['eps_rel_error_mean']:.4f}, gate ≤ {svd['gate']['max_eps_error']:g})."]
+                  + ", ".join(f"t={float(t):g}: {_fmt(e, '.4f')}" for t, e in svd["eps_rel_error"].items())
+                  + f" (mean {_fmt(svd['eps_rel_error_mean'], '.4f')}, gate ≤ {svd['gate']['max_eps_error']:g})."]
         tr = svd.get("trajectory", {})
         if tr:
             lines.append(f"Final latents of a {tr['steps']}-step fixed-seed DDIM trajectory (CFG {tr['guidance_scale']:g}): "
-                         f"relative error {tr['rel_error']:.4f}, cosine {_fmt(tr['cosine'], '.4f')} (gate ≥ {svd['gate']['min_latent_cosine']:g}).")
+                         f"relative error {_fmt(tr['rel_error'], '.4f')}, cosine {_fmt(tr['cosine'], '.4f')} (gate ≥ {svd['gate']['min_latent_cosine']:g}).")
     s = rep.get("speed")
     if s:
         env = s.get("environment", {})
@@ -93,9 +93,8 @@ def render_markdown(rep: dict) -> str:
                   "| | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|",
                   f"| dense | {s['dense_ms']['p50']:.3f} | {s['dense_ms']['p90']:.3f} | {s['dense_ms']['p99']:.3f} |",
                   f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
-                  "", f"Speed-up (p50 dense / p50 slim): **{s['speedup']:.3f}×**"
-                  + (f"; 95% paired-bootstrap interval {s['speedup_ci95'][0]:.3f}–{s['speedup_ci95'][1]:.3f}×"
-                     if s.get("speedup_ci95") else "")]
+                  "", f"Speed-up (p50 dense / p50 slim): **{speedup_text(s)}**"
+                  + (", a paired-bootstrap interval over the timed iterations" if s.get("speedup_ci95") else "")]
     lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
     for k, v in rep["stages"].items():
         lines.append(f"| {k} | {v['seconds']:.2f} | {'yes' if v['cached'] else 'no'} |")

@@ -6,9 +6,9 @@ sync inside the loop; for engines that synchronise themselves this approaches wa
 
 ``compare_speed`` times the dense and the slim engine in the same process, on the same backend, device and
 feeds, alternating between them (ABBA order per iteration by default) so that clock, thermal and cache drift
-hits both alike. ``speedup = p50_dense / p50_slim``, with a 95% paired-bootstrap interval: iterations (one dense
-and one slim call each, made back to back) are resampled with replacement and the ratio of medians recomputed, so
-the interval carries the run's own noise, drift shared by the pair included.
+hits both alike. ``speedup = p50_dense / p50_slim``, with a 95% paired-bootstrap interval: iterations (the i-th
+dense and i-th slim call: back to back when interleaved, in the same round otherwise) are resampled with
+replacement and the ratio of medians recomputed, so the interval carries the run's own noise, shared drift included.
 """
 
 from __future__ import annotations
