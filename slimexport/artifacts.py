@@ -84,10 +84,11 @@ def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
     for p in sorted(Path(root).rglob(TMP_PREFIX + "*")):
         if any(part.startswith(TMP_PREFIX) for part in p.relative_to(root).parts[:-1]):
             continue  # inside a temporary folder removed with it
-        final = p.with_name(p.name[len(TMP_PREFIX):-len(OLD_SUFFIX)])
-        if p.name.endswith(OLD_SUFFIX) and not final.exists():
-            os.replace(p, final)  # killed between atomic_dir's two renames: the previous folder is the good one
-            continue
+        if p.name.endswith(OLD_SUFFIX) and len(p.name) > len(TMP_PREFIX) + len(OLD_SUFFIX):
+            final = p.with_name(p.name[len(TMP_PREFIX):-len(OLD_SUFFIX)])
+            if not final.exists():
+                os.replace(p, final)  # killed between atomic_dir's two renames: the previous folder is the good one
+                continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -53,9 +53,12 @@ def test_stale_clean_up_restores_a_folder_killed_mid_swap(tmp_path):
     kept.mkdir()
     stale_old = tmp_path / ".tmp-calib.old"  # its folder is in place: this one is only leftovers
     stale_old.mkdir()
+    (tmp_path / ".tmp-abc").write_text("")  # a short temporary name
+    (tmp_path / ".tmp-.old").write_text("")
     remove_stale_temporaries(tmp_path)
     assert (tmp_path / "slim_unet" / "w").read_text() == "old"
     assert not half.exists() and not stale_old.exists() and kept.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_compare_fails_on_empty_outputs():
