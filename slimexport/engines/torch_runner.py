@@ -38,12 +38,19 @@ def exact_fp32(active: bool):
     if not active:
         yield
         return
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # the legacy flags, unless the process has used torch's newer fp32_precision API (mixing them raises)
+        flags = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+        saved = [getattr(obj, name) for obj, name, _ in flags]
+    except RuntimeError:
+        flags = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+        saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+        for (obj, name, _), old in zip(flags, saved):
+            setattr(obj, name, old)
 
 
 class UNetIO(nn.Module):

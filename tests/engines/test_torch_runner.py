@@ -110,3 +110,25 @@ def test_exact_fp32_turns_tf32_off_inside_and_restores_it():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_exact_fp32_follows_the_newer_precision_api_when_the_process_uses_it():
+    """Once torch.backends.fp32_precision is set, reading the legacy flags raises: the new ones are used instead."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from slimexport.engines.torch_runner import exact_fp32
+if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+    print("no new api"); raise SystemExit(0)
+torch.backends.fp32_precision = "tf32"
+before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+with exact_fp32(True):
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # a fresh process: global flags
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() in ("ok", "no new api")
