@@ -167,8 +167,11 @@ class ModelBundle:
             h = hashlib.sha256()
             tokenizer = getattr(self.encoder, "tokenizer", None)
             vocab = sha256_json(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None
-            def public(cfg) -> dict:  # not "_name_or_path" (where it was read from), "_diffusers_version", ...
-                return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+            def public(cfg) -> dict:
+                """The settings given (a diffusers config.json), not diffusers' defaults for the rest (they change with
+                diffusers' version) nor "_name_or_path" (where it was read from), "_diffusers_version", ..."""
+                defaulted = set(dict(cfg).get("_use_default_values", []))
+                return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and k not in defaulted}
 
             h.update(sha256_json({"unet_config": public(self.unet.config), "scheduler": public(self.scheduler_config),
                                   "vocab": vocab}).encode())
