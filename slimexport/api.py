@@ -61,6 +61,12 @@ def resolve_device(device: str) -> torch.device:
     return d
 
 
+def _dist_backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend())
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -153,6 +159,9 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     records: dict[str, StageRecord] = {}
 
     rank, world = dist_info()
+    if world > 1 and device.type == "cpu" and _dist_backend() == "nccl":
+        raise UsageError("under torchrun on GPUs the statistics are all-reduced with NCCL, which needs them on the GPU",
+                         "drop --device cpu (each rank calibrates on its own GPU)")
     if bundle is None:
         with _Stage(records, "load", False, torch.device("cpu")):
             bundle = load_model(cfg.model, random_weights=cfg.random_weights)
@@ -356,13 +365,17 @@ def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_di
 
 def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
     """The three parity comparisons on fixed inputs at the profile's optimal latent size."""
+    from slimexport.config import MAX_VERIFY_PROMPTS
     from slimexport.verify import parity
 
     hw = (profile.opt_height, profile.opt_width)
     vcfg = cfg.verify  # 2 × num_prompts rows (CFG): kept inside the engines' batch range
     n = max(1, min(max(vcfg.num_prompts, -(-profile.min_batch // 2)), profile.max_batch // 2))
+    if n > MAX_VERIFY_PROMPTS:
+        raise UsageError(f"the engine profile takes at least {profile.min_batch} rows, more than verify's "
+                         f"{2 * MAX_VERIFY_PROMPTS} (2 × {MAX_VERIFY_PROMPTS} prompts)", "lower the --batch minimum")
     if n != vcfg.num_prompts:
-        log.info("verify: %d prompt(s) instead of %d, the most the engine profile (batch %d..%d rows) takes",
+        log.info("verify: %d prompt(s) instead of %d, to fit the engine profile (batch %d..%d rows, two per prompt)",
                  n, vcfg.num_prompts, profile.min_batch, profile.max_batch)
         vcfg = vcfg.replace(num_prompts=n)
     inputs = parity.fixed_inputs(bundle, vcfg, hw)
@@ -573,10 +586,12 @@ def verify_folder(folder: str | Path) -> BuildResult:
     finally:
         for e in engines.values():
             e.close()
-    parity["integrity"] = integrity
     report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
+    # verify.json holds what build's verify stage holds, under the same key: a rerun (or a later build) trusts it
     write_json(folder / "verify.json", parity)
-    manifest.refresh("verify", [folder / "verify.json"])  # a rerun of verify must not find its own output altered
+    manifest.record("verify", stage_key("verify", manifest.stage("engine").get("key"), cfg.verify.to_dict()),
+                    [folder / "verify.json"], 0.0)
+    parity["integrity"] = integrity  # of this check only: in the report, not in the stage's output
     report["parity"] = parity
     report["passed"] = all(v.get("passed", False) for v in parity.values())
     if report.get("params"):
@@ -607,8 +622,9 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     finally:
         for e in engines.values():
             e.close()
-    write_json(folder / "bench.json", speed)
-    manifest.refresh("bench", [folder / "bench.json"])
+    write_json(folder / "bench.json", speed)  # keyed by the settings it was measured with (--iterations included)
+    manifest.record("bench", stage_key("bench", manifest.stage("engine").get("key"), cfg.bench.to_dict()),
+                    [folder / "bench.json"], 0.0)
     report["speed"] = speed
     write_report(folder, report)
     return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))

@@ -105,18 +105,6 @@ class Manifest:
                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
         self.save()
 
-    def refresh(self, stage: str, files: list[str | Path]) -> None:
-        """Record the new digests of a stage's own output files rewritten in place (``verify``, ``bench`` of a
-        finished folder), keeping the stage's key and details: what the command wrote is what the manifest trusts."""
-        rec = self.data["stages"].get(stage)
-        if rec is None:
-            return
-        for f in files:
-            rel = os.path.relpath(Path(f).resolve(), self.root)
-            check_inside(self.root, rel)
-            rec.setdefault("files", {})[rel] = sha256_file(self.root / rel)
-        self.save()
-
     def invalidate(self, stage: str) -> None:
         if self.data["stages"].pop(stage, None) is not None:
             self.save()

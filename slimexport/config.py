@@ -294,6 +294,9 @@ def _triple(n: str, name: str, v, minimum: int) -> None:
     _check(n, name, v, ok, f"min,opt,max integers >= {minimum} with min <= opt <= max")
 
 
+MAX_VERIFY_PROMPTS = 16  # fixed inputs of the parity checks: 2 × this many UNet rows at most
+
+
 @dataclass(frozen=True)
 class VerifyConfig(_Config):
     """Parity and fidelity gates of ``slimexport verify`` (and ``build``).
@@ -327,7 +330,8 @@ class VerifyConfig(_Config):
         _check(n, "timesteps", self.timesteps, isinstance(ts, tuple) and len(ts) > 0 and all(_is_num(t) and 0 <= t < 1000 for t in ts),
                "a non-empty list of timesteps in [0, 1000)")
         object.__setattr__(self, "timesteps", tuple(float(t) for t in ts))
-        _check(n, "num_prompts", self.num_prompts, _is_int(self.num_prompts) and 1 <= self.num_prompts <= 16, "an integer in [1, 16]")
+        _check(n, "num_prompts", self.num_prompts, _is_int(self.num_prompts) and 1 <= self.num_prompts <= MAX_VERIFY_PROMPTS,
+               f"an integer in [1, {MAX_VERIFY_PROMPTS}]")
         _check(n, "trajectory_steps", self.trajectory_steps, _is_int(self.trajectory_steps) and 1 <= self.trajectory_steps <= 200,
                "an integer in [1, 200]")
         _check(n, "guidance_scale", self.guidance_scale, _is_num(self.guidance_scale) and self.guidance_scale >= 1, "a number >= 1")

@@ -43,7 +43,7 @@ def test_layout_and_report_keys(built):
     md = (out / "report.md").read_text()
     threads = s["dense_engine"]["threads"]
     assert isinstance(threads, int) and f"({threads} threads)" in md
-    assert f"95% paired-bootstrap interval {lo:.3f}–{hi:.3f}×" in md
+    assert f"95% interval {lo:.3f}–{hi:.3f}" in md
     manifest = json.loads((out / "manifest.json").read_text())
     for k in ("model", "onnx", "io", "profile", "versions", "results", "slim_weights"):
         assert k in manifest, k
@@ -70,6 +70,11 @@ def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, caps
         assert rc == 0, (args, out.out + out.err)
     rep = json.loads((copy / "report.json").read_text())
     assert rep["parity"]["integrity"]["passed"] and rep["speed"]["iterations"] == 3
+    assert "integrity" not in json.loads((copy / "verify.json").read_text())  # the stage's output, as build writes it
+    again = build(CFG, out=copy, progress=False, cache_dir=root / "cache")  # a later build of the same folder
+    stages = again.report["stages"]
+    assert stages["verify"]["cached"] and not stages["bench"]["cached"]  # bench ran with other settings: measured again
+    assert again.passed and again.report["speed"]["iterations"] == 20 and "integrity" not in again.report["parity"]
 
 
 def test_bench_without_a_report_writes_nothing(built, tmp_path, capsys):
