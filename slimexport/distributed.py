@@ -44,12 +44,17 @@ def init_from_env() -> str | None:
     if dist.is_initialized():
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     # Collectives wait for the slowest rank's calibration shard; the default 10 minutes can be too short at SD size.
-    timeout = timedelta(seconds=float(os.environ.get("SLIMEXPORT_DIST_TIMEOUT_S", "3600")))
+    raw = os.environ.get("SLIMEXPORT_DIST_TIMEOUT_S", "3600")
+    try:
+        timeout = timedelta(seconds=float(raw))
+    except ValueError:
+        from slimexport.errors import UsageError
+
+        raise UsageError(f"SLIMEXPORT_DIST_TIMEOUT_S={raw!r} is not a number of seconds", "set it to e.g. 3600") from None
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        # gloo beside NCCL: statistics kept on the CPU (--device cpu, --calib-offload) are all-reduced too
-        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=torch.device("cuda", local), timeout=timeout)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return f"cuda:{local}"
     dist.init_process_group("gloo", timeout=timeout)
     return "cpu"
