@@ -553,7 +553,8 @@ class AotiEngine(Engine):
                         "dynamic_axes": {**{k: v for k, v in spec["dynamic_axes"].items() if k != spec["outputs"][0]["name"]},
                                          cfg.output_name: spec["dynamic_axes"][spec["outputs"][0]["name"]]}}
         accepts = EngineProfile.from_dict(self.sidecar["accepts"])
-        self.profile = accepts if cfg.profile is None else _narrowest(cfg.profile, accepts)
+        self.profile = accepts if cfg.profile is None else cfg.profile.narrowed_to(
+            accepts, "AOTInductor package", "recompile the package for this profile (slimexport build --backend aoti)")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)  # process-wide: the package's OpenMP kernels use it
         self.runner = torch._inductor.aoti_load_package(str(package), device_index=dev.index if dev.type == "cuda" else -1)
@@ -590,21 +591,6 @@ class AotiEngine(Engine):
 
     def close(self) -> None:
         self.runner = None
-
-
-def _narrowest(asked: EngineProfile, accepts: EngineProfile) -> EngineProfile:
-    """``asked`` limited to what the package accepts (a static fallback pins height/width)."""
-    changes = {}
-    for axis in ("batch", "height", "width"):
-        lo = max(getattr(asked, f"min_{axis}"), getattr(accepts, f"min_{axis}"))
-        hi = min(getattr(asked, f"max_{axis}"), getattr(accepts, f"max_{axis}"))
-        if lo > hi:
-            raise UsageError(f"the package accepts {axis} {getattr(accepts, f'min_{axis}')}..{getattr(accepts, f'max_{axis}')}, "
-                             f"the profile asks for {getattr(asked, f'min_{axis}')}..{getattr(asked, f'max_{axis}')}",
-                             "recompile the package for this profile")
-        opt = min(max(getattr(asked, f"opt_{axis}"), lo), hi)
-        changes.update({f"min_{axis}": lo, f"opt_{axis}": opt, f"max_{axis}": hi})
-    return asked.replace(**changes)
 
 
 def default_profile(unet: nn.Module) -> EngineProfile:

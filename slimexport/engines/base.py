@@ -11,6 +11,7 @@ two rows per prompt), ``height``/``width`` are latent cells (pixels / VAE scale 
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -177,6 +178,28 @@ class EngineProfile(_Config):
                                      f"pass a {name} that is a multiple of {vae_scale_factor * latent_multiple}")
         lat = [tuple(v // vae_scale_factor for v in t) for t in (height, width)]
         return cls(*(b * rows for b in batch), *lat[0], *lat[1], latent_multiple=latent_multiple)
+
+    def narrowed_to(self, built: EngineProfile, engine: str, fix: str) -> EngineProfile:
+        """This profile limited to the shapes ``built`` accepts (sizes on both profiles' multiples; an engine fails
+        deep inside on anything wider). ``engine`` and ``fix`` word the error.
+
+        Raises:
+            UsageError: an axis has no size in common.
+        """
+        m = math.lcm(self.latent_multiple, built.latent_multiple)
+        changes: dict[str, int] = {"latent_multiple": m}
+        for axis in ("batch", "height", "width"):
+            unit = 1 if axis == "batch" else m
+            lo = -(-max(getattr(self, f"min_{axis}"), getattr(built, f"min_{axis}")) // unit) * unit
+            hi = min(getattr(self, f"max_{axis}"), getattr(built, f"max_{axis}")) // unit * unit
+            if lo > hi:
+                raise UsageError(f"the {engine} was built for {axis} {getattr(built, f'min_{axis}')}..{getattr(built, f'max_{axis}')}"
+                                 f"{'' if unit == 1 else f' (multiples of {built.latent_multiple})'}, the profile asks for "
+                                 f"{getattr(self, f'min_{axis}')}..{getattr(self, f'max_{axis}')}"
+                                 f"{'' if unit == 1 else f' (multiples of {self.latent_multiple})'}", fix)
+            opt = min(max(getattr(self, f"opt_{axis}") // unit * unit, lo), hi)
+            changes.update({f"min_{axis}": lo, f"opt_{axis}": opt, f"max_{axis}": hi})
+        return self.replace(**changes)
 
     def describe(self) -> str:
         return (f"batch {self.min_batch}..{self.max_batch}, height {self.min_height}..{self.max_height}, "

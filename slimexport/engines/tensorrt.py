@@ -17,7 +17,6 @@ and profile shapes are pure functions, testable anywhere.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -161,29 +160,6 @@ def reusable(sidecar: Mapping[str, Any], *, onnx_sha256: str, data_sha256: Mappi
         and sidecar.get("optimization_level") == optimization_level
         and not incompatibilities(sidecar, here)
     )
-
-
-def narrow_profile(asked: EngineProfile, built: EngineProfile) -> EngineProfile:
-    """``asked`` limited to the shapes the engine was built for (TensorRT fails deep inside on anything wider).
-
-    Raises:
-        UsageError: an axis of ``asked`` has no size in common with the engine's.
-    """
-    m = math.lcm(asked.latent_multiple, built.latent_multiple)
-    changes: dict[str, int] = {"latent_multiple": m}
-    for axis in ("batch", "height", "width"):
-        unit = 1 if axis == "batch" else m
-        lo = -(-max(getattr(asked, f"min_{axis}"), getattr(built, f"min_{axis}")) // unit) * unit
-        hi = min(getattr(asked, f"max_{axis}"), getattr(built, f"max_{axis}")) // unit * unit
-        if lo > hi:
-            raise UsageError(f"the TensorRT engine was built for {axis} {getattr(built, f'min_{axis}')}.."
-                             f"{getattr(built, f'max_{axis}')}, the profile asks for {getattr(asked, f'min_{axis}')}.."
-                             f"{getattr(asked, f'max_{axis}')}",
-                             "rebuild the engine for this profile (slimexport build --backend tensorrt with --batch/"
-                             "--height/--width MIN,OPT,MAX) or leave EngineConfig.profile unset to use the engine's")
-        opt = min(max(getattr(asked, f"opt_{axis}") // unit * unit, lo), hi)
-        changes.update({f"min_{axis}": lo, f"opt_{axis}": opt, f"max_{axis}": hi})
-    return asked.replace(**changes)
 
 
 def cuda_index(device: str) -> int:
@@ -340,7 +316,9 @@ class TrtEngine(Engine):
         self.plan = plan
         self.io_spec = self.sidecar["io_spec"]
         built = EngineProfile.from_dict(self.sidecar["profile"])
-        self.profile = built if cfg.profile is None else narrow_profile(cfg.profile, built)
+        self.profile = built if cfg.profile is None else cfg.profile.narrowed_to(
+            built, "TensorRT engine", "rebuild the engine for this profile (slimexport build --backend tensorrt with "
+            "--batch/--height/--width MIN,OPT,MAX) or leave EngineConfig.profile unset to use the engine's")
         self.index = cuda_index(cfg.device)
         self.device = f"cuda:{self.index}"
         with _on_device(self.index):  # the engine, its context and stream live on the configured GPU

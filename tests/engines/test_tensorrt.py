@@ -19,7 +19,6 @@ from slimexport.engines.tensorrt import (
     engine_filename,
     external_data_sha256,
     incompatibilities,
-    narrow_profile,
     profile_shapes,
     reusable,
     sidecar_path,
@@ -116,18 +115,25 @@ def test_cuda_index():
 
 
 def test_narrow_profile():
+    def narrow(asked, built):
+        return asked.narrowed_to(built, "TensorRT engine", "rebuild with --batch/--height/--width MIN,OPT,MAX")
+
     built = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
-    assert narrow_profile(built, built) == built
+    assert narrow(built, built) == built
     wide = EngineProfile(1, 2, 8, 8, 16, 64, 8, 16, 64, latent_multiple=2)
-    assert narrow_profile(wide, built) == built
+    assert narrow(wide, built) == built
     inner = EngineProfile(2, 2, 2, 16, 16, 24, 16, 16, 16, latent_multiple=2)
-    assert narrow_profile(inner, built) == inner
+    assert narrow(inner, built) == inner
     # a coarser multiple keeps the sizes both allow
-    assert narrow_profile(EngineProfile(1, 8, 8, 8, 64, 64, 8, 64, 64, latent_multiple=8), built) == \
+    assert narrow(EngineProfile(1, 8, 8, 8, 64, 64, 8, 64, 64, latent_multiple=8), built) == \
         EngineProfile(1, 4, 4, 8, 32, 32, 8, 32, 32, latent_multiple=8)
     with pytest.raises(UsageError, match=r"built for batch 1\.\.4, the profile asks for 8\.\.16") as info:
-        narrow_profile(EngineProfile(8, 8, 16, 8, 16, 32, 8, 16, 32, latent_multiple=2), built)
+        narrow(EngineProfile(8, 8, 16, 8, 16, 32, 8, 16, 32, latent_multiple=2), built)
     assert "--batch/--height/--width MIN,OPT,MAX" in str(info.value) and "\n" not in str(info.value)
+    # ranges that overlap but share no size on both multiples: the error names the multiples
+    with pytest.raises(UsageError, match=r"height 8\.\.10 \(multiples of 2\), the profile asks for 9\.\.15 \(multiples of 3\)"):
+        narrow(EngineProfile(1, 2, 4, 9, 12, 15, 9, 12, 15, latent_multiple=3),
+               EngineProfile(1, 2, 4, 8, 8, 10, 8, 8, 10, latent_multiple=2))
 
 
 # ---------------------------------------------------------------- fakes for TensorRT and the GPU
