@@ -14,7 +14,7 @@ import torch
 from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.cache import Manifest, share_dir, stage_key
 from slimexport.config import CompressConfig
-from slimexport.distributed import broadcast, dist_info
+from slimexport.distributed import broadcast, dist_backend, dist_info
 from slimexport.errors import ArtifactError, SlimExportError, UsageError
 from slimexport.models.bundle import move
 
@@ -59,12 +59,6 @@ def resolve_device(device: str) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible", "use --device cpu (or auto)")
     return d
-
-
-def _dist_backend() -> str:
-    import torch.distributed as dist
-
-    return str(dist.get_backend())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -159,7 +153,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     records: dict[str, StageRecord] = {}
 
     rank, world = dist_info()
-    if world > 1 and device.type == "cpu" and _dist_backend() == "nccl":
+    if world > 1 and device.type == "cpu" and dist_backend() == "nccl":
         raise UsageError("under torchrun on GPUs the statistics are all-reduced with NCCL, which needs them on the GPU",
                          "drop --device cpu (each rank calibrates on its own GPU)")
     if bundle is None:
@@ -363,6 +357,11 @@ def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_di
     return engines
 
 
+def _result_key(stage: str, engine_key: str, cfg) -> str:
+    """Key of the ``verify`` or ``bench`` stage: its engines and its own settings (build and verify/bench DIR alike)."""
+    return stage_key(stage, engine_key, getattr(cfg, stage).to_dict())
+
+
 def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
     """The three parity comparisons on fixed inputs at the profile's optimal latent size."""
     from slimexport.config import MAX_VERIFY_PROMPTS
@@ -486,7 +485,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
         manifest.record("engine", engine_key, files, 0.0, backend=cfg.backend, device=device,
                         engine_info=_relative_paths({k: e.info() for k, e in engines.items()}, out_dir))
     try:
-        verify_key = stage_key("verify", engine_key, cfg.verify.to_dict())
+        verify_key = _result_key("verify", engine_key, cfg)
         cached = manifest.cached("verify", verify_key) and (out_dir / "verify.json").exists()
         with _Stage(records, "verify", cached, cpu):
             if cached:
@@ -495,7 +494,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
                 parity = run_verify(cfg, bundle, models, engines, profile)
                 write_json(out_dir / "verify.json", parity)
                 manifest.record("verify", verify_key, [out_dir / "verify.json"], 0.0)
-        bench_key = stage_key("bench", engine_key, cfg.bench.to_dict())
+        bench_key = _result_key("bench", engine_key, cfg)
         cached = manifest.cached("bench", bench_key) and (out_dir / "bench.json").exists()
         with _Stage(records, "bench", cached, torch.device(device)):
             if cached:
@@ -589,8 +588,7 @@ def verify_folder(folder: str | Path) -> BuildResult:
     report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
     # verify.json holds what build's verify stage holds, under the same key: a rerun (or a later build) trusts it
     write_json(folder / "verify.json", parity)
-    manifest.record("verify", stage_key("verify", manifest.stage("engine").get("key"), cfg.verify.to_dict()),
-                    [folder / "verify.json"], 0.0)
+    manifest.record("verify", _result_key("verify", manifest.stage("engine").get("key"), cfg), [folder / "verify.json"], 0.0)
     parity["integrity"] = integrity  # of this check only: in the report, not in the stage's output
     report["parity"] = parity
     report["passed"] = all(v.get("passed", False) for v in parity.values())
@@ -623,8 +621,7 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
         for e in engines.values():
             e.close()
     write_json(folder / "bench.json", speed)  # keyed by the settings it was measured with (--iterations included)
-    manifest.record("bench", stage_key("bench", manifest.stage("engine").get("key"), cfg.bench.to_dict()),
-                    [folder / "bench.json"], 0.0)
+    manifest.record("bench", _result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"], 0.0)
     report["speed"] = speed
     write_report(folder, report)
     return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))

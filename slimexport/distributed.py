@@ -20,6 +20,13 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def dist_backend() -> str | None:
+    """The process group's backend (``nccl``, ``gloo``), ``None`` without ``torch.distributed``."""
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+
+
 def broadcast(value):
     """Rank 0's ``value`` on every rank (identity without ``torch.distributed``)."""
     import torch.distributed as dist

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from slimexport.distributed import dist_backend
 from slimexport.errors import NumericalError
 from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
@@ -267,7 +268,7 @@ class StatsCollector:
             for d in (self.corr, self.counts, self.scalars):
                 for k in sorted(d):
                     t = d[k]
-                    dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+                    dev = self.device if dist_backend() == "nccl" else torch.device("cpu")
                     buf = t.to(dev)
                     dist.all_reduce(buf)
                     d[k] = buf.to(t.device)
