@@ -16,9 +16,9 @@ Group ``main``:
    ``resnet_macs`` / ``resnet_macs60`` (the same at whole-UNet *MAC* budgets 0.73 / 0.6), ``proj`` (attn,ffn,proj
    at 0.73 of the targeted parameters).
 3. ``speed``: dense vs each slim UNet, fp16, channels_last, CUDA graphs, interleaved, UNet batch 2 and 8 at 64×64;
-   the slim UNets run PyTorch's kernels (``--speed-kernels auto``: Triton dispatch AUTO, which autotunes each new
-   shape: 36 s per row on the H200 in run4 against 15 s with PyTorch's in run5; in run7 AUTO kept PyTorch's
-   kernels for every slim-UNet shape).
+   the slim UNets run PyTorch's kernels by default (``--speed-kernels auto`` selects Triton dispatch AUTO, which
+   autotunes each new shape: 36 s per row on the H200 in run4 against 15 s with PyTorch's in run5; in run7 AUTO
+   kept PyTorch's kernels for every slim-UNet shape).
 4. ``kernels_e2e`` (not by default): each slim UNet with the Triton kernels (dispatch AUTO) against the same UNet with
    ``SLIMEXPORT_KERNELS=torch``, and with SDPA on q/k/v padded to one head size (``SLIMEXPORT_SDPA_PAD=1``), same
    settings, batch 2 and 8.
@@ -466,9 +466,9 @@ def speed_row(r: dict, **what) -> dict:
 
 
 def speed_line(row: dict) -> str:
-    lo, hi = row["speedup_ci95"]
-    return (f"dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, speed-up {row['speedup']:.3f}x "
-            f"(95% {lo:.3f}-{hi:.3f})")
+    from slimexport.report import speedup_text
+
+    return f"dense {row['dense_p50']:.3f} ms, slim {row['slim_p50']:.3f} ms, speed-up {speedup_text(row, 'x')}"
 
 
 def onnx_worker(slim_dir: Path) -> None:
