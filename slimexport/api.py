@@ -335,13 +335,17 @@ def _engine_config(cfg, device: str, profile, seq_len: int):
                         optimization_level=cfg.optimization_level, output_name=cfg.export.output_name, seq_len=seq_len)
 
 
-def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir: Path | None = None):
+def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir: Path | None = None,
+                  compiled: dict[str, Path] | None = None):
+    """The dense and slim engines of ``cfg.backend``; ``compiled`` (by kind): load these plans or packages, build nothing."""
     from slimexport.engines.base import CONTEXT, build_engine
 
     seq_len = next(e["shape"][1] for e in exports["dense"].io_spec["inputs"] if e["name"] == CONTEXT)  # the text tokens
     ecfg = _engine_config(cfg, device, profile, seq_len)
 
     def make(kind: str):
+        if compiled is not None:  # checked against this machine on load (IncompatibleArtifactError), never rebuilt
+            return build_engine(cfg.backend, compiled[kind], ecfg)
         if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
             return build_engine("aoti", models[kind], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / kind)))
         return build_engine(cfg.backend, models[kind] if cfg.backend in MODEL_BACKENDS else exports[kind].folder, ecfg)
@@ -479,9 +483,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level, torch.__version__)
     with _Stage(records, "engine", manifest.cached("engine", engine_key), torch.device(device)):
         engines = _make_engines(cfg, exports, models, device, profile, out_dir)
-        files = [f for f in (out_dir / "onnx").rglob("*.plan")] if cfg.backend == "tensorrt" else []
-        if cfg.backend == "aoti":
-            files = [f for e in engines.values() for f in e.files]  # the .pt2 packages and their sidecars
+        files = [f for e in engines.values() for f in e.files]  # TensorRT plans or AOTI packages, with sidecars
         manifest.record("engine", engine_key, files, 0.0, backend=cfg.backend, device=device,
                         engine_info=_relative_paths({k: e.info() for k, e in engines.items()}, out_dir))
     try:
@@ -532,7 +534,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
 def _load_build(folder: str | Path):
     """Read a build folder's manifest and config, reload its model, and check the model is the same one."""
     from slimexport.config import BuildConfig
-    from slimexport.errors import IncompatibleArtifactError
+    from slimexport.errors import IncompatibleArtifactError, ModelNotFoundError
     from slimexport.models.load import load_model
 
     folder = Path(folder)
@@ -543,7 +545,13 @@ def _load_build(folder: str | Path):
     if "build_config" not in manifest.data:
         raise UsageError(f"{folder} holds no finished build (its manifest has no build config)", "run slimexport build first")
     cfg = BuildConfig.from_dict(manifest.data["build_config"])
-    bundle = load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+    try:
+        bundle = load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+    except ModelNotFoundError:  # a relative path given to the Python API, read from another folder: the recorded one
+        source = str(manifest.data.get("model", {}).get("source", ""))
+        if not (source.startswith("local:") and Path(source[6:]).exists()):
+            raise
+        bundle = load_model(source[6:], random_weights=cfg.compress.random_weights)
     want = manifest.data.get("model", {}).get("fingerprint")
     if want is not None and bundle.identity() != want:
         raise IncompatibleArtifactError(
@@ -551,6 +559,26 @@ def _load_build(folder: str | Path):
             f"{bundle.identity()[:19]}… here, {want[:19]}… there)", "rebuild the folder with slimexport build",
         )
     return folder, manifest, cfg, bundle
+
+
+# Backends whose build compiles files into the folder, and those files' suffix: verify and bench load them as built.
+COMPILED_SUFFIX = {"aoti": ".pt2", "tensorrt": ".plan"}
+
+
+def _compiled_engines(manifest: Manifest, folder: Path, backend: str) -> dict[str, Path] | None:
+    """The plan or package per kind that the build recorded (``None`` for backends that compile nothing to disk)."""
+    suffix = COMPILED_SUFFIX.get(backend)
+    if suffix is None:
+        return None
+    files = manifest.stage("engine").get("files", {})
+    out = {}
+    for kind in ("dense", "slim"):
+        found = [rel for rel in files if rel.endswith(suffix) and Path(rel).parent.name == kind]
+        if len(found) != 1:
+            raise ArtifactError(f"{folder}'s manifest records {len(found)} {backend} engine files for the {kind} UNet, "
+                                "not one", "rebuild the folder with slimexport build")
+        out[kind] = folder / found[0]
+    return out
 
 
 def _integrity(manifest: Manifest) -> dict:
@@ -562,7 +590,8 @@ def verify_folder(folder: str | Path) -> BuildResult:
     """``slimexport verify DIR``: check every artifact's sha256, then rerun the three comparisons.
 
     Altered files are reported (``integrity``), never rebuilt here; the comparisons still run on what is on disk,
-    so a corrupted slim weight shows up as the failing comparison too.
+    so a corrupted slim weight shows up as the failing comparison too. TensorRT plans and AOTInductor packages run
+    as built: one compiled for another GPU, device or torch version is refused, not recompiled into the folder.
     """
     from slimexport.engines.onnx_export import read_export
     from slimexport.report import write_report
@@ -575,10 +604,11 @@ def verify_folder(folder: str | Path) -> BuildResult:
     try:
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
         exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
-        engines = _make_engines(cfg, exports, models, device, profile, folder)
+        compiled = _compiled_engines(manifest, folder, cfg.backend)
+        engines = _make_engines(cfg, exports, models, device, profile, folder, compiled)
     except ArtifactError as err:  # an artifact too damaged to load: say which files the manifest no longer matches
         if integrity["problems"]:
-            raise ArtifactError(f"{err.message} (altered files: {integrity['reason']})", err.fix) from err
+            raise type(err)(f"{err.message} (altered files: {integrity['reason']})", err.fix) from err  # same exit code
         raise
     try:
         parity = run_verify(cfg, bundle, models, engines, profile)
@@ -598,7 +628,8 @@ def verify_folder(folder: str | Path) -> BuildResult:
 
 
 def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResult:
-    """``slimexport bench DIR``: time the folder's dense and slim engines again (same backend, same shapes)."""
+    """``slimexport bench DIR``: time the folder's dense and slim engines again (same backend, same shapes, the
+    compiled plans or packages as built)."""
     from slimexport.engines.onnx_export import read_export
     from slimexport.report import write_report
 
@@ -609,12 +640,13 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
     exports = {k: read_export(folder / "onnx" / k, verify=True) for k in ("dense", "slim")}
+    compiled = _compiled_engines(manifest, folder, cfg.backend)
     models = {}
-    if cfg.backend in MODEL_BACKENDS:
+    if cfg.backend in MODEL_BACKENDS and compiled is None:
         from slimexport.slim.apply import load_slim_unet
 
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet")}
-    engines = _make_engines(cfg, exports, models, device, profile, folder)
+    engines = _make_engines(cfg, exports, models, device, profile, folder, compiled)
     try:
         speed = _relative_paths(run_bench(cfg, engines, profile), folder)
     finally:

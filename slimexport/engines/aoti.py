@@ -542,7 +542,7 @@ class AotiEngine(Engine):
                              f"pass dtype={self.sidecar['dtype']!r} or compile a {cfg.dtype} package")
         self.cfg = cfg
         self.package = package
-        self.files = [package, side]
+        self.files = (package, side)
         self.reused = reused
         self.device = str(dev)
         self.exact = dev.type == "cuda" and self.sidecar["dtype"] == "fp32"

@@ -292,12 +292,15 @@ class Engine(ABC):
         device: ``cpu`` or ``cuda:N``.
         io_spec: as :func:`unet_io_spec`.
         profile: accepted shapes, or ``None`` for any.
+        files: the compiled files it runs from (TensorRT plans, AOTInductor packages, with their sidecars), which a
+            build records in its manifest; empty for engines made in memory.
     """
 
     name: str = "engine"
     device: str = "cpu"
     io_spec: dict
     profile: EngineProfile | None = None
+    files: tuple[Path, ...] = ()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on host arrays; returns host arrays keyed by output name.

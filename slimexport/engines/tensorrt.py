@@ -314,6 +314,7 @@ class TrtEngine(Engine):
         if self.sidecar.get("plan_sha256") != sha256_file(plan):
             raise ArtifactError(f"TensorRT engine {plan} does not match its sidecar's sha256", "rebuild it")
         self.plan = plan
+        self.files = (plan, side)
         self.io_spec = self.sidecar["io_spec"]
         built = EngineProfile.from_dict(self.sidecar["profile"])
         self.profile = built if cfg.profile is None else cfg.profile.narrowed_to(

@@ -38,6 +38,7 @@ from slimexport.engines.aoti import (
     torch_tag,
     trace_sizes,
 )
+from slimexport.artifacts import sha256_file
 from slimexport.engines.base import EngineConfig, EngineProfile, build_engine, make_feeds
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
 
@@ -353,3 +354,24 @@ def test_package_refused_on_another_torch_version(aoti_build, tmp_path):
     sidecar_path(pkg).write_text(json.dumps({**side, "torch_version": "2.12.0+cpu"}))
     with pytest.raises(IncompatibleArtifactError, match=r"torch 2.12.0\+cpu vs"):
         build_engine("aoti", str(pkg), EngineConfig())
+
+
+@pytest.mark.slow
+def test_verify_and_bench_load_the_built_packages_and_refuse_foreign_ones(aoti_build, tmp_path, monkeypatch, capsys):
+    """``verify DIR`` / ``bench DIR`` run the packages the build compiled; one for another torch is refused, not recompiled."""
+    from slimexport.cli.main import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(aoti_build[0], out)
+    monkeypatch.setattr(aoti, "_compile_package", _no_compile)
+    assert main(["-q", "verify", str(out)]) == 0, capsys.readouterr()
+    assert main(["-q", "bench", str(out), "--iterations", "3"]) == 0, capsys.readouterr()
+    name = package_filename(aoti.current_target("cpu"))
+    side = out / "aoti" / "slim" / sidecar_path(name).name
+    side.write_text(json.dumps({**json.loads(side.read_text()), "torch_version": "2.12.0+cpu"}))
+    before = {p.name: sha256_file(p) for p in (out / "aoti" / "slim").iterdir()}
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "torch 2.12.0+cpu vs" in err and f"aoti/slim/{side.name}: altered" in err, err
+    assert {p.name: sha256_file(p) for p in (out / "aoti" / "slim").iterdir()} == before  # nothing rewritten

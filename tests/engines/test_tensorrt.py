@@ -261,7 +261,7 @@ def test_profile_narrowed_to_the_built_one(fake_gpu, tmp_path):
     built = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
     plan = _fake_plan(tmp_path, built)
     with trtmod.TrtEngine(plan, EngineConfig(device="cuda")) as eng:
-        assert eng.profile == built
+        assert eng.profile == built and eng.files == (plan, sidecar_path(plan))  # what a build records
     wide = EngineProfile(1, 2, 8, 8, 16, 64, 8, 16, 64, latent_multiple=2)
     with trtmod.TrtEngine(plan, EngineConfig(device="cuda", profile=wide)) as eng:
         assert eng.profile == built
