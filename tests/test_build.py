@@ -138,3 +138,33 @@ def test_verify_fits_the_fixed_inputs_into_a_one_prompt_profile(built):
     prof = res.report["profile"]
     rows = res.report["parity"]["dense_export"]["numel"] // (4 * prof["opt_height"] * prof["opt_width"] * 5)  # 5 timesteps
     assert prof["max_batch"] == 2 and rows == 2
+
+
+def test_a_relative_model_path_falls_back_to_the_recorded_folder(built, tmp_path, monkeypatch):
+    """A build made through the Python API with a relative path, read from another folder: the manifest's source."""
+    from slimexport import api
+    from slimexport.errors import ModelNotFoundError
+    from slimexport.models import load
+
+    root, _ = built
+    out = tmp_path / "copy"
+    shutil.copytree(root / "tiny", out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["build_config"]["compress"]["model"] = "rel/pipe"
+    m["model"]["source"] = f"local:{tmp_path}"
+    (out / "manifest.json").write_text(json.dumps(m))
+    real, asked = load.load_model, []
+
+    def fake(model, **kw):
+        asked.append(model)
+        if model == "rel/pipe":
+            raise ModelNotFoundError("'rel/pipe' is neither a registry name, an existing folder nor a hub id")
+        return real("tiny", **kw)  # stands in for the recorded folder
+
+    monkeypatch.setattr(load, "load_model", fake)
+    folder, _, cfg, bundle = api._load_build(out)
+    assert asked == ["rel/pipe", str(tmp_path)] and bundle.identity() == m["model"]["fingerprint"]
+    m["model"]["source"] = f"local:{tmp_path / 'gone'}"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelNotFoundError, match="rel/pipe"):
+        api._load_build(out)

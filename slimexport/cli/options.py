@@ -21,6 +21,22 @@ from slimexport.config import (
 )
 
 
+def _absolute(path: str | None, registry: bool = False) -> str | None:
+    """An existing local path as an absolute one, so that the config (a build's, a dumped one) works from any folder.
+
+    ``registry``: a registry name stays a name even where a folder of that name exists (load_model reads it so).
+    """
+    if path is None:
+        return None
+    if registry:
+        from slimexport.models.registry import get_spec
+
+        if get_spec(path) is not None:
+            return path
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
 def _compose(*decorators):
     def wrap(f):
         for d in reversed(decorators):
@@ -172,14 +188,14 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
         bins = min(base.calib.num_bins, o["calib_steps"])  # fewer steps than bins: one bin per step
     calib = _set(base.calib, num_prompts=o.get("calib_prompts"), num_steps=o.get("calib_steps"), num_bins=bins,
                  batch_size=o.get("calib_batch"), guidance_scale=o.get("guidance"), height=size, width=size,
-                 offload=o.get("calib_offload"), prompts_file=o.get("prompts_file"), seed=o.get("seed"))
+                 offload=o.get("calib_offload"), prompts_file=_absolute(o.get("prompts_file")), seed=o.get("seed"))
     decompose = _set(base.decompose, timestep_weighting=o.get("timestep_weighting"), ridge=o.get("ridge"),
                      ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
     alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
                  method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
                  ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"),
                  metric=o.get("budget_metric"))
-    return _set(base, model=o.get("model"), random_weights=o.get("random_weights"), device=o.get("device"),
+    return _set(base, model=_absolute(o.get("model"), registry=True), random_weights=o.get("random_weights"), device=o.get("device"),
                 calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
 
 

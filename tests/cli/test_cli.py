@@ -26,6 +26,20 @@ def test_dump_config_roundtrip(tmp_path, capsys):
     assert again["alloc"]["budget"] == 0.5 and again["alloc"]["targets"] == ["ffn"]
 
 
+def test_local_paths_are_recorded_absolute(tmp_path, capsys, monkeypatch):
+    """A relative --model or --prompts path works from any folder (verify/bench of the build, a dumped config)."""
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "tiny").mkdir()  # a folder named like a registry model: the name still means the registry model
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compress", "--model", "pipe", "--prompts", "p.txt", "--dump-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"] == str((tmp_path / "pipe").resolve()) and cfg["calib"]["prompts_file"] == str((tmp_path / "p.txt").resolve())
+    assert main(["compress", "--model", "tiny", "--prompts", "missing.txt", "--dump-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"] == "tiny" and cfg["calib"]["prompts_file"] == "missing.txt"  # left for the loader's error
+
+
 @pytest.mark.parametrize("args, code, pattern", [
     (["compress", "--model", "tiny", "--budget", "0"], 2, "budget"),
     (["compress", "--model", "tiny", "--budget", "1.5"], 2, "budget"),
