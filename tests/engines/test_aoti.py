@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimexport.artifacts import sha256_file
 from slimexport.engines import aoti
 from slimexport.engines.aoti import (
     SIDECAR_FORMAT,
@@ -38,7 +39,6 @@ from slimexport.engines.aoti import (
     torch_tag,
     trace_sizes,
 )
-from slimexport.artifacts import sha256_file
 from slimexport.engines.base import EngineConfig, EngineProfile, build_engine, make_feeds
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
 
