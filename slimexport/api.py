@@ -325,12 +325,23 @@ def _check_backend_available(backend: str) -> None:
 MODEL_BACKENDS = ("torch", "aoti", "torch-compile")
 
 
+def _check_engine_dtype(cfg, device: str) -> None:
+    """Refuse an fp16 engine the CPU would not run as fp16 (before any work); warn where fp16 is only slower."""
+    if cfg.export.dtype != "fp16" or device.startswith("cuda"):
+        return
+    if cfg.backend in MODEL_BACKENDS:
+        raise UsageError(f"--dtype fp16 with --backend {cfg.backend} runs on a GPU only (on the CPU these engines run fp32)",
+                         "drop --dtype fp16 on the CPU, or pass --engine-device cuda on a GPU machine")
+    log.warning("--dtype fp16 on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, so the "
+                "engines are usually slower than fp32 there (fp16 is for GPUs)")
+
+
 def _engine_config(cfg, device: str, profile, seq_len: int):
     from slimexport.engines.base import EngineConfig
 
     cuda = device.startswith("cuda")
     eager_like = cuda and cfg.backend in ("torch", "torch-compile")
-    return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype if cfg.backend not in MODEL_BACKENDS or cuda else "fp32",
+    return EngineConfig(device=device, profile=profile, dtype=cfg.export.dtype,
                         channels_last=eager_like, cuda_graphs=eager_like,
                         optimization_level=cfg.optimization_level, output_name=cfg.export.output_name, seq_len=seq_len)
 
@@ -400,6 +411,7 @@ def run_bench(cfg, engines: dict, profile) -> dict:
                        cfg.bench.width or profile.opt_width, seed=0)
     res = compare_speed(engines["dense"], engines["slim"], feeds, warmup=cfg.bench.warmup, iterations=iters)
     res["iterations"] = iters
+    res["dtype"] = cfg.export.dtype  # what both engines ran in (an fp16 CPU engine is refused before the build)
     from slimexport.engines.torch_runner import device_name
 
     res["device_name"] = device_name(device)
@@ -449,6 +461,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
 
     _check_backend_available(cfg.backend)
     device = resolve_engine_device(cfg)
+    _check_engine_dtype(cfg, device)
     out_dir = Path(out) if out is not None else default_out(cfg.compress.model, cfg.compress.alloc.budget, f"-{cfg.backend}")
     check_writable_dir(out_dir)
     records: dict[str, StageRecord] = {}
@@ -601,6 +614,7 @@ def verify_folder(folder: str | Path) -> BuildResult:
     integrity = _integrity(manifest)
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
+    _check_engine_dtype(cfg, device)
     try:
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
         exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
@@ -639,6 +653,7 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
         cfg = cfg.replace(bench=cfg.bench.replace(iterations=iterations))
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
+    _check_engine_dtype(cfg, device)
     exports = {k: read_export(folder / "onnx" / k, verify=True) for k in ("dense", "slim")}
     compiled = _compiled_engines(manifest, folder, cfg.backend)
     models = {}

@@ -87,7 +87,7 @@ def render_markdown(rep: dict) -> str:
         env = s.get("environment", {})
         threads = s.get("dense_engine", {}).get("threads") or env.get("torch_threads") or "?"
         lines += ["", "## Speed", "",
-                  f"Backend `{s['backend']}` on {s.get('device_name') or s['device']} ({threads} threads), "
+                  f"Backend `{s['backend']}`{' ' + s['dtype'] if s.get('dtype') else ''} on {s.get('device_name') or s['device']} ({threads} threads), "
                   f"shapes {s.get('shapes', {}).get('sample')}, {s['iterations']} timed iterations per model after "
                   f"{s.get('warmup')} warm-ups, {s.get('mode', '')}.", "",
                   "| | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|",

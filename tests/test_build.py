@@ -2,6 +2,7 @@
 corrupted slim weight."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -35,7 +36,8 @@ def test_layout_and_report_keys(built):
     assert rep["parity"]["dense_export"]["passed"] and rep["parity"]["slim_export"]["passed"]
     assert rep["parity"]["dense_export"]["max_abs"] < 1e-4
     s = rep["speed"]
-    assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0
+    assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0 and s["dtype"] == "fp32"
+    assert "Backend `onnxruntime` fp32 on " in (out / "report.md").read_text()
     assert set(s["dense_ms"]) >= {"p50", "p90", "p99"} and set(s["slim_ms"]) >= {"p50", "p90", "p99"}
     assert all(set(v) == {"seconds", "cached"} for v in rep["stages"].values())
     lo, hi = s["speedup_ci95"]
@@ -68,6 +70,10 @@ def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, caps
         rc = main(["-q", *args, str(copy)])
         out = capsys.readouterr()
         assert rc == 0, (args, out.out + out.err)
+        if args == ["verify"]:  # the cosine with its digits: 0.999958 was printed as "1"
+            assert re.search(r"slim_vs_dense .*cosine (0\.\d{6}|1\.000000)", out.out), out.out
+        else:
+            assert "speed (onnxruntime fp32, " in out.out, out.out
     rep = json.loads((copy / "report.json").read_text())
     assert rep["parity"]["integrity"]["passed"] and rep["speed"]["iterations"] == 3
     assert "integrity" not in json.loads((copy / "verify.json").read_text())  # the stage's output, as build writes it

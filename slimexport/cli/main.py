@@ -98,13 +98,15 @@ def compress(ctx, out, config_file, dump_config, **opts):
 def _print_verdict(rep: dict) -> None:
     for key, v in rep["parity"].items():
         mark = "pass" if v.get("passed") else "FAIL"
-        detail = v.get("reason") or ", ".join(f"{m} {v[m]:.3g}" for m in ("max_abs", "cosine") if isinstance(v.get(m), float))
+        detail = v.get("reason") or ", ".join(f"{m} {v[m]:{f}}" for m, f in (("max_abs", ".3g"), ("cosine", ".6f"))  # 0.99996, not 1
+                                              if isinstance(v.get(m), float))
         click.echo(f"  {mark}  {key:14s} {detail}")
     s = rep.get("speed")
     if s:
         from slimexport.report import speedup_text
 
-        click.echo(f"speed ({s['backend']}, {s.get('device_name') or s['device']}, {s['iterations']} iterations): dense p50 "
+        click.echo(f"speed ({s['backend']}{' ' + s['dtype'] if s.get('dtype') else ''}, {s.get('device_name') or s['device']}, "
+                   f"{s['iterations']} iterations): dense p50 "
                    f"{s['dense_ms']['p50']:.3f} ms, slim p50 {s['slim_ms']['p50']:.3f} ms, speed-up {speedup_text(s, 'x')}")
 
 

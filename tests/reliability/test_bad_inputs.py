@@ -169,6 +169,8 @@ CLI_ROWS = [
     ("prompts-line-too-long", [*C, "--prompts", "{prompts_long}"], 2, "has a line of 5000 characters"),
     # dtypes and devices
     ("dtype-int8", [*B, "--dtype", "int8"], 2, "'int8' is not one of"),
+    ("dtype-fp16-torch-cpu", [*B, "--dtype", "fp16", "--backend", "torch", "--engine-device", "cpu", "--out", "{root}/never"], 2,
+     "--dtype fp16 with --backend torch runs on a GPU only"),
     ("calib-dtype-fp16-cpu", [*C, "--device", "cpu", "--calib-dtype", "fp16"], 2, "--calib-dtype fp16 on the CPU"),
     ("calib-dtype-bf16-cpu", [*C, "--device", "cpu", "--calib-dtype", "bf16"], 2, "use --calib-dtype fp32"),
     pytest.param("device-cuda-without-gpu", [*C, "--device", "cuda"], 2, "no CUDA GPU is visible", marks=NO_CUDA),
