@@ -39,7 +39,7 @@ def test_missing_model_fails_within_seconds_with_fix():
         load_model("sd15")
     assert time.perf_counter() - t0 < 10
     msg = str(err.value)
-    assert "huggingface-cli download" in msg and "--random-weights" in msg
+    assert "hf download" in msg and "--random-weights" in msg
 
 
 def test_unknown_name_and_random_weights_for_non_registry():
