@@ -20,6 +20,11 @@ from slimexport.models.bundle import move
 
 log = logging.getLogger("slimexport")
 DEFAULT_ROOT = Path("engines")
+# Where calibration statistics are shared between builds (a new budget reuses them): $SLIMEXPORT_CACHE_DIR, else here.
+CACHE_ENV = "SLIMEXPORT_CACHE_DIR"
+# What slimexport writes into an --out folder (its temporaries start with '.'): any other entry is someone else's.
+OUTPUT_ENTRIES = frozenset({"manifest.json", "calib", "plan.json", "slim_unet", "onnx", "aoti", "verify.json", "bench.json",
+                            "report.json", "report.md"})
 
 
 @dataclass
@@ -68,6 +73,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if dt is not torch.float32 and device.type == "cpu":
         raise UsageError(f"--calib-dtype {name} on the CPU is slow and imprecise", "use --calib-dtype fp32 (or auto) on the CPU")
     return dt
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before any work, an --out that cannot be written, or a folder of someone else's files (slimexport
+    would write calib/, onnx/ and reports among them)."""
+    from slimexport.artifacts import check_writable_dir
+
+    check_writable_dir(out_dir)
+    if out_dir.is_dir() and not (out_dir / "manifest.json").exists():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
+                             f"{', …' if len(foreign) > 3 else ''}) and no manifest.json", "pass a new or empty --out folder")
 
 
 def default_out(model: str, budget: float, suffix: str = "") -> Path:
@@ -139,15 +157,14 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     Returns:
         :class:`CompressResult` (``None`` on ranks other than 0 under ``torch.distributed``).
     """
-    from slimexport.artifacts import check_writable_dir
     from slimexport.calibrate.prompts import read_prompts_file
     from slimexport.models.load import load_model
 
     out_dir = Path(out) if out is not None else default_out(cfg.model, cfg.alloc.budget)
-    cache_root = Path(cache_dir) if cache_dir is not None else DEFAULT_ROOT / ".cache"
+    cache_root = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_ROOT / ".cache")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.calib_dtype, device)
-    check_writable_dir(out_dir)
+    check_out_dir(out_dir)
     # The prompts file is checked before anything slow, and its content (not only its path) keys the calibration.
     prompts_key = [sha256_json(read_prompts_file(cfg.calib.prompts_file))] if cfg.calib.prompts_file else []
     records: dict[str, StageRecord] = {}
@@ -454,7 +471,6 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     A failed parity gate does not raise here: ``BuildResult.passed`` is ``False`` and the report says which
     comparison and metric failed (the CLI turns that into exit code 1).
     """
-    from slimexport.artifacts import check_writable_dir
     from slimexport.engines.onnx_export import export_unet_onnx, read_export
     from slimexport.models.load import load_model
     from slimexport.report import make_report, write_report
@@ -463,7 +479,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     device = resolve_engine_device(cfg)
     _check_engine_dtype(cfg, device)
     out_dir = Path(out) if out is not None else default_out(cfg.compress.model, cfg.compress.alloc.budget, f"-{cfg.backend}")
-    check_writable_dir(out_dir)
+    check_out_dir(out_dir)
     records: dict[str, StageRecord] = {}
     with _Stage(records, "load", False, torch.device("cpu")):
         bundle = load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
@@ -499,25 +515,30 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
         files = [f for e in engines.values() for f in e.files]  # TensorRT plans or AOTI packages, with sidecars
         manifest.record("engine", engine_key, files, 0.0, backend=cfg.backend, device=device,
                         engine_info=_relative_paths({k: e.info() for k, e in engines.items()}, out_dir))
+    # Results are reused only when every artifact they were measured on was reused in this run: a file rebuilt here
+    # (say, an export that `slimexport verify` found altered) is checked and timed afresh, under the same keys.
+    rebuilt = [k for k, r in records.items() if k != "load" and not r.cached]
     try:
         verify_key = _result_key("verify", engine_key, cfg)
-        cached = manifest.cached("verify", verify_key) and (out_dir / "verify.json").exists()
+        cached = not rebuilt and manifest.cached("verify", verify_key) and (out_dir / "verify.json").exists()
         with _Stage(records, "verify", cached, cpu):
             if cached:
                 parity = read_json(out_dir / "verify.json", "verification results")
             else:
+                t0 = time.perf_counter()
                 parity = run_verify(cfg, bundle, models, engines, profile)
                 write_json(out_dir / "verify.json", parity)
-                manifest.record("verify", verify_key, [out_dir / "verify.json"], 0.0)
+                manifest.record("verify", verify_key, [out_dir / "verify.json"], time.perf_counter() - t0)
         bench_key = _result_key("bench", engine_key, cfg)
-        cached = manifest.cached("bench", bench_key) and (out_dir / "bench.json").exists()
+        cached = not rebuilt and manifest.cached("bench", bench_key) and (out_dir / "bench.json").exists()
         with _Stage(records, "bench", cached, torch.device(device)):
             if cached:
                 speed = read_json(out_dir / "bench.json", "benchmark results")
             else:
+                t0 = time.perf_counter()
                 speed = _relative_paths(run_bench(cfg, engines, profile), out_dir)
                 write_json(out_dir / "bench.json", speed)
-                manifest.record("bench", bench_key, [out_dir / "bench.json"], 0.0)
+                manifest.record("bench", bench_key, [out_dir / "bench.json"], time.perf_counter() - t0)
     finally:
         for e in engines.values():
             e.close()
@@ -537,7 +558,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
     gpu = torch.device(device) if device.startswith("cuda") else None
     manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(gpu),
                             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(gpu)))} if gpu else {})})
-    manifest.set("results", {"parity": {k: v["passed"] for k, v in parity.items()}, "speedup": speed.get("speedup")})
+    manifest.set("results", _results(report))
     manifest.set("built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     manifest.save()
     write_report(out_dir, report)
@@ -553,7 +574,9 @@ def _load_build(folder: str | Path):
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
         raise UsageError(f"{folder} is not a build folder (no manifest.json)", "pass a folder written by slimexport build")
-    read_json(folder / "manifest.json", "manifest")  # a corrupted manifest is reported as such (Manifest() would start afresh)
+    if not isinstance(read_json(folder / "manifest.json", "manifest"), dict):  # reported as corrupted (Manifest() starts afresh)
+        raise ArtifactError(f"{folder / 'manifest.json'} is not a JSON object: the folder is damaged",
+                            "rebuild it with slimexport build")
     manifest = Manifest(folder)
     if "build_config" not in manifest.data:
         raise UsageError(f"{folder} holds no finished build (its manifest has no build config)", "run slimexport build first")
@@ -594,8 +617,19 @@ def _compiled_engines(manifest: Manifest, folder: Path, backend: str) -> dict[st
     return out
 
 
+def _results(report: dict) -> dict:
+    """The manifest's summary of a report: the verdict, each comparison's, the speed-up (kept current by verify and bench)."""
+    return {"passed": bool(report.get("passed")), "parity": {k: bool(v.get("passed")) for k, v in report.get("parity", {}).items()},
+            "speedup": (report.get("speed") or {}).get("speedup")}
+
+
+# Stages whose records (and files) every finished build has: a manifest without them vouches for nothing.
+RECORDED_STAGES = ("slim", "export_dense", "export_slim", "engine")
+
+
 def _integrity(manifest: Manifest) -> dict:
-    problems = [f"{p}: {why}" for stage in manifest.data["stages"] for p, why in manifest.altered(stage)]
+    problems = [f"{stage}: no record in the manifest" for stage in RECORDED_STAGES if not manifest.stage(stage)]
+    problems += [f"{p}: {why}" for stage in manifest.data["stages"] for p, why in manifest.altered(stage)]
     return {"passed": not problems, "problems": problems, "reason": "; ".join(problems) or None}
 
 
@@ -607,7 +641,6 @@ def verify_folder(folder: str | Path) -> BuildResult:
     as built: one compiled for another GPU, device or torch version is refused, not recompiled into the folder.
     """
     from slimexport.engines.onnx_export import read_export
-    from slimexport.report import write_report
     from slimexport.slim.apply import load_slim_unet
 
     folder, manifest, cfg, bundle = _load_build(folder)
@@ -621,24 +654,43 @@ def verify_folder(folder: str | Path) -> BuildResult:
         compiled = _compiled_engines(manifest, folder, cfg.backend)
         engines = _make_engines(cfg, exports, models, device, profile, folder, compiled)
     except ArtifactError as err:  # an artifact too damaged to load: say which files the manifest no longer matches
-        if integrity["problems"]:
-            raise type(err)(f"{err.message} (altered files: {integrity['reason']})", err.fix) from err  # same exit code
-        raise
+        message = f"{err.message} (altered files: {integrity['reason']})" if integrity["problems"] else err.message
+        _write_verdict(folder, manifest, cfg, None, {**integrity, "passed": False, "reason": message}, 0.0)
+        raise type(err)(message, err.fix) from err  # same exit code
+    t0 = time.perf_counter()
     try:
         parity = run_verify(cfg, bundle, models, engines, profile)
     finally:
         for e in engines.values():
             e.close()
-    report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
-    # verify.json holds what build's verify stage holds, under the same key: a rerun (or a later build) trusts it
-    write_json(folder / "verify.json", parity)
-    manifest.record("verify", _result_key("verify", manifest.stage("engine").get("key"), cfg), [folder / "verify.json"], 0.0)
-    parity["integrity"] = integrity  # of this check only: in the report, not in the stage's output
-    report["parity"] = parity
-    report["passed"] = all(v.get("passed", False) for v in parity.values())
+    report = _write_verdict(folder, manifest, cfg, parity, integrity, time.perf_counter() - t0)
+    return BuildResult(out_dir=folder, report=report, passed=report["passed"])
+
+
+def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, integrity: dict, seconds: float) -> dict:
+    """verify's outcome into report.json/.md and the manifest's results (``parity`` None: the check could not run).
+
+    verify.json holds what build's verify stage holds, under the same key, so a rerun or a later build trusts it; a
+    verdict on altered files is not recorded there (a later build that rebuilds them must check them afresh).
+    """
+    from slimexport.report import write_report
+
+    if parity is not None and integrity["passed"]:
+        write_json(folder / "verify.json", parity)
+        manifest.record("verify", _result_key("verify", manifest.stage("engine").get("key"), cfg), [folder / "verify.json"], seconds)
+    else:
+        manifest.invalidate("verify")
+    try:
+        report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
+    except ArtifactError:
+        report = {}
+    report["parity"] = {**(parity or {}), "integrity": integrity}  # integrity: of this check only, not in verify.json
+    report["passed"] = all(v.get("passed", False) for v in report["parity"].values())
     if report.get("params"):
         write_report(folder, report)
-    return BuildResult(out_dir=folder, report=report, passed=report["passed"])
+    manifest.set("results", _results(report))
+    manifest.save()
+    return report
 
 
 def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResult:
@@ -662,13 +714,17 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
 
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet")}
     engines = _make_engines(cfg, exports, models, device, profile, folder, compiled)
+    t0 = time.perf_counter()
     try:
         speed = _relative_paths(run_bench(cfg, engines, profile), folder)
     finally:
         for e in engines.values():
             e.close()
     write_json(folder / "bench.json", speed)  # keyed by the settings it was measured with (--iterations included)
-    manifest.record("bench", _result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"], 0.0)
+    manifest.record("bench", _result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"],
+                    time.perf_counter() - t0)
     report["speed"] = speed
     write_report(folder, report)
+    manifest.set("results", _results(report))
+    manifest.save()
     return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))

@@ -41,7 +41,7 @@ class Manifest:
                 old = read_json(self.path, "manifest")
             except ArtifactError:
                 old = None  # a corrupted manifest is not trusted: every stage reruns
-            if old is not None:
+            if isinstance(old, dict):  # valid JSON of another shape ([], a number) is as corrupted
                 self._adopt(old, identity)
         if identity is not None:
             self.data["identity"] = identity

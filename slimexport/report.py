@@ -13,6 +13,24 @@ PARITY_NAMES = {
 }
 
 
+def budget_kept(plan: dict) -> dict | None:
+    """What the budget is a fraction of, and the fraction kept: ``{"of": "targeted MACs", "kept": 0.730}``.
+
+    Targeted scope: the allocation's own count (its kept cost over the targeted cost, parameters or MACs); whole-UNet
+    scope: the UNet's parameters or its MACs at the calibration latents. ``None`` for plans without those fields.
+    """
+    scope, metric = plan.get("scope", "targeted"), plan.get("metric", "params")
+    a, p, m = plan.get("allocation") or {}, plan["params"], plan.get("macs")
+    if scope == "unet":
+        kept = m["slim"] / m["dense"] if metric == "macs" and m else p["slim_total"] / p["dense_total"] if metric == "params" else None
+    else:
+        kept = a["kept"] * a["targeted_budget"] / a["target"] if a.get("target") and a.get("kept") is not None else None
+    if kept is None:
+        return None
+    return {"of": f"{'whole-UNet' if scope == 'unet' else 'targeted'} {'MACs' if metric == 'macs' else 'parameters'}",
+            "kept": kept}
+
+
 def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages: dict, extra: dict | None = None) -> dict:
     p = plan["params"]
     rep = {
@@ -21,6 +39,7 @@ def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages
         "budget_scope": plan.get("scope", "targeted"),
         "targets": plan.get("targets"),
         "allocation": {k: plan.get("allocation", {}).get(k) for k in ("method", "metric")},
+        "budget_kept": budget_kept(plan),
         "params": {k: p[k] for k in ("dense_total", "slim_total", "targeted_dense", "targeted_slim")},
         "macs": plan.get("macs"),
         "parity": parity,
@@ -36,10 +55,12 @@ def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages
 def speedup_text(speed: dict, times: str = "×") -> str:
     """``1.164× (95% interval 1.08–1.25)``, saying so when the interval holds 1 (the run cannot tell the two apart)."""
     text = f"{speed['speedup']:.3f}{times}"
-    ci = speed.get("speedup_ci95")  # absent in reports written before it was measured
+    ci = speed.get("speedup_ci95")
     if ci:
         text += f" (95% interval {ci[0]:.3f}–{ci[1]:.3f}"
         text += ": not distinguishable from 1 at this iteration count)" if ci[0] <= 1.0 <= ci[1] else ")"
+    elif "speedup_ci95" in speed:  # None: too few iterations for an interval (absent: written before it was measured)
+        text += " (no interval: fewer than 10 iterations)"
     return text
 
 
@@ -64,7 +85,9 @@ def render_markdown(rep: dict) -> str:
         lines.append(f"| UNet MACs (batch 1, {m['latent'][0]}×{m['latent'][1]} latents) | {m['dense'] / 1e9:.3f} G | {m['slim'] / 1e9:.3f} G | {m['slim'] / m['dense']:.3f} |")
     a = rep.get("allocation") or {}
     if a.get("method"):
-        lines += ["", f"Allocation: `{a['method']}`; the budget counts {a.get('metric') or 'params'}."]
+        kept = rep.get("budget_kept")
+        lines += ["", f"Allocation: `{a['method']}`; the budget counts {a.get('metric') or 'params'}"
+                  + (f": {kept['kept']:.3f} of the {kept['of']} kept (budget {rep['budget']:g})." if kept else ".")]
     lines += ["", "## Parity", "",
               "Metrics over all fixed inputs together: max abs `max|a−b|`; max rel `max|a−b|/(|b|+1e-6)`; p99 abs; mean abs; "
               "cosine `a·b/(‖a‖‖b‖)`; SQNR `10·log10(Σb²/Σ(a−b)²)` dB; NaN/Inf always fails.", "",

@@ -30,6 +30,8 @@ def test_layout_and_report_keys(built):
         assert (out / rel).exists(), rel
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"] == "tiny" and rep["budget"] == 0.73
+    assert rep["budget_kept"]["of"] == "targeted parameters" and abs(rep["budget_kept"]["kept"] - 0.73) < 0.01
+    assert "of the targeted parameters kept (budget 0.73)" in (out / "report.md").read_text()
     assert set(rep["params"]) >= {"dense_total", "slim_total", "targeted_dense", "targeted_slim"}
     for key in ("dense_export", "slim_export", "slim_vs_dense"):
         assert set(rep["parity"][key]) >= {"max_abs", "max_rel", "p99_abs", "mean_abs", "cosine", "sqnr_db", "passed"}
@@ -70,8 +72,10 @@ def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, caps
         rc = main(["-q", *args, str(copy)])
         out = capsys.readouterr()
         assert rc == 0, (args, out.out + out.err)
-        if args == ["verify"]:  # the cosine with its digits: 0.999958 was printed as "1"
-            assert re.search(r"slim_vs_dense .*cosine (0\.\d{6}|1\.000000)", out.out), out.out
+        if args == ["verify"]:  # cosines with their digits (0.999958 was printed as "1"), the gated metrics, a verdict
+            assert re.search(r"slim_export +max_abs \S+, cosine (0\.\d{6}|1\.000000)", out.out), out.out
+            assert re.search(r"slim_vs_dense +mean eps error 0\.\d{4} \(gate <= 0\.5\), final-latent cosine", out.out), out.out
+            assert "integrity      every recorded artifact matches its sha256" in out.out and "verdict: PASSED" in out.out
         else:
             assert "speed (onnxruntime fp32, " in out.out, out.out
     rep = json.loads((copy / "report.json").read_text())

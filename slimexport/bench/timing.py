@@ -23,6 +23,8 @@ import numpy as np
 from slimexport.errors import UsageError
 
 PERCENTILES = (50, 90, 99)
+# Fewer paired iterations than this give no speed-up interval: a bootstrap over a handful of pairs is not one.
+MIN_CI_ITERATIONS = 10
 
 
 def _summary(times_ms: list[float]) -> dict:
@@ -185,7 +187,8 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
     dense, slim = _summary(times["dense"]), _summary(times["slim"])
     return {
         "dense_ms": dense, "slim_ms": slim, "speedup": dense["p50"] / slim["p50"],
-        "speedup_ci95": list(speedup_interval(times["dense"], times["slim"])),  # i-th calls: same iteration or round
+        "speedup_ci95": (list(speedup_interval(times["dense"], times["slim"]))  # i-th calls: same iteration or round
+                         if len(times["dense"]) >= MIN_CI_ITERATIONS else None),
         "backend": dense_engine.name, "device": device,
         "shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
         "mode": "interleaved ABBA" if interleave else f"{rounds} alternating blocks", "warmup": warmup,

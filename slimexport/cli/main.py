@@ -84,10 +84,13 @@ def compress(ctx, out, config_file, dump_config, **opts):
     res = api.compress(cfg, out=out, progress=ctx.obj["progress"])
     if res is None:  # a torchrun rank other than 0: its share of the statistics went into rank 0's result
         return
-    p = res.plan["params"]
+    from slimexport.report import budget_kept
+
+    p, kept = res.plan["params"], budget_kept(res.plan)
     click.echo(f"slim UNet: {res.slim_dir}")
-    click.echo(f"targeted parameters: {p['targeted_dense']:,} -> {p['targeted_slim']:,} "
-               f"({p['targeted_slim'] / p['targeted_dense']:.3f}, budget {cfg.alloc.budget:g})")
+    if kept:
+        click.echo(f"budget {cfg.alloc.budget:g} of the {kept['of']}: {kept['kept']:.3f} kept")
+    click.echo(f"targeted parameters: {p['targeted_dense']:,} -> {p['targeted_slim']:,} ({p['targeted_slim'] / p['targeted_dense']:.3f})")
     click.echo(f"UNet parameters:     {p['dense_total']:,} -> {p['slim_total']:,} ({p['slim_total'] / p['dense_total']:.3f})")
     if "macs" in res.plan:
         m = res.plan["macs"]
@@ -95,12 +98,26 @@ def compress(ctx, out, config_file, dump_config, **opts):
                    f"{m['slim'] / 1e9:.3f} G ({m['slim'] / m['dense']:.3f})")
 
 
+def _detail(v: dict) -> str:
+    """One comparison's line: its failure reason, else the metrics its gate reads."""
+    if v.get("reason"):
+        return v["reason"]
+    if "problems" in v:  # the integrity check, passed
+        return "every recorded artifact matches its sha256"
+    gate, traj = v.get("gate") or {}, v.get("trajectory") or {}
+    if "max_eps_error" in gate and isinstance(v.get("eps_rel_error_mean"), float):  # slim vs dense: quality gates
+        text = f"mean eps error {v['eps_rel_error_mean']:.4f} (gate <= {gate['max_eps_error']:g})"
+        if isinstance(traj.get("cosine"), float):
+            text += f", final-latent cosine {traj['cosine']:.4f} (gate >= {gate['min_latent_cosine']:g})"
+        return text
+    return ", ".join(f"{m} {v[m]:{f}}" for m, f in (("max_abs", ".3g"), ("cosine", ".6f")) if isinstance(v.get(m), float))
+
+
 def _print_verdict(rep: dict) -> None:
     for key, v in rep["parity"].items():
-        mark = "pass" if v.get("passed") else "FAIL"
-        detail = v.get("reason") or ", ".join(f"{m} {v[m]:{f}}" for m, f in (("max_abs", ".3g"), ("cosine", ".6f"))  # 0.99996, not 1
-                                              if isinstance(v.get(m), float))
-        click.echo(f"  {mark}  {key:14s} {detail}")
+        click.echo(f"  {'pass' if v.get('passed') else 'FAIL'}  {key:14s} {_detail(v)}")
+    if rep["parity"]:
+        click.echo(f"verdict: {'PASSED' if rep.get('passed') else 'FAILED'}")
     s = rep.get("speed")
     if s:
         from slimexport.report import speedup_text
@@ -115,7 +132,9 @@ def _verdict_exit(res) -> None:
 
     if not res.passed:
         failed = [f"{k} ({', '.join(v.get('failed') or ['failed'])})" for k, v in res.report["parity"].items() if not v.get("passed")]
-        raise VerificationError(f"verification failed: {'; '.join(failed)}", f"see {res.out_dir / 'report.md'}")
+        md = res.out_dir / "report.md"
+        raise VerificationError(f"verification failed: {'; '.join(failed)}",
+                                f"see {md}" if md.exists() else "rebuild the folder with slimexport build (its report is gone)")
 
 
 @cli.command()

@@ -8,11 +8,34 @@ SMALL = ["--calib-prompts", "4", "--calib-steps", "4", "--calib-bins", "2", "--c
 
 
 def test_compress_command_end_to_end(tmp_path, capsys, monkeypatch):
+    from slimexport.api import CACHE_ENV
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared-cache"))
     rc = main(["-q", "compress", "--model", "tiny", "--budget", "0.73", "--out", str(tmp_path / "o"), *SMALL])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "targeted parameters" in out and (tmp_path / "o" / "slim_unet" / "slim_plan.json").exists()
+    assert any((tmp_path / "shared-cache").iterdir()) and not (tmp_path / "engines").exists()  # the cache went where asked
+
+
+@pytest.mark.parametrize("extra, of", [
+    ([], "targeted parameters"),
+    (["--budget-metric", "macs"], "targeted MACs"),
+    (["--targets", "attn,ffn,resnet", "--budget-scope", "unet", "--budget-metric", "macs"], "whole-UNet MACs"),
+    (["--targets", "attn,ffn,resnet", "--budget-scope", "unet", "--budget", "0.9"], "whole-UNet parameters"),
+])
+def test_compress_says_what_the_budget_counts_and_what_was_kept(tmp_path, capsys, monkeypatch, extra, of):
+    """The budget is compared with the count it limits (it was printed beside the targeted-parameter ratio)."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    args = ["-q", "compress", "--model", "tiny", "--budget", "0.73", *SMALL, *extra, "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    budget = float(args[args.index("--budget", 5) + 1]) if "--budget" in extra else 0.73
+    m = re.search(rf"budget {budget:g} of the {of}: (\d\.\d+) kept", out)
+    assert m and abs(float(m.group(1)) - budget) < 0.01, out
 
 
 def test_dump_config_roundtrip(tmp_path, capsys):

@@ -80,6 +80,9 @@ def paths(tmp_path_factory):
     p["empty_dir"].mkdir()
     p["a_file"] = root / "a_file.txt"
     p["a_file"].write_text("not a folder\n")
+    p["foreign_dir"] = root / "foreign_dir"  # someone's project folder passed as --out
+    p["foreign_dir"].mkdir()
+    (p["foreign_dir"] / "notes.txt").write_text("mine\n")
 
     p["prompts_empty"] = root / "prompts_empty.txt"
     p["prompts_empty"].write_text("\n   \n# a comment only\n")
@@ -161,6 +164,8 @@ CLI_ROWS = [
     ("out-is-a-file", [*C, "--out", "{a_file}"], 2, "is a file"),
     ("out-under-a-file", [*C, "--out", "{a_file}/sub"], 2, "is a file"),
     ("build-out-is-a-file", [*B, "--out", "{a_file}"], 2, "pass an --out path that is a folder"),
+    ("out-is-someone-elses-folder", [*C, "--out", "{foreign_dir}"], 2, "holds files slimexport did not write (notes.txt)"),
+    ("build-out-is-someone-elses-folder", [*B, "--out", "{foreign_dir}"], 2, "pass a new or empty --out folder"),
     # prompts files
     ("prompts-missing", [*C, "--prompts", "{root}/no-such-prompts.txt"], 2, "does not exist"),
     ("prompts-empty", [*C, "--prompts", "{prompts_empty}"], 2, "has no prompts"),
@@ -232,6 +237,12 @@ def test_cli_bad_input(name, argv, code, fragment, paths, capsys, tmp_path, monk
     if rc == 2:
         assert not (tmp_path / "engines").exists(), "a usage error wrote output"
         assert not (paths["root"] / "never").exists(), "a usage error wrote output"
+
+
+def test_an_out_folder_of_someone_elses_files_is_left_as_it_was(paths, capsys):
+    for argv in ([*C, "--out", str(paths["foreign_dir"])], [*B, "--out", str(paths["foreign_dir"])]):
+        assert _run(argv, capsys)[0] == 2
+        assert [q.name for q in paths["foreign_dir"].iterdir()] == ["notes.txt"]
 
 
 def test_a_usage_error_is_one_line_naming_field_value_and_fix(capsys):
@@ -375,10 +386,10 @@ def _api_rows():
         ("compress-out-is-a-file", lambda p: api.compress(
             CompressConfig(model="tiny"), out=p["a_file"], progress=False), UsageError, "is a file"),
         ("load-model-hub-offline", lambda p: load_model("owner/no-such-model"),
-         ModelNotFoundError, "huggingface-cli download owner/no-such-model"),
+         ModelNotFoundError, "hf download owner/no-such-model --include"),
         ("load-model-bad-weights", lambda p: load_model(str(p["unet_badweights"])),
          UsageError, "cannot load UNet2DConditionModel"),
-        ("load-slim-missing", lambda p: _load_slim(p["root"] / "no-such-slim"), ArtifactError, "slim plan"),
+        ("load-slim-missing", lambda p: _load_slim(p["root"] / "no-such-slim"), UsageError, "no-such-slim does not exist"),
         ("load-slim-dense-folder", lambda p: _load_slim(p["unet_bin"]), ArtifactError, "slim_plan.json is missing"),
         ("load-slim-other-format", lambda p: _load_slim(_other_format(p["root"])), IncompatibleArtifactError,
          "slim format 'slimexport.slim/0'"),

@@ -58,7 +58,11 @@ def edit_plan(path) -> None:
     path.write_text(json.dumps(plan))
 
 
-DAMAGE = {"truncate": truncate, "flip": flip, "edit": None}
+def json_list(path) -> None:
+    path.write_text("[]")  # valid JSON, not an object
+
+
+DAMAGE = {"truncate": truncate, "flip": flip, "edit": None, "json_list": json_list}
 
 
 def _damage(folder, rel, how):
@@ -84,6 +88,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     (SLIM_PLAN, "edit", [SLIM_PLAN, "do not fit the plan's shapes"]),
     (PLAN, "edit", [PLAN, "integrity"]),
     (MANIFEST, "truncate", ["manifest", "is corrupted"]),
+    (MANIFEST, "json_list", ["manifest.json is not a JSON object"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_verify_names_the_damaged_artifact(built, tmp_path, capsys, rel, how, names):
     folder = copy_build(built, tmp_path / "b")
@@ -93,6 +98,53 @@ def test_verify_names_the_damaged_artifact(built, tmp_path, capsys, rel, how, na
     for fragment in names:
         assert fragment in msg, msg
     assert "Traceback" not in msg
+
+
+def test_verify_that_cannot_load_an_artifact_marks_the_folder_failed(built, tmp_path, capsys):
+    """report.json/.md and the manifest's results say FAILED, not the build's old PASSED."""
+    folder = copy_build(built, tmp_path / "b")
+    truncate(folder / SLIM_WEIGHTS)
+    rc, msg = _cli(["verify", str(folder)], capsys)
+    assert rc == 1, msg
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["passed"] is False and SLIM_WEIGHTS in rep["parity"]["integrity"]["reason"]
+    assert "FAILED" in (folder / "report.md").read_text()
+    m = read_manifest(folder)
+    assert m["results"]["passed"] is False and m["results"]["parity"] == {"integrity": False} and "verify" not in m["stages"]
+
+
+def test_a_manifest_that_records_no_stages_vouches_for_nothing(built, tmp_path, capsys):
+    folder = copy_build(built, tmp_path / "b")
+    data = read_manifest(folder)
+    data["stages"] = {}
+    write_manifest(folder, data)
+    edit_plan(folder / PLAN)
+    rc, msg = _cli(["verify", str(folder)], capsys)
+    assert rc == 1 and "export_slim: no record in the manifest" in msg, msg
+
+
+@pytest.mark.slow
+def test_a_failed_verify_does_not_decide_a_later_build(built, tmp_path, capsys):
+    """verify on altered ONNX data fails; the build that then re-exports it checks it afresh (it reused the failed
+    verdict, so build failed while verify then passed)."""
+    from slimexport.api import build
+
+    folder = copy_build(built, tmp_path / "b")
+    flip(folder / ONNX_DATA)
+    rc, msg = _cli(["verify", str(folder)], capsys)
+    assert rc == 1 and "slim_export" in msg, msg
+    m = read_manifest(folder)
+    assert m["results"]["passed"] is False and m["results"]["parity"]["slim_export"] is False and "verify" not in m["stages"]
+    res = build(build_config(), out=folder, progress=False, cache_dir=tmp_path / "cache")
+    stages = res.report["stages"]
+    assert res.passed and not stages["export_slim"]["cached"] and not stages["verify"]["cached"], stages
+    assert read_manifest(folder)["results"]["passed"] is True
+    rc, msg = _cli(["verify", str(folder)], capsys)
+    assert rc == 0 and "verdict: PASSED" in msg, msg
+    rc, msg = _cli(["bench", str(folder), "--iterations", "12"], capsys)
+    m = read_manifest(folder)
+    assert rc == 0 and m["results"]["speedup"] == json.loads((folder / "bench.json").read_text())["speedup"]
+    assert m["stages"]["bench"]["seconds"] > 0 and m["stages"]["verify"]["seconds"] > 0
 
 
 # --- the loaders ---------------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ def test_device_check_cpu_smoke(tmp_path):
     for name in ("compress", "resnet_macs", "proj", "speed", "kernels_e2e", "hooks"):
         assert "error" not in sections[name] and "skipped" not in sections[name], (name, sections[name])
     assert {r["model"] for r in sections["speed"]["rows"]} == {"attnffn", "resnet_macs", "proj"}
-    assert all(r["speedup"] > 0 and 0 < r["speedup_ci95"][0] <= r["speedup_ci95"][1] for r in sections["speed"]["rows"])
+    ci = [r["speedup_ci95"] for r in sections["speed"]["rows"]]
+    assert all(r["speedup"] > 0 for r in sections["speed"]["rows"])
+    assert all(c is None for c in ci) if sections["speed"]["iterations"] < 10 else all(0 < c[0] <= c[1] for c in ci)
     assert len(sections["kernels_e2e"]["rows"]) == 4 and all(r["padded_sdpa_p50"] > 0 for r in sections["kernels_e2e"]["rows"])
     h = sections["hooks"]
     assert h["image_evals"] > 0 and h["overhead_ratio"] > 0 and h["finalize_seconds"] >= 0
