@@ -38,9 +38,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise UsageError(f"prompts file {p} {'is a folder' if p.is_dir() else 'does not exist'}",
                          "pass a text file with one prompt per line to --prompts")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as err:
-        raise UsageError(f"prompts file {p} is not UTF-8 text", "pass a text file with one prompt per line") from err
+        raise UsageError(f"prompts file {p} is not UTF-8 text (byte {err.start})", "pass a text file with one prompt per line") from err
     except OSError as err:
         raise UsageError(f"cannot read prompts file {p} ({err.strerror})", "check its permissions") from err
     seen, out = set(), []

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
-from slimexport.errors import ArtifactError, IncompatibleArtifactError
+from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
 from slimexport.models.arch import transformer_blocks
 from slimexport.models.bundle import move
 from slimexport.slim.attention import SlimAttnProcessor
@@ -217,11 +217,17 @@ def load_slim_unet(path: str | Path, device: str | torch.device = "cpu", dtype: 
     The result drops into a diffusers pipeline (``pipe.unet = load_slim_unet(...)``).
 
     Raises:
+        UsageError: ``path`` is not a folder, or is a dense UNet folder (no slim plan, a config beside weights).
         ArtifactError: the folder is incomplete, or its weights fail their sha256 check.
     """
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"slim UNet folder {path} does not exist", "pass the slim_unet/ folder of a slimexport build or compress")
+    if not (path / "slim_plan.json").exists() and (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        raise UsageError(f"{path} is a UNet folder without slim_plan.json, not a slim one",
+                         "load a dense UNet with UNet2DConditionModel.from_pretrained, or pass a slim_unet/ folder")
     meta = read_slim_plan(path)
     config = read_json(path / "config.json", "UNet config")
     weights_file = path / meta["weights"]["file"]

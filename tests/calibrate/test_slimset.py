@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
 from slimexport.calibrate.slimset import farthest_point_sampling, geometric_median, select, select_grouped
+from slimexport.errors import UsageError
 
 
 def test_geometric_median_is_robust_to_an_outlier():
@@ -38,3 +40,8 @@ def test_prompts_file_reading(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("# comment\na cat\n\na cat\na dog\n")
     assert read_prompts_file(p) == ["a cat", "a dog"]
+    p.write_bytes("\ufeffa bom prompt\nanother\n".encode())  # as Windows editors save UTF-8
+    assert read_prompts_file(p) == ["a bom prompt", "another"]
+    p.write_bytes(b"ok\n\xff\xfe bad\n")
+    with pytest.raises(UsageError, match=r"is not UTF-8 text \(byte 3\)"):
+        read_prompts_file(p)

@@ -100,3 +100,15 @@ def test_corrupted_weights_are_detected(slim_tiny, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256"):
         load_slim_unet(d)
+
+
+def test_a_missing_or_dense_folder_says_what_it_is(tmp_path):
+    from slimexport.errors import UsageError
+    from slimexport.models.load import build_unet
+    from slimexport.models.registry import TINY_UNET
+
+    with pytest.raises(UsageError, match="does not exist"):
+        load_slim_unet(tmp_path / "nope")
+    build_unet(TINY_UNET, seed=0).save_pretrained(tmp_path / "dense", safe_serialization=True)
+    with pytest.raises(UsageError, match="without slim_plan.json, not a slim one.*UNet2DConditionModel.from_pretrained"):
+        load_slim_unet(tmp_path / "dense")
