@@ -684,6 +684,8 @@ def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, i
         report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
     except ArtifactError:
         report = {}
+    if not report.get("params"):  # report.json deleted or damaged: made again from the plan and the last bench
+        report = _remade_report(folder, manifest, cfg) or report
     report["parity"] = {**(parity or {}), "integrity": integrity}  # integrity: of this check only, not in verify.json
     report["passed"] = all(v.get("passed", False) for v in report["parity"].values())
     if report.get("params"):
@@ -693,6 +695,21 @@ def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, i
     return report
 
 
+def _remade_report(folder: Path, manifest: Manifest, cfg) -> dict | None:
+    """A build's report from its plan.json, bench.json and manifest (``None`` when the plan is unreadable)."""
+    from slimexport.report import make_report
+
+    try:
+        plan = read_json(folder / "plan.json", "rank plan")
+        speed = read_json(folder / "bench.json", "benchmark results") if (folder / "bench.json").exists() else None
+    except ArtifactError:
+        return None
+    stages = {k: {"seconds": v.get("seconds", 0.0), "cached": True} for k, v in manifest.data["stages"].items()}
+    return make_report(cfg.compress.model, plan, {}, speed, stages,
+                       extra={"backend": cfg.backend, "engine_device": manifest.data.get("device", {}).get("engine_device"),
+                              "profile": manifest.data.get("profile")})
+
+
 def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResult:
     """``slimexport bench DIR``: time the folder's dense and slim engines again (same backend, same shapes, the
     compiled plans or packages as built)."""
@@ -700,7 +717,9 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     from slimexport.report import write_report
 
     folder, manifest, cfg, bundle = _load_build(folder)
-    report = read_json(folder / "report.json", "report")  # before timing: a missing report fails fast, nothing written
+    if not (folder / "report.json").exists():  # before timing: fails fast, nothing written
+        raise ArtifactError(f"report {folder / 'report.json'} is missing", f"run slimexport verify {folder} first (it writes the report again)")
+    report = read_json(folder / "report.json", "report")
     if iterations is not None:
         cfg = cfg.replace(bench=cfg.bench.replace(iterations=iterations))
     profile = engine_profile(cfg, bundle)

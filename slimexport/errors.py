@@ -37,13 +37,22 @@ class ModelNotFoundError(UsageError):
     """The model is neither a registry name, a local folder, a cached hub id nor reachable on the hub."""
 
 
+# Extras whose install needs more than pip and PyPI: what the fix must say besides the pip command.
+EXTRA_NOTES = {
+    "trt": "TensorRT needs an NVIDIA GPU and its wheels come from NVIDIA (pypi.nvidia.com, see NVIDIA's install "
+           "guide); without it use --backend onnxruntime or aoti",
+}
+
+
 class MissingExtraError(UsageError):
     """An optional dependency is not installed."""
 
     def __init__(self, package: str, extra: str, purpose: str):
+        note = EXTRA_NOTES.get(extra)
         super().__init__(
             f"{purpose} needs the optional package '{package}', which is not installed",
-            f"install it with: pip install 'slimexport[{extra}]'",
+            f"install it with: pip install 'slimexport[{extra}]' (from a source checkout: pip install -e '.[{extra}]')"
+            + (f"; {note}" if note else ""),
         )
 
 

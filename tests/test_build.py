@@ -94,7 +94,15 @@ def test_bench_without_a_report_writes_nothing(built, tmp_path, capsys):
     (copy / "report.json").unlink()
     before = (copy / "bench.json").read_bytes()
     assert main(["-q", "bench", str(copy)]) != 0
-    assert "report" in capsys.readouterr().err and (copy / "bench.json").read_bytes() == before
+    err = capsys.readouterr().err
+    assert "report" in err and "run slimexport verify" in err and (copy / "bench.json").read_bytes() == before
+    original = json.loads((root / "tiny" / "report.json").read_text())
+    (copy / "report.md").unlink()
+    assert main(["-q", "verify", str(copy)]) == 0  # verify writes the report again, from plan.json and bench.json
+    remade = json.loads((copy / "report.json").read_text())
+    assert remade["params"] == original["params"] and remade["speed"] == original["speed"] and remade["passed"]
+    assert remade["budget_kept"] == original["budget_kept"] and "Verdict: PASSED" in (copy / "report.md").read_text()
+    assert main(["-q", "bench", str(copy), "--iterations", "3"]) == 0
 
 
 def test_corrupted_slim_weight_fails_verify_naming_the_comparison(built, tmp_path, capsys):
