@@ -15,7 +15,7 @@ from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.cache import Manifest, share_dir, stage_key
 from slimexport.config import CompressConfig
 from slimexport.distributed import broadcast, dist_backend, dist_info
-from slimexport.errors import ArtifactError, SlimExportError, UsageError
+from slimexport.errors import ArtifactError, IncompatibleArtifactError, SlimExportError, UsageError
 from slimexport.models.bundle import move
 
 log = logging.getLogger("slimexport")
@@ -75,21 +75,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dt
 
 
+def _is_manifest(path: Path) -> bool:
+    try:
+        return path.is_file() and isinstance(read_json(path, "manifest"), dict)
+    except ArtifactError:
+        return False
+
+
 def check_out_dir(out_dir: Path) -> None:
     """Refuse, before any work, an --out that cannot be written, or a folder of someone else's files (slimexport
     would write calib/, onnx/ and reports among them)."""
     from slimexport.artifacts import check_writable_dir
 
     check_writable_dir(out_dir)
-    if out_dir.is_dir() and not (out_dir / "manifest.json").exists():
+    if out_dir.is_dir() and not _is_manifest(out_dir / "manifest.json"):
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
-                             f"{', …' if len(foreign) > 3 else ''}) and no manifest.json", "pass a new or empty --out folder")
+                             f"{', …' if len(foreign) > 3 else ''}) and no readable manifest.json", "pass a new or empty --out folder")
 
 
 def default_out(model: str, budget: float, suffix: str = "") -> Path:
-    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    """``engines/<name>-b<budget><suffix>``: a folder's name (its pipeline's for a ``unet/`` folder), else the id."""
+    path = Path(model).expanduser().resolve()
+    if path.exists():
+        name = path.parent.name if path.name == "unet" and (path.parent / "model_index.json").exists() else path.name
+    else:
+        name = model.replace("/", "--")
     return DEFAULT_ROOT / f"{name}-b{budget:g}{suffix}"
 
 
@@ -342,13 +354,17 @@ def _check_backend_available(backend: str) -> None:
 MODEL_BACKENDS = ("torch", "aoti", "torch-compile")
 
 
-def _check_engine_dtype(cfg, device: str) -> None:
-    """Refuse an fp16 engine the CPU would not run as fp16 (before any work); warn where fp16 is only slower."""
+def _check_engine_dtype(cfg, device: str, folder: Path | None = None) -> None:
+    """Refuse an fp16 engine the CPU would not run as fp16 (before any work); warn where fp16 is only slower.
+
+    ``folder``: the build folder that verify or bench checks (the fix then is another machine, not other flags).
+    """
     if cfg.export.dtype != "fp16" or device.startswith("cuda"):
         return
     if cfg.backend in MODEL_BACKENDS:
         raise UsageError(f"--dtype fp16 with --backend {cfg.backend} runs on a GPU only (on the CPU these engines run fp32)",
-                         "drop --dtype fp16 on the CPU, or pass --engine-device cuda on a GPU machine")
+                         f"check {folder} on a GPU machine" if folder is not None
+                         else "drop --dtype fp16 on the CPU, or pass --engine-device cuda on a GPU machine")
     log.warning("--dtype fp16 on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, so the "
                 "engines are usually slower than fp32 there (fp16 is for GPUs)")
 
@@ -387,6 +403,17 @@ def _make_engines(cfg, exports: dict, models: dict, device: str, profile, out_di
             e.close()
         raise
     return engines
+
+
+def _engine_key(dense_export_key: str, slim_export_key: str, cfg, device: str) -> str:
+    """Key of the ``engine`` stage: the two exports, the backend and the machine it runs on (device, torch)."""
+    return stage_key("engine", dense_export_key, slim_export_key, cfg.backend, device, cfg.optimization_level, torch.__version__)
+
+
+def _same_machine(manifest: Manifest, cfg, device: str) -> bool:
+    """Whether ``verify DIR``/``bench DIR`` run where the build did: only then are their results the build's stages."""
+    key = _engine_key(manifest.stage("export_dense").get("key"), manifest.stage("export_slim").get("key"), cfg, device)
+    return key == manifest.stage("engine").get("key")
 
 
 def _result_key(stage: str, engine_key: str, cfg) -> str:
@@ -509,7 +536,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
                 manifest.record(f"export_{kind}", keys[kind], [folder], r.export_seconds)
             exports[kind] = read_export(folder)
 
-    engine_key = stage_key("engine", keys["dense"], keys["slim"], cfg.backend, device, cfg.optimization_level, torch.__version__)
+    engine_key = _engine_key(keys["dense"], keys["slim"], cfg, device)
     with _Stage(records, "engine", manifest.cached("engine", engine_key), torch.device(device)):
         engines = _make_engines(cfg, exports, models, device, profile, out_dir)
         files = [f for e in engines.values() for f in e.files]  # TensorRT plans or AOTI packages, with sidecars
@@ -568,7 +595,7 @@ def build(cfg, out: str | Path | None = None, progress: bool = True, cache_dir: 
 def _load_build(folder: str | Path):
     """Read a build folder's manifest and config, reload its model, and check the model is the same one."""
     from slimexport.config import BuildConfig
-    from slimexport.errors import IncompatibleArtifactError, ModelNotFoundError
+    from slimexport.errors import ModelNotFoundError
     from slimexport.models.load import load_model
 
     folder = Path(folder)
@@ -647,67 +674,85 @@ def verify_folder(folder: str | Path) -> BuildResult:
     integrity = _integrity(manifest)
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
-    _check_engine_dtype(cfg, device)
+    _check_engine_dtype(cfg, device, folder)
     try:
         models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": load_slim_unet(folder / "slim_unet", check=False)}
         exports = {k: read_export(folder / "onnx" / k) for k in ("dense", "slim")}
         compiled = _compiled_engines(manifest, folder, cfg.backend)
         engines = _make_engines(cfg, exports, models, device, profile, folder, compiled)
-    except ArtifactError as err:  # an artifact too damaged to load: say which files the manifest no longer matches
+    except SlimExportError as err:
+        if isinstance(err, IncompatibleArtifactError) and integrity["passed"]:
+            raise  # an intact folder checked on the wrong machine: nothing about the folder to record
+        if not isinstance(err, ArtifactError) and not integrity["problems"]:
+            raise
+        # an artifact too damaged to load: the folder fails, naming the files the manifest no longer matches
         message = f"{err.message} (altered files: {integrity['reason']})" if integrity["problems"] else err.message
-        _write_verdict(folder, manifest, cfg, None, {**integrity, "passed": False, "reason": message}, 0.0)
-        raise type(err)(message, err.fix) from err  # same exit code
+        _write_verdict(folder, manifest, cfg, None, {**integrity, "passed": False, "reason": message}, 0.0, record=False)
+        if isinstance(err, ArtifactError):
+            raise type(err)(message, err.fix) from err  # same exit code
+        raise ArtifactError(message, "rebuild the folder with slimexport build") from err
     t0 = time.perf_counter()
     try:
         parity = run_verify(cfg, bundle, models, engines, profile)
     finally:
         for e in engines.values():
             e.close()
-    report = _write_verdict(folder, manifest, cfg, parity, integrity, time.perf_counter() - t0)
+    report = _write_verdict(folder, manifest, cfg, parity, integrity, time.perf_counter() - t0,
+                            record=_same_machine(manifest, cfg, device))
     return BuildResult(out_dir=folder, report=report, passed=report["passed"])
 
 
-def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, integrity: dict, seconds: float) -> dict:
+def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, integrity: dict, seconds: float,
+                   record: bool) -> dict:
     """verify's outcome into report.json/.md and the manifest's results (``parity`` None: the check could not run).
 
-    verify.json holds what build's verify stage holds, under the same key, so a rerun or a later build trusts it; a
-    verdict on altered files is not recorded there (a later build that rebuilds them must check them afresh).
+    verify.json holds what build's verify stage holds, under the same key, so a rerun or a later build trusts it: it
+    is written only for an intact folder checked on the build's machine (``record``). A verdict on altered files drops
+    the stage (a later build that rebuilds them checks afresh); one from another machine leaves the build's alone.
     """
     from slimexport.report import write_report
 
-    if parity is not None and integrity["passed"]:
+    if parity is not None and integrity["passed"] and record:
         write_json(folder / "verify.json", parity)
         manifest.record("verify", _result_key("verify", manifest.stage("engine").get("key"), cfg), [folder / "verify.json"], seconds)
-    else:
+    elif not integrity["passed"]:
         manifest.invalidate("verify")
-    try:
-        report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
-    except ArtifactError:
-        report = {}
+    report = _read_report(folder)
     if not report.get("params"):  # report.json deleted or damaged: made again from the plan and the last bench
         report = _remade_report(folder, manifest, cfg) or report
     report["parity"] = {**(parity or {}), "integrity": integrity}  # integrity: of this check only, not in verify.json
     report["passed"] = all(v.get("passed", False) for v in report["parity"].values())
     if report.get("params"):
         write_report(folder, report)
+    elif (folder / "report.md").exists():
+        (folder / "report.md").unlink()  # stale (it may say PASSED) and cannot be written again without the plan
     manifest.set("results", _results(report))
     manifest.save()
     return report
 
 
+def _read_report(folder: Path) -> dict:
+    """report.json as a dict; ``{}`` when it is missing, unreadable or not a JSON object."""
+    try:
+        report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
+    except ArtifactError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def _remade_report(folder: Path, manifest: Manifest, cfg) -> dict | None:
-    """A build's report from its plan.json, bench.json and manifest (``None`` when the plan is unreadable)."""
+    """A build's report from its plan.json, bench.json and manifest (``None`` when the plan is unusable)."""
     from slimexport.report import make_report
 
     try:
         plan = read_json(folder / "plan.json", "rank plan")
         speed = read_json(folder / "bench.json", "benchmark results") if (folder / "bench.json").exists() else None
-    except ArtifactError:
+        stages = {k: {"seconds": v.get("seconds", 0.0), "cached": True} for k, v in manifest.data["stages"].items()}
+        return make_report(cfg.compress.model, plan, {}, speed if isinstance(speed, dict) else None, stages,
+                           extra={"backend": cfg.backend, "engine_device": manifest.data.get("device", {}).get("engine_device"),
+                                  "profile": manifest.data.get("profile")})
+    except (ArtifactError, KeyError, TypeError, AttributeError):
         return None
-    stages = {k: {"seconds": v.get("seconds", 0.0), "cached": True} for k, v in manifest.data["stages"].items()}
-    return make_report(cfg.compress.model, plan, {}, speed, stages,
-                       extra={"backend": cfg.backend, "engine_device": manifest.data.get("device", {}).get("engine_device"),
-                              "profile": manifest.data.get("profile")})
 
 
 def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResult:
@@ -717,14 +762,15 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     from slimexport.report import write_report
 
     folder, manifest, cfg, bundle = _load_build(folder)
-    if not (folder / "report.json").exists():  # before timing: fails fast, nothing written
-        raise ArtifactError(f"report {folder / 'report.json'} is missing", f"run slimexport verify {folder} first (it writes the report again)")
-    report = read_json(folder / "report.json", "report")
+    report = _read_report(folder)
+    if not report.get("params"):  # before timing: fails fast, nothing written
+        raise ArtifactError(f"report {folder / 'report.json'} is missing or damaged",
+                            f"run slimexport verify {folder} first (it writes the report again)")
     if iterations is not None:
         cfg = cfg.replace(bench=cfg.bench.replace(iterations=iterations))
     profile = engine_profile(cfg, bundle)
     device = resolve_engine_device(cfg)
-    _check_engine_dtype(cfg, device)
+    _check_engine_dtype(cfg, device, folder)
     exports = {k: read_export(folder / "onnx" / k, verify=True) for k in ("dense", "slim")}
     compiled = _compiled_engines(manifest, folder, cfg.backend)
     models = {}
@@ -739,9 +785,10 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     finally:
         for e in engines.values():
             e.close()
-    write_json(folder / "bench.json", speed)  # keyed by the settings it was measured with (--iterations included)
-    manifest.record("bench", _result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"],
-                    time.perf_counter() - t0)
+    if _same_machine(manifest, cfg, device):  # else the build's bench stays the build's (this run goes in the report)
+        write_json(folder / "bench.json", speed)  # keyed by the settings it was measured with (--iterations included)
+        manifest.record("bench", _result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"],
+                        time.perf_counter() - t0)
     report["speed"] = speed
     write_report(folder, report)
     manifest.set("results", _results(report))

@@ -39,8 +39,8 @@ class ModelNotFoundError(UsageError):
 
 # Extras whose install needs more than pip and PyPI: what the fix must say besides the pip command.
 EXTRA_NOTES = {
-    "trt": "TensorRT needs an NVIDIA GPU and its wheels come from NVIDIA (pypi.nvidia.com, see NVIDIA's install "
-           "guide); without it use --backend onnxruntime or aoti",
+    "trt": "TensorRT needs an NVIDIA GPU with its CUDA libraries (see NVIDIA's TensorRT install guide); without it "
+           "use --backend onnxruntime or aoti",
 }
 
 

@@ -60,7 +60,9 @@ def speedup_text(speed: dict, times: str = "×") -> str:
         text += f" (95% interval {ci[0]:.3f}–{ci[1]:.3f}"
         text += ": not distinguishable from 1 at this iteration count)" if ci[0] <= 1.0 <= ci[1] else ")"
     elif "speedup_ci95" in speed:  # None: too few iterations for an interval (absent: written before it was measured)
-        text += " (no interval: fewer than 10 iterations)"
+        from slimexport.bench.timing import MIN_CI_ITERATIONS
+
+        text += f" (no interval: fewer than {MIN_CI_ITERATIONS} iterations)"
     return text
 
 

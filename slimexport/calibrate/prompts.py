@@ -7,6 +7,7 @@ for slimexport (``tools/make_prompt_pool.py``) and holds no captions from any da
 
 from __future__ import annotations
 
+import codecs
 from importlib import resources
 from pathlib import Path
 
@@ -38,9 +39,11 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise UsageError(f"prompts file {p} {'is a folder' if p.is_dir() else 'does not exist'}",
                          "pass a text file with one prompt per line to --prompts")
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
+        data = p.read_bytes()
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as err:
-        raise UsageError(f"prompts file {p} is not UTF-8 text (byte {err.start})", "pass a text file with one prompt per line") from err
+        at = err.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)  # an offset into the file
+        raise UsageError(f"prompts file {p} is not UTF-8 text (byte {at})", "pass a text file with one prompt per line") from err
     except OSError as err:
         raise UsageError(f"cannot read prompts file {p} ({err.strerror})", "check its permissions") from err
     seen, out = set(), []

@@ -21,17 +21,19 @@ from slimexport.config import (
 )
 
 
-def _absolute(path: str | None, registry: bool = False) -> str | None:
+def _absolute(path: str | None, model: bool = False, random_weights: bool = False) -> str | None:
     """An existing local path as an absolute one, so that the config (a build's, a dumped one) works from any folder.
 
-    ``registry``: a registry name stays a name even where a folder of that name exists (load_model reads it so).
+    ``model``: a name that load_model reads from the registry before any folder (a built-in model, or any registry
+    model with ``random_weights``) stays a name, as a folder of that name would not be read.
     """
     if path is None:
         return None
-    if registry:
+    if model:
         from slimexport.models.registry import get_spec
 
-        if get_spec(path) is not None:
+        spec = get_spec(path)
+        if spec is not None and (spec.builtin or random_weights):
             return path
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
@@ -195,7 +197,8 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
                  method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
                  ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"),
                  metric=o.get("budget_metric"))
-    return _set(base, model=_absolute(o.get("model"), registry=True), random_weights=o.get("random_weights"), device=o.get("device"),
+    random_weights = base.random_weights if o.get("random_weights") is None else o["random_weights"]
+    return _set(base, model=_absolute(o.get("model"), model=True, random_weights=random_weights), random_weights=o.get("random_weights"), device=o.get("device"),
                 calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
 
 

@@ -253,6 +253,10 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
             if not (folder / part).is_dir():
                 raise UsageError(f"pipeline folder {folder} has no {part}/ subfolder",
                                  "pass a complete diffusers pipeline folder (unet/, text_encoder/, tokenizer/, scheduler/)")
+        vocab = [n for n in ("vocab.json", "tokenizer.json") if (folder / "tokenizer" / n).is_file()]
+        if not vocab:  # an empty tokenizer/ loads as a 2-token tokenizer: every prompt would be the same
+            raise UsageError(f"{folder / 'tokenizer'} has no vocab.json or tokenizer.json",
+                             "re-download the tokenizer/ folder (vocab.json and merges.txt, or tokenizer.json)")
         unet = _load_weights(UNet2DConditionModel, unet_dir, "diffusion_pytorch_model")
         from transformers import CLIPTextModel, CLIPTokenizer
 

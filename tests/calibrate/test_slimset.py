@@ -45,3 +45,6 @@ def test_prompts_file_reading(tmp_path):
     p.write_bytes(b"ok\n\xff\xfe bad\n")
     with pytest.raises(UsageError, match=r"is not UTF-8 text \(byte 3\)"):
         read_prompts_file(p)
+    p.write_bytes("\ufeffok\n".encode() + b"\xff\n")  # offsets count the byte-order mark too
+    with pytest.raises(UsageError, match=r"is not UTF-8 text \(byte 6\)"):
+        read_prompts_file(p)

@@ -61,6 +61,11 @@ def test_local_paths_are_recorded_absolute(tmp_path, capsys, monkeypatch):
     assert main(["compress", "--model", "tiny", "--prompts", "missing.txt", "--dump-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["model"] == "tiny" and cfg["calib"]["prompts_file"] == "missing.txt"  # left for the loader's error
+    (tmp_path / "sd14").mkdir()  # a registry model without built-in weights: load_model reads the folder first...
+    assert main(["compress", "--model", "sd14", "--dump-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str((tmp_path / "sd14").resolve())
+    assert main(["compress", "--model", "sd14", "--random-weights", "--dump-config"]) == 0  # ...unless random weights
+    assert json.loads(capsys.readouterr().out)["model"] == "sd14"
 
 
 @pytest.mark.parametrize("args, code, pattern", [

@@ -109,6 +109,12 @@ def test_missing_pipeline_part_is_named(pipe, part):
     assert f"has no {part}/ subfolder" in msg and "safe_serialization" not in msg
 
 
+def test_empty_tokenizer_folder_is_refused(pipe):
+    for f in (pipe / "tokenizer").iterdir():
+        f.unlink()
+    assert "tokenizer has no vocab.json or tokenizer.json" in _one_line_error(pipe)
+
+
 # 3. the not-found fix is an `hf download` of exactly what the loader reads
 
 

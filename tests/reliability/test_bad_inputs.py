@@ -245,6 +245,15 @@ def test_an_out_folder_of_someone_elses_files_is_left_as_it_was(paths, capsys):
         assert [q.name for q in paths["foreign_dir"].iterdir()] == ["notes.txt"]
 
 
+def test_an_unreadable_manifest_does_not_make_a_folder_slimexports(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+    (tmp_path / "mine" / "manifest.json").write_text("{")
+    rc, msg = _run([*C, "--out", str(tmp_path / "mine")], capsys)
+    assert rc == 2 and "no readable manifest.json" in msg, msg
+    assert sorted(q.name for q in (tmp_path / "mine").iterdir()) == ["manifest.json", "notes.txt"]
+
+
 def test_a_usage_error_is_one_line_naming_field_value_and_fix(capsys):
     rc, msg = _run(["compress", "--model", "tiny", "--budget", "1.5"], capsys)
     lines = [x for x in msg.splitlines() if x.strip()]

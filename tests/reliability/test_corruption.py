@@ -113,6 +113,46 @@ def test_verify_that_cannot_load_an_artifact_marks_the_folder_failed(built, tmp_
     assert m["results"]["passed"] is False and m["results"]["parity"] == {"integrity": False} and "verify" not in m["stages"]
 
 
+@pytest.mark.parametrize("what", ["slim_unet/slim_plan.json", "slim_unet"])
+def test_verify_of_a_folder_missing_its_slim_unet_fails_naming_it(built, tmp_path, capsys, what):
+    import shutil
+
+    folder = copy_build(built, tmp_path / "b")
+    target = folder / what
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    rc, msg = _cli(["verify", str(folder)], capsys)
+    assert rc == 1 and f"{SLIM_PLAN}: missing" in msg and "from_pretrained" not in msg, msg
+    assert read_manifest(folder)["results"]["passed"] is False
+    assert json.loads((folder / "report.json").read_text())["passed"] is False
+
+
+def test_verify_and_bench_elsewhere_leave_the_builds_results_alone(built, tmp_path, capsys, monkeypatch):
+    """On another machine (device or torch) the checks report, but do not become the build's cached stages."""
+    from slimexport import api
+
+    folder = copy_build(built, tmp_path / "b")
+    before = {k: read_manifest(folder)["stages"][k] for k in ("verify", "bench")}
+    files = {n: (folder / n).read_bytes() for n in ("verify.json", "bench.json")}
+    monkeypatch.setattr(api, "_same_machine", lambda *a: False)
+    assert _cli(["verify", str(folder)], capsys)[0] == 0
+    assert _cli(["bench", str(folder), "--iterations", "3"], capsys)[0] == 0
+    m = read_manifest(folder)
+    assert {k: m["stages"][k] for k in ("verify", "bench")} == before
+    assert {n: (folder / n).read_bytes() for n in files} == files
+    assert json.loads((folder / "report.json").read_text())["speed"]["iterations"] == 3  # the report shows this run
+    monkeypatch.undo()
+    assert _cli(["verify", str(folder)], capsys)[0] == 0  # and the folder is intact
+
+
+@pytest.mark.parametrize("content", ["[]", "{}"])
+def test_bench_with_a_damaged_report_says_to_verify_first(built, tmp_path, capsys, content):
+    folder = copy_build(built, tmp_path / "b")
+    (folder / "report.json").write_text(content)
+    rc, msg = _cli(["bench", str(folder)], capsys)
+    assert rc == 1 and "run slimexport verify" in msg and "Traceback" not in msg, msg
+    assert _cli(["verify", str(folder)], capsys)[0] == 0 and json.loads((folder / "report.json").read_text())["params"]
+
+
 def test_a_manifest_that_records_no_stages_vouches_for_nothing(built, tmp_path, capsys):
     folder = copy_build(built, tmp_path / "b")
     data = read_manifest(folder)
@@ -213,6 +253,7 @@ def test_rebuild_detects_the_damage_and_rebuilds_the_stage(built, tmp_path, capl
         assert not any(v["cached"] for k, v in stages.items() if k != "load"), stages
     else:
         assert not stages[stage]["cached"], stages
+        assert not stages["verify"]["cached"] and not stages["bench"]["cached"], stages  # rebuilt files: checked afresh
         assert f"{rel} is altered" in caplog.text or f"{rel} is missing" in caplog.text, caplog.text
         assert _sha(folder / rel) == want_sha  # rebuilt, byte for byte what the clean build wrote
     assert stages["calibrate"]["cached"] is (stage not in ("calibrate", None))
