@@ -30,7 +30,7 @@ class ConfigError(UsageError):
 
     def __init__(self, cls: str, field: str, value, allowed: str):
         super().__init__(f"{cls}.{field}={value!r} is invalid", f"expected {allowed}")
-        self.field = field
+        self.cls, self.field = cls, field
 
 
 class ModelNotFoundError(UsageError):

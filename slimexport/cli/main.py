@@ -194,6 +194,15 @@ def models_cmd():
         click.echo(f"{name:10s} {spec.hub_id or '(built in)':45s} {spec.description}")
 
 
+def _with_flag(err) -> str:
+    """The error's line, naming the flag that sets a rejected config field (``AllocConfig.budget`` is ``--budget``)."""
+    from slimexport.cli.options import CONFIG_FLAGS
+    from slimexport.errors import ConfigError
+
+    flag = CONFIG_FLAGS.get((err.cls, err.field)) if isinstance(err, ConfigError) else None
+    return f"{err.message} (flag {flag}); {err.fix}" if flag else str(err)
+
+
 def main(argv=None) -> int:
     """Entry point: runs the click group and turns :class:`SlimExportError` into one line and an exit code."""
     from slimexport.errors import SlimExportError
@@ -205,7 +214,7 @@ def main(argv=None) -> int:
     except SlimExportError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {_with_flag(err)}", err=True)
         return err.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code

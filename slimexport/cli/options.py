@@ -182,6 +182,26 @@ def _set(obj, **changes):
     return obj.replace(**changes) if changes else obj
 
 
+# The flag that sets each config field (compress_config and build_config below apply them): a ConfigError names it.
+CONFIG_FLAGS = {
+    **{("CompressConfig", f): flag for f, flag in (("model", "--model"), ("device", "--device"), ("calib_dtype", "--calib-dtype"))},
+    **{("CalibConfig", f): flag for f, flag in (
+        ("num_prompts", "--calib-prompts"), ("num_steps", "--calib-steps"), ("num_bins", "--calib-bins"),
+        ("batch_size", "--calib-batch"), ("guidance_scale", "--guidance"), ("height", "--calib-size"),
+        ("width", "--calib-size"), ("prompts_file", "--prompts"), ("seed", "--seed"))},
+    **{("DecomposeConfig", f): "--" + f.replace("_", "-") for f in ("timestep_weighting", "ridge", "ffn_selection", "qkvo_method")},
+    **{("AllocConfig", f): flag for f, flag in (
+        ("budget", "--budget"), ("scope", "--budget-scope"), ("metric", "--budget-metric"), ("targets", "--targets"),
+        ("temperature", "--temperature"), ("method", "--allocation"), ("r_min", "--r-min"), ("attn_quantum", "--attn-quantum"),
+        ("ffn_quantum", "--ffn-quantum"))},
+    **{("ExportConfig", f): "--" + f.replace("_", "-") for f in ("dtype", "opset", "output_name")},
+    **{("VerifyConfig", f): "--" + f.replace("_", "-") for f in ("max_eps_error", "min_latent_cosine", "atol", "rtol")},
+    **{("BenchConfig", f): "--" + f for f in ("iterations", "warmup")},
+    **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
+                                                                  "optimization_level")},
+}
+
+
 def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
     """Apply CLI options (``None`` = not given) on top of ``base``."""
     size = o.get("calib_size")

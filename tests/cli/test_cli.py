@@ -89,3 +89,17 @@ def test_bad_input_exit_codes(args, code, pattern, capsys):
     assert rc == code, msg
     assert pattern.lower() in msg.lower()
     assert "Traceback" not in msg
+
+
+def test_config_errors_name_the_flag(capsys):
+    """A rejected field names the flag that sets it, and every flag in the table is one of build's options."""
+    from slimexport.cli.main import build as build_command
+    from slimexport.cli.options import CONFIG_FLAGS
+
+    options = {o for p in build_command.params for o in p.opts}
+    assert set(CONFIG_FLAGS.values()) <= options, set(CONFIG_FLAGS.values()) - options
+    for args, line in ((["compress", "--model", "tiny", "--budget", "0"], "AllocConfig.budget=0.0 is invalid (flag --budget); expected"),
+                       (["build", "--model", "tiny", "--iterations", "0"], "BenchConfig.iterations=0 is invalid (flag --iterations)"),
+                       (["compress", "--model", "tiny", "--calib-steps", "4", "--calib-bins", "9"], "(flag --calib-bins)")):
+        assert main(args) == 2
+        assert line in capsys.readouterr().err

@@ -258,7 +258,7 @@ def test_a_usage_error_is_one_line_naming_field_value_and_fix(capsys):
     rc, msg = _run(["compress", "--model", "tiny", "--budget", "1.5"], capsys)
     lines = [x for x in msg.splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1
-    assert lines[0] == "error: AllocConfig.budget=1.5 is invalid; expected a number in (0, 1], e.g. 0.73"
+    assert lines[0] == "error: AllocConfig.budget=1.5 is invalid (flag --budget); expected a number in (0, 1], e.g. 0.73"
 
 
 def test_debug_shows_the_traceback(capsys):
