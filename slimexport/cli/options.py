@@ -21,22 +21,23 @@ from slimexport.config import (
 )
 
 
-def _absolute(path: str | None, model: bool = False, random_weights: bool = False) -> str | None:
-    """An existing local path as an absolute one, so that the config (a build's, a dumped one) works from any folder.
-
-    ``model``: a name that load_model reads from the registry before any folder (a built-in model, or any registry
-    model with ``random_weights``) stays a name, as a folder of that name would not be read.
-    """
+def _absolute(path: str | None) -> str | None:
+    """An existing local path as an absolute one, so that the config (a build's, a dumped one) works from any folder."""
     if path is None:
         return None
-    if model:
-        from slimexport.models.registry import get_spec
-
-        spec = get_spec(path)
-        if spec is not None and (spec.builtin or random_weights):
-            return path
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
+
+
+def _model_arg(model: str | None, random_weights: bool) -> str | None:
+    """``--model`` as recorded: absolute where load_model reads a local path for it, else as given (a registry name,
+    also where a folder of that name exists but is not what load_model reads, or a hub id)."""
+    if model is None:
+        return None
+    from slimexport.models.load import local_path
+
+    path = local_path(model, random_weights)
+    return str(path.resolve()) if path is not None else model
 
 
 def _compose(*decorators):
@@ -218,7 +219,7 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
                  ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"),
                  metric=o.get("budget_metric"))
     random_weights = base.random_weights if o.get("random_weights") is None else o["random_weights"]
-    return _set(base, model=_absolute(o.get("model"), model=True, random_weights=random_weights), random_weights=o.get("random_weights"), device=o.get("device"),
+    return _set(base, model=_model_arg(o.get("model"), random_weights), random_weights=o.get("random_weights"), device=o.get("device"),
                 calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
 
 

@@ -356,6 +356,16 @@ def _not_found(model: str, repo_id: str | None) -> ModelNotFoundError:
     )
 
 
+def local_path(model: str, random_weights: bool = False) -> Path | None:
+    """The local path :func:`load_model` reads for ``model``; ``None`` when it reads no path (a built-in registry
+    model, a registry architecture with ``random_weights``, or nothing of that name here)."""
+    spec = get_spec(model)
+    if spec is not None and (spec.builtin or random_weights):
+        return None
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
 def load_model(model: str, random_weights: bool = False, seed: int = 0) -> ModelBundle:
     """Resolve ``model`` and load it on the CPU in fp32.
 
@@ -379,8 +389,8 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
         if spec is None:
             raise UsageError(f"--random-weights needs a registry name, got '{model}'", f"use one of {', '.join(names())}")
         return _random_bundle(spec, "random", seed)
-    path = Path(model).expanduser()
-    if path.exists():
+    path = local_path(model, random_weights)
+    if path is not None:
         return _load_folder(path, model, f"local:{path.resolve()}")
     if spec is None and ("/" not in model or model.startswith((".", "/", "~"))):
         raise ModelNotFoundError(
