@@ -75,11 +75,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dt
 
 
-def _is_manifest(path: Path) -> bool:
+def _json_object(path: Path, what: str) -> dict | None:
+    """The JSON object in ``path``; ``None`` when it is missing, unreadable or not an object."""
     try:
-        return path.is_file() and isinstance(read_json(path, "manifest"), dict)
+        data = read_json(path, what) if path.is_file() else None
     except ArtifactError:
-        return False
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -88,7 +90,7 @@ def check_out_dir(out_dir: Path) -> None:
     from slimexport.artifacts import check_writable_dir
 
     check_writable_dir(out_dir)
-    if out_dir.is_dir() and not _is_manifest(out_dir / "manifest.json"):
+    if out_dir.is_dir() and _json_object(out_dir / "manifest.json", "manifest") is None:
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
@@ -717,7 +719,7 @@ def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, i
         manifest.record("verify", _result_key("verify", manifest.stage("engine").get("key"), cfg), [folder / "verify.json"], seconds)
     elif not integrity["passed"]:
         manifest.invalidate("verify")
-    report = _read_report(folder)
+    report = _json_object(folder / "report.json", "report") or {}
     if not report.get("params"):  # report.json deleted or damaged: made again from the plan and the last bench
         report = _remade_report(folder, manifest, cfg) or report
     report["parity"] = {**(parity or {}), "integrity": integrity}  # integrity: of this check only, not in verify.json
@@ -729,15 +731,6 @@ def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, i
     manifest.set("results", _results(report))
     manifest.save()
     return report
-
-
-def _read_report(folder: Path) -> dict:
-    """report.json as a dict; ``{}`` when it is missing, unreadable or not a JSON object."""
-    try:
-        report = read_json(folder / "report.json", "report") if (folder / "report.json").exists() else {}
-    except ArtifactError:
-        return {}
-    return report if isinstance(report, dict) else {}
 
 
 def _remade_report(folder: Path, manifest: Manifest, cfg) -> dict | None:
@@ -762,7 +755,7 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
     from slimexport.report import write_report
 
     folder, manifest, cfg, bundle = _load_build(folder)
-    report = _read_report(folder)
+    report = _json_object(folder / "report.json", "report") or {}
     if not report.get("params"):  # before timing: fails fast, nothing written
         raise ArtifactError(f"report {folder / 'report.json'} is missing or damaged",
                             f"run slimexport verify {folder} first (it writes the report again)")
