@@ -6,7 +6,10 @@ calls ``addmm_``: a full ``n × n`` product that materialises an fp32 copy of ``
 
 The Triton twin reads ``x`` in its own dtype (fp16/bf16 tensor-core products, fp32 accumulation) and uses the
 symmetry of ``xᵀx``: only tiles ``(i, j)`` with ``i <= j`` are computed, and an off-diagonal tile's result is
-added to both ``acc[i, j]`` and, transposed, to ``acc[j, i]``. That halves the multiply-adds. Tile ``(i, j)`` is
+added to both ``acc[i, j]`` and, transposed, to ``acc[j, i]``. That halves the multiply-adds. A diagonal tile is
+averaged with its own transpose before it is added, so without token splits a symmetric ``acc`` stays exactly
+symmetric whatever order the matrix product sums in (Triton's CPU interpreter calls numpy's BLAS, which does not
+promise a symmetric ``aᵀa``). Tile ``(i, j)`` is
 
     acc[I, J] += Σ_t x[t, I]ᵀ x[t, J]          (I, J: the channel ranges of tiles i and j)
 
@@ -138,6 +141,11 @@ def _kernels(interpret: bool, autotune: bool = True):
                 a = tl.load(a_ptrs + k0 * stride_xt, mask=mask_k[:, None] & mask_i[None, :], other=0.0)
                 b = tl.load(b_ptrs + k0 * stride_xt, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
                 tile = tl.dot(tl.trans(a), b, tile, input_precision=PRECISION)
+            if tj == ti:
+                # A diagonal tile is symmetric in exact arithmetic but not after rounding: a GEMM may sum its
+                # (p, q) and (q, p) entries in different orders. Averaging it with its transpose makes the two
+                # entries one value (fp addition commutes; the halving is exact), so acc stays exactly symmetric.
+                tile = (tile + tl.trans(tile)) * 0.5
             mask_ij = mask_i[:, None] & mask_j[None, :]
             mask_ji = mask_j[:, None] & mask_i[None, :]
             ptr_ij = acc_ptr + offs_i[:, None] * stride_am + offs_j[None, :] * stride_an

@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,36 @@ def test_matches_reference(kernel_device, split, dtype, tokens, n):
 
 
 def test_symmetric_and_mirrored(kernel_device, monkeypatch):
-    # One pass per tile (no atomics): the mirrored half gets bit-identical values.
+    # One pass per tile (no atomics): an off-diagonal tile is computed once and added to both halves, and a
+    # diagonal tile is averaged with its transpose, so a symmetric acc stays exactly symmetric (by construction,
+    # not by the summation order of the tile products).
+    monkeypatch.setitem(INTERPRETER_CONFIG, "SPLIT", 1)
+    acc, x = make(45, 40, torch.float32, kernel_device, seed=1)
+    cov_accumulate_triton(acc, x)
+    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(acc, cov_accumulate_ref(make(45, 40, torch.float32, kernel_device, seed=1)[0], x),
+                               rtol=RTOL, atol=atol(45))
+
+
+def test_symmetric_whatever_the_product_rounding(kernel_device, monkeypatch):
+    """The symmetry holds even when the tile product itself is not symmetric (a BLAS may sum the (p, q) and
+    (q, p) entries of aᵀa in different orders): here the interpreter's dot adds an asymmetric rounding error."""
+    if kernel_device != "cpu":
+        pytest.skip("the interpreter's dot is patched")
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.create_dot to patch")
+    original = builder.create_dot
+
+    def skewed_dot(self, a, b, d, *args, **kwargs):
+        out = original(self, a, b, d, *args, **kwargs)
+        data = out.data
+        data += np.triu(np.abs(data) * 1e-6, 1).astype(data.dtype)  # only the upper half moves
+        return out
+
+    monkeypatch.setattr(builder, "create_dot", skewed_dot)
     monkeypatch.setitem(INTERPRETER_CONFIG, "SPLIT", 1)
     acc, x = make(45, 40, torch.float32, kernel_device, seed=1)
     cov_accumulate_triton(acc, x)
