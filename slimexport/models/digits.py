@@ -27,7 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimexport.artifacts import load_tensors, read_json
 from slimexport.errors import ArtifactError, MissingExtraError
+from slimexport.models.build import build_unet
+from slimexport.models.bundle import ModelBundle, converted_copy
+from slimexport.models.registry import get_spec
 
 NUM_DIGITS = 10
 NULL_CLASS = NUM_DIGITS  # index of the unconditional ("no digit") token sequence, used by classifier-free guidance
@@ -173,8 +177,6 @@ class DigitsPromptEncoder(nn.Module):
         return self.encode(prompts)[1]
 
     def on_device(self, device: str | torch.device) -> DigitsPromptEncoder:
-        from slimexport.models.bundle import converted_copy
-
         return converted_copy(self, device)
 
 
@@ -249,8 +251,6 @@ def make_split(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> 
 
 def load_split(folder: str | Path | None = None) -> dict:
     """The split the shipped model was trained with (``split.json``); recomputed when no checkpoint exists."""
-    from slimexport.artifacts import read_json
-
     path = Path(folder or data_dir()) / FILES["split"]
     return read_json(path, "digits split") if path.exists() else make_split()
 
@@ -270,11 +270,6 @@ def load_digits(folder: str | Path | None = None):
     Raises:
         ArtifactError: a checkpoint file is missing, unreadable, or was trained for another architecture.
     """
-    from slimexport.artifacts import load_tensors, read_json
-    from slimexport.models.bundle import ModelBundle
-    from slimexport.models.load import build_unet
-    from slimexport.models.registry import get_spec
-
     folder = Path(folder) if folder is not None else data_dir()
     _check_files(folder)
     spec = get_spec("digits")

@@ -15,14 +15,16 @@ import os
 import re
 import shlex
 import socket
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from slimexport.artifacts import sha256_json
 from slimexport.errors import ModelNotFoundError, UsageError
+from slimexport.models.build import build_text_encoder, build_tiny_vae, build_unet, char_tokenizer
 from slimexport.models.bundle import CLIPPromptEncoder, ModelBundle, move
-from slimexport.models.registry import TINY_TEXT, ModelSpec, get_spec, names
+from slimexport.models.digits import load_digits
+from slimexport.models.registry import SD_SCHEDULER, TINY_TEXT, ModelSpec, get_spec, names
 
 log = logging.getLogger(__name__)
 
@@ -38,53 +40,6 @@ PIPELINE_PARTS = ["model_index.json", "tokenizer/*", "scheduler/*", "vae/config.
                   "text_encoder/model-*-of-*.safetensors", "text_encoder/model.safetensors.index.json"]
 
 
-def char_tokenizer(max_length: int = 77):
-    """A byte-level CLIP tokenizer with no merges (one token per character), shipped with slimexport.
-
-    Used by ``tiny`` and by ``--random-weights`` models, where the real CLIP vocabulary cannot be downloaded.
-    """
-    from transformers import CLIPTokenizer
-
-    folder = resources.files("slimexport") / "data" / "char_tokenizer"
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-
-
-def build_unet(config: dict, seed: int = 0):
-    """A ``UNet2DConditionModel`` with the given config and seeded random weights (no download)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**config)
-    return unet.eval().requires_grad_(False)
-
-
-def build_text_encoder(text_config: dict, tokenizer, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = dict(text_config)
-    cfg["vocab_size"] = len(tokenizer)
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModel(CLIPTextConfig(**cfg, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
-    return model.eval().requires_grad_(False)
-
-
-def build_tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 16],
-            latent_channels=4, norm_num_groups=4, layers_per_block=1,
-        )
-    return vae.eval().requires_grad_(False)
-
-
 def _random_bundle(spec: ModelSpec, source: str, seed: int = 0) -> ModelBundle:
     tokenizer = char_tokenizer()
     text_encoder = build_text_encoder(spec.text_config or TINY_TEXT, tokenizer, seed=seed + 1)
@@ -93,8 +48,6 @@ def _random_bundle(spec: ModelSpec, source: str, seed: int = 0) -> ModelBundle:
         components["vae"] = build_tiny_vae(seed + 2)
     import diffusers
     import transformers
-
-    from slimexport.artifacts import sha256_json
 
     recipe = sha256_json({"unet": spec.unet_config, "text": spec.text_config, "seed": seed, "tokenizer": "char-v1",
                           "scheduler": dict(spec.scheduler),
@@ -285,8 +238,6 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
         text_encoder = build_text_encoder(text_cfg, tokenizer)
         components = {"tokenizer": tokenizer, "text_encoder": text_encoder}
         encoder = CLIPPromptEncoder(tokenizer, text_encoder)
-        from slimexport.models.registry import SD_SCHEDULER
-
         sched_cfg, vae_scale, unet_dir_str = dict(SD_SCHEDULER), 8, str(folder)
     else:
         raise UsageError(f"{folder} is not a diffusers folder (no model_index.json or config.json)",
@@ -302,8 +253,6 @@ def _scheduler_config(folder: Path) -> dict:
     (clip_sample, set_alpha_to_one, timestep_spacing, rescale_betas_zero_snr, trained_betas, ...) over SD's
     schedule, which also fills the keys the file leaves out (DDIM's own defaults would clip SD latents)."""
     from diffusers import DDIMScheduler
-
-    from slimexport.models.registry import SD_SCHEDULER
 
     cfg = dict(SD_SCHEDULER)
     path = folder / "scheduler_config.json"
@@ -381,8 +330,6 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
     spec = get_spec(model)
     if spec is not None and spec.builtin:
         if spec.name == "digits":
-            from slimexport.models.digits import load_digits
-
             return load_digits()
         return _random_bundle(spec, "builtin", seed)
     if random_weights:

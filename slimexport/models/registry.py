@@ -59,6 +59,21 @@ _SD2_TEXT = {
     "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu",
 }
 
+# The ``AutoencoderKL`` of SD1.x and SD2.x (the vae/config.json of their diffusers pipelines): 8 pixels per latent.
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -69,6 +84,7 @@ class ModelSpec:
         hub_id: Hugging Face repository of the real weights (``None`` for built-in models).
         unet_config: full ``UNet2DConditionModel`` config: ``--random-weights`` builds this architecture offline.
         text_config: ``CLIPTextModel`` config for random weights.
+        vae_config: ``AutoencoderKL`` config (``None``: the model has no VAE).
         builtin: built by slimexport itself (``tiny``, ``digits``): no download ever.
         scheduler: scheduler config of the calibration sampler.
         default_image: default (height, width) in pixels.
@@ -84,6 +100,7 @@ class ModelSpec:
     default_image: tuple[int, int] = (512, 512)
     vae_scale_factor: int = 8
     description: str = ""
+    vae_config: dict | None = None
 
 
 TINY_UNET = {
@@ -104,6 +121,12 @@ TINY_UNET = {
 TINY_TEXT = {
     "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
     "num_hidden_layers": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+}
+
+TINY_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 16],
+    "latent_channels": 4, "norm_num_groups": 4, "layers_per_block": 1,
 }
 
 # The shipped ``digits`` model (slimexport/models/digits.py, trained by tools/train_digits.py): SD1's block family
@@ -140,13 +163,15 @@ DIGITS_SCHEDULER = {
 }
 
 REGISTRY: dict[str, ModelSpec] = {
-    "sd14": ModelSpec("sd14", "CompVis/stable-diffusion-v1-4", _SD1_UNET, _SD1_TEXT,
+    "sd14": ModelSpec("sd14", "CompVis/stable-diffusion-v1-4", _SD1_UNET, _SD1_TEXT, vae_config=SD_VAE,
                       description="Stable Diffusion v1.4 (860M UNet)"),
-    "sd15": ModelSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", _SD1_UNET, _SD1_TEXT,
+    "sd15": ModelSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", _SD1_UNET, _SD1_TEXT, vae_config=SD_VAE,
                       description="Stable Diffusion v1.5 (860M UNet)"),
     "sd21-base": ModelSpec("sd21-base", "stabilityai/stable-diffusion-2-1-base", _SD21_BASE_UNET, _SD2_TEXT,
+                           vae_config=SD_VAE,
                            description="Stable Diffusion v2.1 base (865M UNet, linear proj_in/out, 64-dim heads)"),
     "tiny": ModelSpec("tiny", None, TINY_UNET, TINY_TEXT, builtin=True, default_image=(32, 32), vae_scale_factor=2,
+                      vae_config=TINY_VAE,
                       description="SD1-shaped test UNet, random weights (seed 0), tiny text encoder and tokenizer"),
     "digits": ModelSpec("digits", None, DIGITS_UNET, None, builtin=True, scheduler=DIGITS_SCHEDULER,
                         default_image=(16, 16), vae_scale_factor=1,
