@@ -1,8 +1,8 @@
 """Latency timing and the dense-vs-slim speed comparison.
 
-Timers: on a CUDA device, CUDA events recorded around each call on the current stream (GPU time, no host
-sync inside the loop; for engines that synchronise themselves this approaches wall time); on the CPU,
-``time.perf_counter`` around each call. Percentiles use numpy's linear interpolation. All times are ms.
+Timers (:class:`slimexport.timer.CallTimer`): on a CUDA device, CUDA events recorded around each call on the
+current stream (GPU time, no host sync inside the loop; for engines that synchronise themselves this approaches
+wall time); on the CPU, ``time.perf_counter`` around each call. Percentiles use numpy's linear interpolation. All times are ms.
 
 ``compare_speed`` times the dense and the slim engine in the same process, on the same backend, device and
 feeds, alternating between them (ABBA order per iteration by default) so that clock, thermal and cache drift
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from slimexport.errors import UsageError
+from slimexport.timer import CallTimer, is_cuda, synchronize
 
 PERCENTILES = (50, 90, 99)
 # Fewer paired iterations than this give no speed-up interval: a bootstrap over a handful of pairs is not one.
@@ -50,46 +50,6 @@ def speedup_interval(dense_ms, slim_ms, level: float = 0.95, resamples: int = 20
     return float(lo), float(hi)
 
 
-def _is_cuda(device: str) -> bool:
-    return str(device).startswith("cuda")
-
-
-class _Timer:
-    """One timed call: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = _is_cuda(device)
-        if self.cuda:
-            import torch
-
-            self.torch = torch
-            self.device = torch.device(device)
-            self.pending: list[tuple] = []
-
-    def time(self, fn: Callable[[], object]) -> float | None:
-        if not self.cuda:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        start = self.torch.cuda.Event(enable_timing=True)
-        end = self.torch.cuda.Event(enable_timing=True)
-        stream = self.torch.cuda.current_stream(self.device)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        self.pending.append((start, end))
-        return None
-
-    def collect(self) -> list[float]:
-        """Elapsed ms of the CUDA calls recorded since the last collect (synchronises once)."""
-        if not self.cuda:
-            return []
-        self.torch.cuda.synchronize(self.device)
-        out = [s.elapsed_time(e) for s, e in self.pending]
-        self.pending = []
-        return out
-
-
 def time_callable(fn: Callable[[], object], warmup: int = 5, iterations: int = 20, device: str = "cpu") -> dict:
     """Latency of ``fn()`` in ms.
 
@@ -106,11 +66,10 @@ def time_callable(fn: Callable[[], object], warmup: int = 5, iterations: int = 2
         raise UsageError(f"warmup={warmup!r} is invalid", "use an integer >= 0")
     if not (isinstance(iterations, int) and iterations >= 1):
         raise UsageError(f"iterations={iterations!r} is invalid", "use an integer >= 1")
-    timer = _Timer(device)
+    timer = CallTimer(device)
     for _ in range(warmup):
         fn()
-    if timer.cuda:
-        timer.torch.cuda.synchronize(timer.device)
+    synchronize(device)
     times = [timer.time(fn) for _ in range(iterations)]
     if timer.cuda:
         times = timer.collect()
@@ -126,7 +85,7 @@ def environment(device: str) -> dict:
     env = {"device": device, "device_name": device_name(device), "cpus_available": available_cpus(),
            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
            "python": platform.python_version(), "versions": {"torch": torch.__version__}}
-    if _is_cuda(device):
+    if is_cuda(device):
         env["versions"]["cuda"] = torch.version.cuda
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         env["compute_capability"] = f"{major}.{minor}"
@@ -165,9 +124,8 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
     for _ in range(warmup):
         calls["dense"]()
         calls["slim"]()
-    timer = _Timer(device)
-    if timer.cuda:
-        timer.torch.cuda.synchronize(timer.device)
+    timer = CallTimer(device)
+    synchronize(device)
     order: list[str] = []
     if interleave:
         for i in range(iterations):

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from slimexport import timer
 from slimexport.errors import MissingExtraError, UsageError
 
 ENV_VAR = "SLIMEXPORT_KERNELS"
@@ -212,34 +213,22 @@ def _call_args(args: Sequence, mutates: Sequence[int]) -> list:
     return call_args
 
 
+def _device(args: Sequence) -> torch.device:
+    tensors = _tensors(args)
+    return tensors[0].device if tensors else torch.device("cuda")
+
+
 def _time_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
     """One eager call, CUDA-event timed (launch overhead included)."""
     call_args = _call_args(args, mutates)
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn(*call_args)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    return timer.call_ms(lambda: fn(*call_args), _device(args))
 
 
 def _time_graph_ms(fn: Callable, args: Sequence, mutates: Sequence[int]) -> float:
     """One call's GPU time from a CUDA graph of :data:`AUTO_GRAPH_REPS` calls (no launch gaps). ``fn`` must have
     run eagerly before (Triton kernels compile and autotune outside the capture)."""
     call_args = _call_args(args, mutates)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(AUTO_GRAPH_REPS):
-            fn(*call_args)
-    graph.replay()  # first replay uploads the graph
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / AUTO_GRAPH_REPS
+    return timer.graph_ms(lambda: fn(*call_args), _device(args), calls=AUTO_GRAPH_REPS, replays=1)
 
 
 def measure(ref_fn: Callable, triton_fn: Callable, args: Sequence, mutates: Sequence[int] = ()) -> tuple[float, float]:
