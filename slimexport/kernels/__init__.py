@@ -9,7 +9,8 @@ op                     what                                                    r
 =====================  ======================================================  ==============================
 
 Each op's dispatching function takes ``impl`` (:class:`KernelImpl`: AUTO, TORCH, TRITON); see
-:mod:`slimexport.kernels.dispatch` for how AUTO chooses and for ``SLIMEXPORT_KERNELS``.
+:mod:`slimexport.kernels.dispatch` for how AUTO chooses, :func:`force_kernels` to force a choice in a block
+of code, and ``SLIMEXPORT_KERNELS``.
 
 Importing this package imports torch and the op modules but not triton: each op module imports triton inside
 the function that first builds its kernel. (The op modules are imported here, not on first attribute access,
@@ -30,6 +31,7 @@ from slimexport.kernels.dispatch import (
     choices,
     choose_impl,
     clear_choices,
+    force_kernels,
     triton_available,
 )
 from slimexport.kernels.lowrank_linear import lowrank_linear, lowrank_linear_ref, lowrank_linear_triton
@@ -45,6 +47,7 @@ __all__ = [
     "decoupled_attention",
     "decoupled_attention_ref",
     "decoupled_attention_triton",
+    "force_kernels",
     "lowrank_linear",
     "lowrank_linear_ref",
     "lowrank_linear_triton",

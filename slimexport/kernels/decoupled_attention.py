@@ -46,6 +46,7 @@ from slimexport.kernels.dispatch import (
     check_triton_device,
     dispatch,
     fits_int32,
+    forced_sdpa_pad,
     in_graph_capture,
     interpreter_enabled,
     on_device,
@@ -100,16 +101,24 @@ def decoupled_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     rq, rv = q.shape[-1], v.shape[-1]
     # ONNX export and jit tracing keep the plain attention (MatMul/Softmax with the slim head sizes); torch.export and
     # torch.compile (AOTInductor, inductor) take the padding: their CPU lowering has the same fused-kernel restriction.
-    if rq != rv and (q.device.type == "cpu" or os.environ.get(PAD_ENV_VAR) == "1") and not _plain_graph():
+    if rq != rv and (q.device.type == "cpu" or sdpa_pad_enabled()) and not _plain_graph():
         # The CPU's fused SDPA kernel takes one head size for q, k and v; with two it falls back to the math path
         # (materialised N×S scores: 2.3x slower for the slim tiny UNet, tools/bench_sdpa_pad.py). Zero
         # columns change neither q·kᵀ nor the kept output columns, so pad to the larger size and slice. FlashAttention-2
         # kernels on CUDA have the same restriction (SDPA then picks another kernel); whether padding pays there is
-        # unmeasured, so it is opt-in: SLIMEXPORT_SDPA_PAD=1 (tools/device_check.py, section kernels_e2e).
+        # unmeasured, so it is opt-in: force_kernels(sdpa_pad=True) or SLIMEXPORT_SDPA_PAD=1 (the device check's
+        # kernels_e2e section).
         d = max(rq, rv)
         q, k, v = F.pad(q, (0, d - rq)), F.pad(k, (0, d - rq)), F.pad(v, (0, d - rv))
         return F.scaled_dot_product_attention(q, k, v, scale=float(scale))[..., :rv]
     return F.scaled_dot_product_attention(q, k, v, scale=float(scale))
+
+
+def sdpa_pad_enabled() -> bool:
+    """Whether the reference pads unequal head sizes on CUDA: :func:`force_kernels`'s ``sdpa_pad`` inside one, else
+    ``$SLIMEXPORT_SDPA_PAD == "1"``."""
+    forced = forced_sdpa_pad()
+    return forced if forced is not None else os.environ.get(PAD_ENV_VAR) == "1"
 
 
 def _plain_graph() -> bool:

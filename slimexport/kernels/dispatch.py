@@ -5,7 +5,8 @@ truth of the tests) and a Triton twin ``<op>_triton`` with the same signature. :
 
 1. Under ``torch.onnx`` export, ``torch.jit`` tracing or ``torch.compile`` the reference, always: the graph
    must hold plain torch ops.
-2. The environment variable ``SLIMEXPORT_KERNELS=torch|triton|auto`` overrides the ``impl`` argument.
+2. Inside :func:`force_kernels` its ``impl`` overrides everything below; else the environment variable
+   ``SLIMEXPORT_KERNELS=torch|triton|auto`` overrides the ``impl`` argument.
 3. ``TORCH`` is the reference. ``TRITON`` is the twin, and raises :class:`MissingExtraError` when triton is not
    installed.
 4. Tensors not on CUDA get the reference, whatever was asked, except that a forced ``TRITON`` runs the twin on
@@ -77,6 +78,38 @@ _AVAILABLE: bool | None = None
 _CHOICES: dict[tuple, KernelImpl] = {}
 _LOCK = threading.Lock()
 _TIMING = threading.local()
+_FORCED = threading.local()
+
+
+@contextlib.contextmanager
+def force_kernels(impl: KernelImpl | str | None = None, *, sdpa_pad: bool | None = None):
+    """Force kernel choices in this thread while inside (instead of setting ``$SLIMEXPORT_KERNELS`` and
+    ``$SLIMEXPORT_SDPA_PAD``); the previous settings come back on exit, nested uses included.
+
+    Args:
+        impl: the implementation every :func:`dispatch` runs (over its ``impl`` argument and
+            ``$SLIMEXPORT_KERNELS``); ``None`` leaves the choice as it is. Graph capture still gets the reference.
+        sdpa_pad: whether the attention reference pads unequal q/k/v head sizes on CUDA too (it always does on
+            the CPU); ``None`` leaves it to ``$SLIMEXPORT_SDPA_PAD``.
+
+    A CUDA graph captured inside (an engine's ``prepare``) keeps the kernels chosen there.
+    """
+    if impl is not None:
+        impl = KernelImpl.parse(impl)
+    if sdpa_pad is not None and not isinstance(sdpa_pad, bool):
+        raise UsageError(f"sdpa_pad={sdpa_pad!r} is not a bool", "pass True, False or None")
+    old = (getattr(_FORCED, "impl", None), getattr(_FORCED, "sdpa_pad", None))
+    _FORCED.impl = impl if impl is not None else old[0]
+    _FORCED.sdpa_pad = sdpa_pad if sdpa_pad is not None else old[1]
+    try:
+        yield
+    finally:
+        _FORCED.impl, _FORCED.sdpa_pad = old
+
+
+def forced_sdpa_pad() -> bool | None:
+    """The ``sdpa_pad`` of the innermost :func:`force_kernels` that set one, else ``None``."""
+    return getattr(_FORCED, "sdpa_pad", None)
 
 
 @contextlib.contextmanager
@@ -142,7 +175,11 @@ def in_graph_capture() -> bool:
 
 
 def requested_impl(impl: KernelImpl | str = KernelImpl.AUTO) -> KernelImpl:
-    """The implementation asked for: ``$SLIMEXPORT_KERNELS`` when set, else ``impl``."""
+    """The implementation asked for: :func:`force_kernels`'s inside one, else ``$SLIMEXPORT_KERNELS`` when set,
+    else ``impl``."""
+    forced = getattr(_FORCED, "impl", None)
+    if forced is not None:
+        return forced
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return KernelImpl.parse(env, where=ENV_VAR)
@@ -281,7 +318,8 @@ def dispatch(op_name: str, ref_fn: Callable, triton_fn: Callable, *args, impl: K
         op_name: the op's name, for the cache key and messages.
         ref_fn, triton_fn: the two implementations, same signature.
         *args: positional arguments of both.
-        impl: ``AUTO``, ``TORCH`` or ``TRITON`` (or their names); ``$SLIMEXPORT_KERNELS`` overrides it.
+        impl: ``AUTO``, ``TORCH`` or ``TRITON`` (or their names); :func:`force_kernels` and
+            ``$SLIMEXPORT_KERNELS`` override it.
         mutates: indices of arguments the op writes in place; AUTO measures on clones of them.
         supported: ``False`` when the Triton twin cannot take these arguments; AUTO then uses the reference
             (a forced ``TRITON`` still calls the twin, which raises a clear error).

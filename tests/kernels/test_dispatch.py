@@ -223,6 +223,54 @@ def test_lean_import():
                             timeout=120)
     assert result.returncode == 0, result.stderr
 
+def test_force_kernels_overrides_argument_and_environment(monkeypatch):
+    x = torch.arange(3.0)
+    with kd.force_kernels("torch"):
+        assert kd.requested_impl("triton") is KernelImpl.TORCH
+        assert torch.equal(dispatch("op", ref_fn, failing_triton_fn, x, impl="triton"), ref_fn(x))
+        monkeypatch.setenv(kd.ENV_VAR, "triton")
+        assert kd.requested_impl("auto") is KernelImpl.TORCH  # the block wins over the environment
+        with kd.force_kernels(sdpa_pad=True):  # nested: impl kept, pad added
+            assert kd.requested_impl("auto") is KernelImpl.TORCH and kd.forced_sdpa_pad() is True
+        assert kd.forced_sdpa_pad() is None
+    assert kd.requested_impl("auto") is KernelImpl.TRITON  # the environment again
+    monkeypatch.delenv(kd.ENV_VAR)
+    assert kd.requested_impl("auto") is KernelImpl.AUTO
+    with pytest.raises(RuntimeError), kd.force_kernels(KernelImpl.TORCH):
+        raise RuntimeError("restored on errors too")
+    assert kd.requested_impl("auto") is KernelImpl.AUTO
+    with pytest.raises(UsageError, match="auto, torch, triton"), kd.force_kernels("cuda"):
+        pass
+    with pytest.raises(UsageError, match="sdpa_pad"), kd.force_kernels(sdpa_pad="1"):
+        pass
+
+
+def test_force_kernels_is_per_thread():
+    import threading
+
+    seen = []
+    with kd.force_kernels("torch"):
+        t = threading.Thread(target=lambda: seen.append(kd.requested_impl("auto")))
+        t.start()
+        t.join()
+    assert seen == [KernelImpl.AUTO]
+
+
+def test_force_kernels_sdpa_pad(monkeypatch):
+    from slimexport.kernels.decoupled_attention import PAD_ENV_VAR, sdpa_pad_enabled
+
+    monkeypatch.delenv(PAD_ENV_VAR, raising=False)
+    assert not sdpa_pad_enabled()
+    with kd.force_kernels(sdpa_pad=True):
+        assert sdpa_pad_enabled()
+        monkeypatch.setenv(PAD_ENV_VAR, "0")
+        assert sdpa_pad_enabled()
+    assert not sdpa_pad_enabled()
+    monkeypatch.setenv(PAD_ENV_VAR, "1")
+    assert sdpa_pad_enabled()
+    with kd.force_kernels(sdpa_pad=False):
+        assert not sdpa_pad_enabled()
+
 
 # ---------------------------------------------------------------------------------------------------- GPU
 
@@ -265,3 +313,4 @@ def test_auto_measures_in_place_ops_on_clones(cuda):
     acc = torch.zeros(64, device=cuda)
     dispatch("inplace", ref_add, tri_add, acc, mutates=(0,))
     assert torch.equal(acc, torch.ones(64, device=cuda))
+
