@@ -23,7 +23,7 @@ FFN_SELECTIONS = ("cpqr", "leverage", "weight", "random")
 QKVO_METHODS = ("whiten", "weight", "random")
 ALLOCATIONS = ("softmax", "uniform", "greedy")
 DTYPES = ("fp32", "fp16", "bf16")
-BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti", "torch-compile")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti", "torch-compile", "openvino")
 BUDGET_SCOPES = ("targeted", "unet")
 BUDGET_METRICS = ("params", "macs")
 
@@ -271,7 +271,8 @@ class CompressConfig(_Config):
 
 @dataclass(frozen=True)
 class ExportConfig(_Config):
-    """ONNX export of dense and slim UNets."""
+    """ONNX export of dense and slim UNets. ``dtype``: ``fp32``, ``fp16``, or ``bf16`` (an fp32 ONNX that the
+    openvino engine computes in bf16; the only backend that runs bf16)."""
 
     opset: int = 19
     dtype: str = "fp32"
@@ -282,7 +283,7 @@ class ExportConfig(_Config):
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "opset", self.opset, _is_int(self.opset) and 17 <= self.opset <= 21, "an integer in [17, 21]")
-        _check(n, "dtype", self.dtype, self.dtype in ("fp32", "fp16"), "fp32 or fp16")
+        _check(n, "dtype", self.dtype, self.dtype in DTYPES, "fp32, fp16 or bf16 (bf16: backend openvino only)")
         _check(n, "output_name", self.output_name, self.output_name in ("latent", "out_sample"), "latent (TensorRT demo) or out_sample (Optimum)")
         for k in ("height", "width"):
             v = getattr(self, k)
@@ -378,7 +379,8 @@ class BuildConfig(_Config):
 
     Attributes:
         compress, export, verify, bench: the stage configs.
-        backend: ``onnxruntime``, ``tensorrt``, ``torch``, ``aoti`` (AOTInductor packages) or ``torch-compile``.
+        backend: ``onnxruntime``, ``tensorrt``, ``torch``, ``aoti`` (AOTInductor packages), ``torch-compile`` or
+            ``openvino`` (OpenVINO on the CPU; the only backend for ``export.dtype`` bf16).
         engine_device: where engines run: ``auto`` (CUDA if the backend can use it, else CPU), ``cpu``, ``cuda``.
         batch: ``(min, opt, max)`` prompts per call of the engine profile (the UNet sees twice as many rows: CFG).
         height, width: ``(min, opt, max)`` image size in pixels; ``None``: half, one and one and a half times the
@@ -415,3 +417,8 @@ class BuildConfig(_Config):
         _check(n, "optimization_level", self.optimization_level, _is_int(self.optimization_level) and 0 <= self.optimization_level <= 5,
                "an integer in [0, 5]")
         _check_nested(n, self)
+        _check(n, "backend", self.backend, self.export.dtype != "bf16" or self.backend == "openvino",
+               "openvino with dtype bf16 (only OpenVINO runs bf16; other backends take fp32 or fp16)")
+        if self.backend == "openvino":
+            _check(n, "engine_device", self.engine_device, self.engine_device in ("auto", "cpu"),
+                   "auto or cpu with backend openvino (OpenVINO runs on the CPU)")

@@ -127,8 +127,9 @@ def parse_triple(ctx, param, value: str | None):
 
 build_options = _compose(
     compress_options,
-    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch", "aoti", "torch-compile"]), default=None, help="[default: onnxruntime]"),
-    click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX/engine precision. [default: fp32]"),
+    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch", "aoti", "torch-compile", "openvino"]), default=None, help="[default: onnxruntime]"),
+    click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                 help="ONNX/engine precision; bf16: fp32 ONNX computed in bf16 by --backend openvino only. [default: fp32]"),
     click.option("--opset", type=int, default=None, help="ONNX opset (17..21). [default: 19]"),
     click.option("--output-name", type=click.Choice(["latent", "out_sample"]), default=None, help="[default: latent (TensorRT demo)]"),
     click.option("--batch", callback=parse_triple, default=None, help="Prompts per call, N or MIN,OPT,MAX (UNet batch is twice: CFG). [default: 1,1,4]"),
