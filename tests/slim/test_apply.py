@@ -112,3 +112,89 @@ def test_a_missing_or_dense_folder_says_what_it_is(tmp_path):
     build_unet(TINY_UNET, seed=0).save_pretrained(tmp_path / "dense", safe_serialization=True)
     with pytest.raises(UsageError, match="without slim_plan.json, not a slim one.*UNet2DConditionModel.from_pretrained"):
         load_slim_unet(tmp_path / "dense")
+
+
+def test_a_changed_weight_survives_save_and_load(slim_tiny, tmp_path):
+    """load → change a weight → save_slim_unet → load gives the changed weight (checked against its new sha256)."""
+    from slimexport.slim.apply import read_slim_plan
+
+    unet, _ = slim_tiny
+    first = save_slim_unet(unet, tmp_path / "slim", plan={"model": "tiny"})
+    loaded = load_slim_unet(first)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    with torch.no_grad():
+        loaded.get_submodule(name.rsplit(".", 1)[0]).weight[0, 0] += 1.0
+    changed = loaded.state_dict()[name].clone()
+    assert save_slim_unet(loaded, tmp_path / "again") == tmp_path / "again"
+    back = load_slim_unet(tmp_path / "again")  # sha256 checked against the new plan
+    assert torch.equal(back.state_dict()[name], changed) and not torch.equal(back.state_dict()[name], unet.state_dict()[name])
+    assert shapes_of(back) == shapes_of(unet)
+    assert read_slim_plan(tmp_path / "again")["weights"]["sha256"] != read_slim_plan(first)["weights"]["sha256"]
+    save_slim_unet(back, first)  # a slim UNet folder is replaced
+    assert torch.equal(load_slim_unet(first).state_dict()[name], changed)
+
+
+def test_save_refuses_to_replace_other_folders(slim_tiny, tmp_path):
+    from slimexport.errors import UsageError
+
+    unet, _ = slim_tiny
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    with pytest.raises(UsageError, match="a folder of other files"):
+        save_slim_unet(unet, mine)
+    assert (mine / "notes.txt").read_text() == "keep me\n"
+    build = tmp_path / "build"
+    save_slim_unet(unet, build / "slim_unet")  # what compress does: the slim_unet/ of its output folder
+    (build / "manifest.json").write_text("{}")
+    with pytest.raises(UsageError, match="slimexport output folder.*save to a new folder"):
+        save_slim_unet(unet, build)
+    assert (build / "manifest.json").exists() and (build / "slim_unet" / "slim_plan.json").exists()
+
+
+def test_load_takes_the_compress_or_build_folder(slim_tiny, tmp_path):
+    """The folder `compress --out DIR` writes (manifest.json, slim_unet/) loads like its slim_unet/."""
+    unet, _ = slim_tiny
+    out = tmp_path / "out"
+    save_slim_unet(unet, out / "slim_unet")
+    (out / "manifest.json").write_text("{}")
+    a, b = load_slim_unet(out), load_slim_unet(out / "slim_unet")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("remove, missing", [
+    ("slim_unet", "slim_unet does not exist"),
+    ("slim_unet/slim_plan.json", "slim_unet is missing slim_plan.json"),
+    ("slim_unet/diffusion_pytorch_model.safetensors", "slim_unet is missing diffusion_pytorch_model.safetensors"),
+])
+def test_an_incomplete_output_folder_names_the_folder_to_rerun(slim_tiny, tmp_path, remove, missing):
+    import shutil
+
+    from slimexport.errors import ArtifactError
+
+    unet, _ = slim_tiny
+    out = tmp_path / "out"
+    save_slim_unet(unet, out / "slim_unet")
+    (out / "manifest.json").write_text("{}")
+    target = out / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for path in (out, out / "slim_unet"):
+        with pytest.raises(ArtifactError) as err:
+            load_slim_unet(path)
+        assert missing in err.value.message and "with the same --out" in err.value.fix and str(out) in err.value.fix
+
+
+def test_a_folder_without_a_slim_unet_says_which_folder_to_pass(tmp_path):
+    from slimexport.errors import ArtifactError, UsageError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="holds no slim UNet") as err:
+        load_slim_unet(tmp_path / "empty")
+    assert "compress --out" in err.value.fix and "rebuild" not in str(err.value)
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(UsageError, match="pipeline folder, not a slim UNet"):
+        load_slim_unet(tmp_path / "pipe")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        load_slim_unet(tmp_path / "f.txt")
