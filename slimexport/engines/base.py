@@ -32,6 +32,7 @@ BATCH_AXIS, HEIGHT_AXIS, WIDTH_AXIS = "2B", "H", "W"
 NUM_TRAIN_TIMESTEPS = 1000  # SD's training schedule: timesteps live in [0, 1000)
 
 NP_DTYPES = {"fp32": "float32", "fp16": "float16"}
+BF16_BACKENDS = ("openvino",)  # bf16 engines: computed from the fp32 export, float32 I/O
 
 
 def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels: int, seq_len: int,
@@ -238,7 +239,8 @@ class EngineConfig(_Config):
             this process may use.
         profile: accepted shapes; TensorRT builds its optimization profile from it, every backend refuses
             inputs outside it. ``None``: any shape the model accepts (not for TensorRT).
-        dtype: torch backend: weights and activations, ``fp32`` or ``fp16``; ONNX backends take the ONNX's types.
+        dtype: torch backend: weights and activations, ``fp32`` or ``fp16``; ONNX backends take the ONNX's types;
+            ``bf16``: the openvino backend computes the fp32 export in bf16 (other backends refuse it).
         channels_last: torch backend: NHWC memory format (the fast layout for cuDNN convolutions).
         cuda_graphs: torch backend on CUDA: capture one CUDA graph per input shape and replay it.
         providers: onnxruntime: execution providers, e.g. ``("CUDAExecutionProvider",)``; ``None`` picks from
@@ -246,7 +248,7 @@ class EngineConfig(_Config):
         optimization_level: TensorRT builder optimization level, 0..5 (3 is TensorRT's default).
         cache_dir: TensorRT: folder of the timing caches; ``None``: beside the engine. aoti: folder of the compiled
             packages (``unet.<device>.torch<ver>.pt2`` + sidecar); ``None``: a per-model folder under
-            ``~/.cache/slimexport/aoti``.
+            ``~/.cache/slimexport/aoti``. openvino: OpenVINO's model cache (``CACHE_DIR``); ``None``: none.
         output_name: torch backend: name of the output (``latent`` or ``out_sample``).
         seq_len: torch and aoti backends: text tokens of ``encoder_hidden_states`` (77 for CLIP, 6 for ``digits``;
             the ONNX backends read it off the ONNX).
@@ -274,7 +276,7 @@ class EngineConfig(_Config):
                "None or an integer >= 1")
         _check(n, "profile", self.profile, self.profile is None or isinstance(self.profile, EngineProfile),
                "None or an EngineProfile")
-        _check(n, "dtype", self.dtype, self.dtype in NP_DTYPES, " or ".join(NP_DTYPES))
+        _check(n, "dtype", self.dtype, self.dtype in NP_DTYPES or self.dtype == "bf16", "fp32, fp16 or bf16 (openvino only)")
         _check(n, "optimization_level", self.optimization_level,
                _is_int(self.optimization_level) and 0 <= self.optimization_level <= 5, "an integer in [0, 5]")
         _check(n, "output_name", self.output_name, self.output_name in OUTPUT_NAMES, " or ".join(OUTPUT_NAMES))
@@ -347,6 +349,7 @@ BACKENDS: dict[str, str] = {
     "tensorrt": "slimexport.engines.tensorrt:create",
     "aoti": "slimexport.engines.aoti:create",
     "torch-compile": "slimexport.engines.torch_compile:create",
+    "openvino": "slimexport.engines.openvino:create",
 }
 
 
@@ -405,15 +408,18 @@ def build_engine(backend: str, source, cfg: EngineConfig | None = None) -> Engin
     """Make an engine of ``backend`` (imported only now: ``onnxruntime``/``tensorrt`` stay unimported otherwise).
 
     Args:
-        backend: ``torch``, ``onnxruntime``, ``tensorrt``, ``aoti`` or ``torch-compile``.
+        backend: ``torch``, ``onnxruntime``, ``tensorrt``, ``aoti``, ``torch-compile`` or ``openvino``.
         source: for ``torch``, ``aoti`` and ``torch-compile`` a ``UNet2DConditionModel`` (``aoti`` compiles it
             into ``cfg.cache_dir``, or reuses a matching package there; a ``.pt2`` package also loads); for
             ``onnxruntime`` an export folder or ``model.onnx``; for ``tensorrt`` an export folder or
-            ``model.onnx`` (built, or reused if a matching engine exists) or a ``.plan`` file.
+            ``model.onnx`` (built, or reused if a matching engine exists) or a ``.plan`` file; for ``openvino`` an
+            export folder or ``model.onnx`` (compiled for the CPU).
         cfg: settings; ``None`` uses :class:`EngineConfig` defaults.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"use one of {', '.join(sorted(BACKENDS))}")
+    if cfg is not None and cfg.dtype == "bf16" and backend not in BF16_BACKENDS:
+        raise UsageError(f"dtype bf16 runs on the openvino backend only, not {backend}", "use backend openvino, or fp32/fp16")
     module, _, func = BACKENDS[backend].partition(":")
     factory = getattr(importlib.import_module(module), func)
     return factory(source, cfg or EngineConfig())
