@@ -3,15 +3,14 @@
     python tools/cost_breakdown.py --model sd14 --latent 64
 
 Runs on the meta device (no weights, no memory): the counts come from the same per-rank cost functions the
-allocator uses (``slimexport.allocate.api.unit_cost`` / ``unit_macs``) and a hooked forward (``count_macs``).
+allocator uses (the kinds table, ``slimexport.models.kinds``) and a hooked forward (``count_macs``).
 """
 
 import argparse
 
 import torch
 
-from slimexport.allocate.api import max_rank, unit_cost, unit_macs
-from slimexport.models.arch import ATTN_KINDS, FFN_KIND, RESNET_KIND, blocks, resnet_blocks
+from slimexport.models.kinds import KINDS, find_units
 from slimexport.models.load import build_unet
 from slimexport.models.macs import count_macs, token_counts
 from slimexport.models.registry import REGISTRY
@@ -29,11 +28,12 @@ def main() -> None:
     total_macs = count_macs(unet, 1, size, size)["total"]
     total_params = sum(p.numel() for p in unet.parameters())
     rows: dict[str, list[int]] = {}
-    units = [(b, k) for b in blocks(unet) for k in (*ATTN_KINDS, FFN_KIND)] + [(r, RESNET_KIND) for r in resnet_blocks(unet)]
-    for block, kind in units:
-        acc = rows.setdefault(kind, [0, 0])
-        acc[0] += unit_cost(block, kind) * max_rank(block, kind)
-        acc[1] += unit_macs(block, kind, tokens[block.path]) * max_rank(block, kind)
+    found = find_units(unet)
+    for kind in KINDS.values():
+        for info in found[kind.unit]:
+            acc = rows.setdefault(kind.name, [0, 0])
+            acc[0] += kind.unit_params(info) * kind.max_rank(info)
+            acc[1] += kind.unit_macs(info, tokens[info.path], 77) * kind.max_rank(info)
     print(f"{args.model}: {total_params:,} parameters, {total_macs / 1e9:.1f} GMAC at batch 1, {size}x{size} latents")
     print(f"{'module':10s} {'params':>8s} {'MACs':>8s}")
     for kind, (p, m) in rows.items():

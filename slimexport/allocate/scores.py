@@ -21,25 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from slimexport.calibrate.stats import CalibStats
+from slimexport.calibrate.stats import CalibStats, aggregate  # noqa: F401 - aggregate: C̄ of the docstring
 from slimexport.errors import NumericalError
-from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
-
-# module kind → (statistic key of its input, scalar of its output energy for the propagation factor)
-MODULE_INPUT = {"attn1.qk": "x", "attn1.vo": "x", "attn2.qk": "y", "attn2.vo": "e", "ff": "z", "resnet": "r",
-                "proj_in": "pi", "proj_out": "po"}
-MODULE_OUTPUT = {"attn1.qk": "out.attn1", "attn1.vo": "out.attn1", "attn2.qk": "out.attn2", "attn2.vo": "out.attn2",
-                 "ff": "out.ff", "resnet": "resnet", "proj_in": "proj_in", "proj_out": "proj_out"}
-
-Info = BlockInfo | ResnetInfo | ProjInfo
+from slimexport.models.kinds import BLOCK_IN, KINDS, Info
+from slimexport.plan import plan_weights  # noqa: F401 - the plan's rounding of the bin weights
 
 
 def input_width(block: Info, kind: str) -> int:
-    if kind == "resnet":
-        return block.inner
-    if kind in ("proj_in", "proj_out"):
-        return block.sizes(kind)[0]
-    return {"x": block.width, "y": block.width, "e": block.context_dim, "z": block.ffn_width}[MODULE_INPUT[kind]]
+    return KINDS[kind].input_width(block)
 
 
 @dataclass
@@ -63,7 +52,7 @@ class ModuleScore:
 
 def sis_per_step(stats: CalibStats, block: Info, kind: str, weight_fro2: float) -> torch.Tensor:
     num = stats.scalars[f"{block.path}.{kind}"].double()
-    den = stats.scalars[f"{block.path}.{MODULE_INPUT[kind]}"].double()
+    den = stats.scalars[f"{block.path}.{KINDS[kind].input_stat}"].double()
     if bool((den <= 0).any()):
         raise NumericalError(f"{block.path}.{kind} saw all-zero inputs at some step", "check the model and prompts")
     return input_width(block, kind) * num / (den * weight_fro2)
@@ -79,31 +68,8 @@ def module_score(stats: CalibStats, block: Info, kind: str, weight_fro2: float, 
     score = float((w * sis).sum())
     g = 1.0
     if propagation:
-        out = stats.scalars[f"{block.path}.{MODULE_OUTPUT[kind]}"].double().sum()
-        res = stats.scalars[f"{block.path}.out.block_in"].double().sum()
+        out = stats.scalars[f"{block.path}.{KINDS[kind].output_energy}"].double().sum()
+        res = stats.scalars[f"{block.path}.{BLOCK_IN}"].double().sum()
         g = float((out / res).sqrt()) if float(res) > 0 else 1.0
         score *= g
     return ModuleScore(sis=sis, weights=w, bin_weights=bins, score=score, propagation=g)
-
-
-def plan_weights(bin_weights: torch.Tensor) -> list[float]:
-    """Timestep-bin weights as the plan records them (rounded to 6 decimals). The greedy allocation's error curves
-    aggregate with these too, so that they and the decomposition factor the very same matrices."""
-    return [round(float(x), 6) for x in bin_weights]
-
-
-def aggregate(stats: CalibStats, block: Info, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
-    """Time-aggregated, trace-normalised correlation ``C̄`` (fp64) of ``<block>.<key>``."""
-    c = stats.corr[f"{block.path}.{key}"].double()
-    if c.dim() == 2:
-        tr = torch.trace(c)
-        if float(tr) <= 0:
-            raise NumericalError(f"{block.path}: empty statistics for '{key}'", "recalibrate with more prompts")
-        return c / tr
-    tr = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
-    used = bin_weights > 0
-    if bool((tr[used] <= 0).any()):
-        b = int(((tr <= 0) & used).nonzero()[0, 0])
-        raise NumericalError(f"{block.path}: empty statistics for '{key}' at timestep bin {b}", "recalibrate with more steps")
-    w = torch.where(used, bin_weights / tr.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(tr))
-    return torch.einsum("b,bij->ij", w, c)

@@ -16,9 +16,8 @@ from slimexport.calibrate.stats import CalibStats
 from slimexport.config import CalibConfig
 from slimexport.distributed import broadcast, dist_info
 from slimexport.errors import ResourceError, UsageError
-from slimexport.models.arch import blocks as find_blocks
-from slimexport.models.arch import projections, resnet_blocks
 from slimexport.models.bundle import ModelBundle, converted_copy
+from slimexport.models.kinds import find_units
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 64
@@ -63,20 +62,9 @@ def _select(bundle: ModelBundle, cfg: CalibConfig, device) -> list[str]:
     return [pool[i] for i in idx]
 
 
-def _optional(find, unet, what: str) -> list:
-    """The modules ``find(unet)`` lists, or none (logged) when this model's layout has no supported ones: their
-    statistics serve only the optional targets, which then say what is missing."""
-    try:
-        return find(unet)
-    except UsageError as err:
-        log.info("%s statistics not collected: %s", what, err)
-        return []
-
-
 def check_steps(bundle: ModelBundle, num_steps: int) -> None:
     """Refuse, before any work, a step count whose sampler timesteps leave the model's training range (DDIM with
     ``steps_offset=1`` and 1000 steps reaches t=1000, which the scheduler then indexes past its end)."""
-    from slimexport.errors import UsageError
 
     sched = bundle.make_scheduler()
     sched.set_timesteps(num_steps)
@@ -104,9 +92,8 @@ def calibrate(bundle: ModelBundle, prompts: list[str], cfg: CalibConfig, device:
     check_steps(bundle, cfg.num_steps)
     accumulate = accumulate or kernel_accumulate
     unet = converted_copy(bundle.unet, device, dtype)  # never round the caller's weights to fp16 in place
-    blocks = find_blocks(unet)
-    resnets = _optional(resnet_blocks, unet, "ResNet")
-    projs = _optional(projections, unet, "projection")
+    units = find_units(unet)  # every unit of the kinds table; optional ones the model lacks are left out
+    blocks, resnets, projs = units["block"], units["resnet"], units["proj"]
     rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     h, w = bundle.latent_size(cfg.height, cfg.width)

@@ -26,8 +26,10 @@ import torch
 from slimexport.distributed import dist_backend
 from slimexport.errors import NumericalError
 from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
+from slimexport.models.kinds import PO, STAT_NAMES, UNITS, Tap, Unit, stat_keys
 
-BINNED = ("x", "y", "z", "r", "pi", "po")
+# Statistics collected per timestep bin (the rest, the text tokens, over all steps together).
+BINNED = tuple(sorted(set().union(*(u.binned for u in UNITS.values()))))
 
 
 def addmm_accumulate(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -86,31 +88,23 @@ class StatsCollector:
         self.corr: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self._live: dict[str, torch.Tensor] = {}
-        sized = [(b.path, {"x": b.width, "y": b.width, "z": b.ffn_width, "e": b.context_dim}) for b in blocks]
-        sized += [(r.path, {"r": r.inner}) for r in self.resnets]
-        sized += [(t.path, {"pi": t.channels, "po": t.inner}) for t in self.projs]
-        for path, sizes in sized:
-            for k, n in sizes.items():
-                key = f"{path}.{k}"
-                if k in BINNED:
-                    home = "cpu" if self.offload else self.device
-                    self.corr[key] = torch.zeros(num_bins, n, n, device=home, **f32)
-                    if self.offload:
-                        self._live[key] = torch.zeros(n, n, device=self.device, **f32)
-                    self.counts[key] = torch.zeros(num_bins, dtype=torch.float64)
-                else:
-                    self.corr[key] = torch.zeros(n, n, device=self.device, **f32)
-                    self.counts[key] = torch.zeros(1, dtype=torch.float64)
+        self.units: list[tuple[Unit, list]] = [(UNITS["block"], list(blocks)), (UNITS["resnet"], self.resnets),
+                                               (UNITS["proj"], self.projs)]
+        for unit, infos in self.units:
+            for info in infos:
+                for k, width in unit.stats.items():
+                    key, n = f"{info.path}.{k}", width(info)
+                    if k in unit.binned:
+                        home = "cpu" if self.offload else self.device
+                        self.corr[key] = torch.zeros(num_bins, n, n, device=home, **f32)
+                        if self.offload:
+                            self._live[key] = torch.zeros(n, n, device=self.device, **f32)
+                        self.counts[key] = torch.zeros(num_bins, dtype=torch.float64)
+                    else:
+                        self.corr[key] = torch.zeros(n, n, device=self.device, **f32)
+                        self.counts[key] = torch.zeros(1, dtype=torch.float64)
         # Per-step scalars, accumulated on the device (no host sync inside hooks).
-        scalar_keys = []
-        for b in blocks:
-            scalar_keys += [f"{b.path}.{s}" for s in ("attn1.qk", "attn1.vo", "attn2.qk", "attn2.vo", "ff")]
-            scalar_keys += [f"{b.path}.{s}" for s in ("x", "y", "e", "z")]
-            scalar_keys += [f"{b.path}.out.{s}" for s in ("attn1", "attn2", "ff", "block_in")]
-        for r in self.resnets:
-            scalar_keys += [f"{r.path}.resnet", f"{r.path}.r", f"{r.path}.out.block_in"]
-        for t in self.projs:
-            scalar_keys += [f"{t.path}.{k}" for k in ("proj_in", "proj_out", "pi", "po", "out.block_in")]
+        scalar_keys = [f"{info.path}.{k}" for unit, infos in self.units for info in infos for k in stat_keys(unit)]
         self.scalars = {k: torch.zeros(num_steps, device=self.device, dtype=torch.float64) for k in scalar_keys}
         # token counts are shapes, known on the host: counting there launches nothing on the device
         self._counts_host = {k: [0] * (num_bins if k.rsplit(".", 1)[1] in BINNED else 1) for k in self.counts}
@@ -151,95 +145,33 @@ class StatsCollector:
             y = y - bias.to(y.dtype)
         self.scalars[key][self.step].add_(_sq_norm(y))  # in place on the view: no setitem copy
 
-    def _hooks_for(self, b: BlockInfo, block) -> list:
-        p = b.path
-        a1, a2, ff = block.attn1, block.attn2, block.ff
-        reg = []
+    def _tap(self, path: str, tap: Tap, mod) -> object:
+        """Register one table hook (``slimexport.models.kinds``) of the unit at ``path``; returns its handle."""
+        if tap.on_input:
+            def on_input(m, args, kwargs):
+                self._energy(f"{path}.{tap.energy}", args[0] if args else kwargs[tap.kwarg])
 
-        def on_q1(mod, args, out):
-            self._acc(f"{p}.x", args[0])
-            self._energy(f"{p}.attn1.qk", out)
+            return mod.register_forward_pre_hook(on_input, with_kwargs=True)
 
-        def on_v1(mod, args, out):
-            self._energy(f"{p}.attn1.vo", out)
-
-        def on_q2(mod, args, out):
-            self._acc(f"{p}.y", args[0])
-            self._energy(f"{p}.attn2.qk", out)
-
-        def on_v2(mod, args, out):
-            self._acc(f"{p}.e", args[0])
-            self._energy(f"{p}.attn2.vo", out)
-
-        def on_down(mod, args, out):
-            self._acc(f"{p}.z", args[0])
-            self._energy(f"{p}.ff", out, mod.bias)
-
-        def on_out(name):
-            def hook(mod, args, out):
-                self._energy(f"{p}.out.{name}", out[0] if isinstance(out, tuple) else out)
-
-            return hook
-
-        def on_block_in(mod, args, kwargs):
-            hs = args[0] if args else kwargs["hidden_states"]
-            self._energy(f"{p}.out.block_in", hs)
-
-        reg.append(a1.to_q.register_forward_hook(on_q1))
-        reg.append(a1.to_v.register_forward_hook(on_v1))
-        reg.append(a2.to_q.register_forward_hook(on_q2))
-        reg.append(a2.to_v.register_forward_hook(on_v2))
-        reg.append(ff.net[2].register_forward_hook(on_down))
-        reg.append(a1.register_forward_hook(on_out("attn1")))
-        reg.append(a2.register_forward_hook(on_out("attn2")))
-        reg.append(ff.register_forward_hook(on_out("ff")))
-        reg.append(block.register_forward_pre_hook(on_block_in, with_kwargs=True))
-        return reg
-
-    def _resnet_hooks(self, r: ResnetInfo, block) -> list:
-        p = r.path
-
-        def on_conv2(mod, args, out):
-            h = args[0]
-            self._acc(f"{p}.r", h.movedim(1, -1))  # channels last: every pixel is a token
-            self._energy(f"{p}.resnet", out, None if mod.bias is None else mod.bias[:, None, None])
-
-        def on_block_in(mod, args, kwargs):
-            self._energy(f"{p}.out.block_in", args[0] if args else kwargs["input_tensor"])
-
-        return [block.conv2.register_forward_hook(on_conv2), block.register_forward_pre_hook(on_block_in, with_kwargs=True)]
-
-    def _proj_hooks(self, t: ProjInfo, mod) -> list:
-        p = t.path
-
-        def hook(key: str, kind: str):
-            def on_proj(m, args, out):
+        def on_output(m, args, out):
+            if tap.stat is not None:
                 x = args[0]
-                if t.conv:  # NCHW: every pixel is a token
-                    x = x.movedim(1, -1)
-                    bias = None if m.bias is None else m.bias[:, None, None]
-                else:
-                    bias = m.bias
-                self._acc(f"{p}.{key}", x)
-                self._energy(f"{p}.{kind}", out, bias)
+                self._acc(f"{path}.{tap.stat}", x.movedim(1, -1) if x.dim() == 4 else x)  # NCHW: every pixel a token
+            if tap.energy is not None:
+                y = out[0] if isinstance(out, tuple) else out
+                bias = getattr(m, "bias", None) if tap.subtract_bias else None
+                if bias is not None and y.dim() == 4:
+                    bias = bias[:, None, None]
+                self._energy(f"{path}.{tap.energy}", y, bias)
 
-            return on_proj
-
-        def on_block_in(m, args, kwargs):
-            self._energy(f"{p}.out.block_in", args[0] if args else kwargs["hidden_states"])
-
-        return [mod.proj_in.register_forward_hook(hook("pi", "proj_in")),
-                mod.proj_out.register_forward_hook(hook("po", "proj_out")),
-                mod.register_forward_pre_hook(on_block_in, with_kwargs=True)]
+        return mod.register_forward_hook(on_output)
 
     def __enter__(self):
         try:
-            for b in self.blocks:
-                self._handles += self._hooks_for(b, self.unet.get_submodule(b.path))
-            for r in self.resnets:
-                self._handles += self._resnet_hooks(r, self.unet.get_submodule(r.path))
-            for t in self.projs:
-                self._handles += self._proj_hooks(t, self.unet.get_submodule(t.path))
+            for unit, infos in self.units:
+                for info in infos:
+                    mod = self.unet.get_submodule(info.path)
+                    self._handles += [self._tap(info.path, t, mod.get_submodule(t.module)) for t in unit.taps]
         except BaseException:
             self.__exit__()  # no hook stays on the UNet when registering fails halfway
             raise
@@ -282,7 +214,7 @@ def _flow_order(key: str) -> str:
     """Sort key placing a transformer's ``proj_out`` statistics after its blocks (``po`` would sort before
     ``transformer_blocks``), so that at one step the first bad key is the one nearest the model's input."""
     path, _, last = key.rpartition(".")
-    return f"{path}.~{last}" if last in ("po", "proj_out") else key
+    return f"{path}.~{last}" if last in (PO, "proj_out") else key
 
 
 def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], num_steps: int, num_bins: int) -> None:
@@ -314,7 +246,3 @@ def check_stats(corr: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
                 f"NaN/Inf in the calibration statistics of {key.rsplit('.', 1)[0]} ({STAT_NAMES[key.rsplit('.', 1)[1]]}) at {where}",
                 "the model overflows in this dtype: rerun with --calib-dtype fp32, or check the model weights",
             )
-
-
-STAT_NAMES = {"x": "attn1 input", "y": "attn2 query input", "e": "text tokens", "z": "GEGLU output", "r": "ResNet inner channels",
-              "pi": "proj_in input", "po": "proj_out input"}

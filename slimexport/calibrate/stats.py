@@ -13,7 +13,7 @@ import torch
 from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from slimexport.calibrate.collector import check_stats, step_to_bin
-from slimexport.errors import ArtifactError, IncompatibleArtifactError
+from slimexport.errors import ArtifactError, IncompatibleArtifactError, NumericalError
 from slimexport.models.arch import BlockInfo, ProjInfo, ResnetInfo
 
 STATS_FORMAT = "slimexport.calib/2"  # /2: transformer projection statistics (pi/po)
@@ -95,3 +95,20 @@ class CalibStats:
                    prompts=list(meta["prompts"]), meta=meta.get("meta", {}),
                    resnets=[ResnetInfo(**r) for r in meta.get("resnets", [])],
                    projs=[ProjInfo(**t) for t in meta.get("projs", [])])
+
+
+def aggregate(stats: CalibStats, block, key: str, bin_weights: torch.Tensor | None) -> torch.Tensor:
+    """Time-aggregated, trace-normalised correlation ``C̄`` (fp64) of ``<block>.<key>``."""
+    c = stats.corr[f"{block.path}.{key}"].double()
+    if c.dim() == 2:
+        tr = torch.trace(c)
+        if float(tr) <= 0:
+            raise NumericalError(f"{block.path}: empty statistics for '{key}'", "recalibrate with more prompts")
+        return c / tr
+    tr = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
+    used = bin_weights > 0
+    if bool((tr[used] <= 0).any()):
+        b = int(((tr <= 0) & used).nonzero()[0, 0])
+        raise NumericalError(f"{block.path}: empty statistics for '{key}' at timestep bin {b}", "recalibrate with more steps")
+    w = torch.where(used, bin_weights / tr.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(tr))
+    return torch.einsum("b,bij->ij", w, c)

@@ -8,7 +8,8 @@ Each closed form's error at rank r is cheap to read off one factorisation:
   ``L[:, r:] L[:, r:]ᵀ``, so the residual ``tr(Aᵀ (C − C[:,S] C[S,S]⁻¹ C[S,:]) A)`` of the first r channels is
   ``Σ_{j≥r} ‖Aₚᵀ l_j‖²``: one Cholesky gives the error at every prefix width.
 
-Curves are relative (error at rank r over the error at rank 0), indexed by rank 0..max.
+Curves are relative (error at rank r over the error at rank 0), indexed by rank 0..max. Each kind's curve is its
+method's ``curve`` (``methods.py``); ``api.module_curves`` makes them for every scored module.
 """
 
 from __future__ import annotations
@@ -43,48 +44,3 @@ def tail_sums(e: torch.Tensor) -> torch.Tensor:
 def relative(err: torch.Tensor) -> torch.Tensor:
     total = float(err[0])
     return err / total if total > 0 else torch.zeros_like(err)
-
-
-def module_curves(unet, stats, scored: dict[str, dict], dcfg, device=None, factors=None) -> dict[str, torch.Tensor]:
-    """Relative whitened error at every rank ``0..max_rank`` of each scored module (``allocate.api.score_modules``).
-
-    Uses the decompositions' own statistics (time-aggregated with each module's timestep weights as the plan
-    records them, ridged) and selection orders, so the curve at the planned rank is the error the decomposition
-    then has. ``factors`` (a :class:`~slimexport.decompose.api.Factorisations`) keeps the factorisations for the
-    decomposition.
-    """
-    from slimexport.allocate.api import max_rank
-    from slimexport.allocate.scores import plan_weights
-    from slimexport.decompose import resnet_nystrom
-    from slimexport.decompose.api import Factorisations
-
-    device = torch.device(device) if device is not None else next(unet.parameters()).device
-    factors = factors if factors is not None else Factorisations()
-
-    def w(layer) -> torch.Tensor:
-        return layer.weight.detach().to(device=device, dtype=torch.float64)
-
-    last = {s["block"].path: name for name, s in scored.items()}  # after it, the block's whitener is released
-    out = {}
-    for name, s in scored.items():
-        block, kind = s["block"], s["kind"]
-        bw = torch.tensor(plan_weights(s["ms"].bin_weights), dtype=torch.float64)
-        W = factors.whitener(stats, block, dcfg, device)
-        mod = unet.get_submodule(block.path)
-        f = factors.factorise(name, mod, kind, W, bw, dcfg, device)
-        if kind == "ff":  # f: the channel order
-            curve = relative(prefix_errors(W.corr("z", bw), f, w(mod.ff.net[2]).T))
-        elif kind == "resnet":  # f: the group order
-            g = block.group_size
-            a = resnet_nystrom.conv2_matrix(w(mod.conv2))
-            curve = relative(prefix_errors(W.corr("r", bw), resnet_nystrom.group_channels(f, g), a))[::g]  # rank = groups kept
-        elif kind in ("proj_in", "proj_out"):  # rank up to the break-even rank, where the layer stays dense
-            d = max_rank(block, kind)
-            curve = relative(tail_sums(f.sigma**2))[: d + 1].clone()
-            curve[d] = 0.0
-        else:  # attention pairs: HeadFactors
-            curve = relative(f.errors())
-        out[name] = curve.detach().cpu()
-        if last[block.path] == name:
-            W.release()
-    return out

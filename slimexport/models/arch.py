@@ -1,6 +1,7 @@
 """The map of compressible modules in a diffusers ``UNet2DConditionModel``.
 
-This file and ``slimexport/slim/`` are the only code that knows diffusers' module names. A *block* is one
+This file, ``kinds.py`` (the table of compressible kinds built on these sizes) and ``slimexport/slim/`` are the
+only code that knows diffusers' module names. A *block* is one
 ``BasicTransformerBlock`` (``...attentions.i.transformer_blocks.j``); it holds five compressible *modules*:
 
 ====================  ==========================================  ============================
@@ -21,10 +22,6 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from slimexport.errors import UsageError
-
-ATTN_KINDS = ("attn1.qk", "attn1.vo", "attn2.qk", "attn2.vo")
-FFN_KIND = "ff"
-MODULE_KINDS = ATTN_KINDS + (FFN_KIND,)
 
 
 @dataclass(frozen=True)
@@ -94,13 +91,6 @@ def blocks(unet) -> list[BlockInfo]:
     return out
 
 
-def get_module(unet, path: str) -> nn.Module:
-    return unet.get_submodule(path)
-
-
-RESNET_KIND = "resnet"
-
-
 @dataclass(frozen=True)
 class ResnetInfo:
     """Sizes of one ``ResnetBlock2D`` (from the dense model).
@@ -154,9 +144,6 @@ def resnet_info(path: str, block) -> ResnetInfo:
 def resnet_blocks(unet) -> list[ResnetInfo]:
     """``ResnetInfo`` of every ``ResnetBlock2D`` of the UNet, in module order."""
     return [resnet_info(n, m) for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
-
-
-PROJ_KINDS = ("proj_in", "proj_out")
 
 
 @dataclass(frozen=True)

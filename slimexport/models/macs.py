@@ -12,6 +12,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from slimexport.models.kinds import UNITS
+
 
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A shape-only copy (parameters and buffers on the meta device), without copying any data."""
@@ -72,10 +74,10 @@ def _positions(x) -> int:
 
 
 def token_counts(unet, height: int | None = None, width: int | None = None, seq_len: int = 77) -> dict[str, int]:
-    """Positions each transformer block and ResNet block sees in one forward at batch 1 (meta device).
+    """Positions each unit of the kinds table sees in one forward at batch 1 (meta device).
 
-    Returns ``{block path: tokens}`` for ``BasicTransformerBlock``s (image tokens), ``ResnetBlock2D``s
-    (pixels of ``conv2``'s input) and ``Transformer2DModel``s (positions of ``proj_in``).
+    Returns ``{unit path: tokens}``: the positions of the unit's ``token_module`` input (image tokens of a
+    transformer block, pixels of a ResNet block's ``conv2`` input, positions of a transformer's ``proj_in``).
     """
     cfg = unet.config
     h = height or int(cfg.sample_size)
@@ -84,17 +86,12 @@ def token_counts(unet, height: int | None = None, width: int | None = None, seq_
     out: dict[str, int] = {}
     handles = []
     for name, m in meta.named_modules():
-        kind = type(m).__name__
-        if kind == "BasicTransformerBlock":
-            handles.append(m.attn1.to_q.register_forward_hook(
-                lambda mod, args, o, name=name: out.__setitem__(name, args[0].shape[-2])))
-        elif kind == "ResnetBlock2D":
-            handles.append(m.conv2.register_forward_hook(
-                lambda mod, args, o, name=name: out.__setitem__(name, args[0].shape[-2] * args[0].shape[-1])))
-        elif kind == "Transformer2DModel":  # tokens of proj_in (pixels of an NCHW input, rows of a token input)
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, args, kwargs, name=name: out.__setitem__(name, _positions(args[0] if args else kwargs["hidden_states"])),
-                with_kwargs=True))
+        unit = next((u for u in UNITS.values() if type(m).__name__ == u.module_class), None)
+        if unit is None:
+            continue
+        handles.append(m.get_submodule(unit.token_module).register_forward_pre_hook(
+            lambda mod, args, kwargs, name=name: out.__setitem__(name, _positions(args[0] if args else kwargs["hidden_states"])),
+            with_kwargs=True))
     try:
         with torch.no_grad():
             meta(torch.empty(1, int(cfg.in_channels), h, w, device="meta"), torch.empty(1, device="meta"),

@@ -99,7 +99,7 @@ def test_greedy_beats_softmax_and_uniform_on_its_objective(tiny, tiny_stats, tar
     greedy = plan_ranks(tiny.unet, tiny_stats, DecomposeConfig(), AllocConfig(budget=0.6, method="greedy", targets=targets))
     weights = {n: m["weight"] for n, m in greedy["modules"].items()}
     from slimexport.allocate.api import score_modules
-    from slimexport.decompose.curves import module_curves
+    from slimexport.decompose.api import module_curves
 
     scored = score_modules(tiny.unet, tiny_stats, DecomposeConfig(), AllocConfig(targets=targets, propagation=True))
     curves = module_curves(tiny.unet, tiny_stats, scored, DecomposeConfig())

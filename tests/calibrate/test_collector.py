@@ -28,12 +28,16 @@ def test_no_hook_stays_when_registering_fails_halfway(tiny, monkeypatch):
 
     unet = tiny.unet
     before = _hook_count(unet)
-    col = StatsCollector(unet, blocks(unet), num_steps=2, num_bins=2, device="cpu", resnets=resnet_blocks(unet))
+    resnets = resnet_blocks(unet)
+    col = StatsCollector(unet, blocks(unet), num_steps=2, num_bins=2, device="cpu", resnets=resnets)
+    real = col._tap
 
-    def broken(*a):
-        raise RuntimeError("cannot hook this ResNet")
+    def broken(path, tap, mod):
+        if path == resnets[0].path:
+            raise RuntimeError("cannot hook this ResNet")
+        return real(path, tap, mod)
 
-    monkeypatch.setattr(col, "_resnet_hooks", broken)  # after every transformer block is hooked
+    monkeypatch.setattr(col, "_tap", broken)  # after every transformer block is hooked
     with pytest.raises(RuntimeError, match="cannot hook"), col:
         pass
     assert _hook_count(unet) == before
