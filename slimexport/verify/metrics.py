@@ -16,6 +16,10 @@ All metrics are computed in float64 over elements where both arrays are finite. 
 
 A comparison passes when: every element is finite, shapes match, the elementwise fail fraction is at most
 ``max_fail_fraction`` (0: Polygraphy's default), ``cosine >= min_cosine`` and ``sqnr_db >= min_sqnr_db``.
+
+Apart from :func:`compare`, :func:`relative_l2` is the relative error ``‖a − b‖ / ‖b‖`` over all elements (NaN in,
+NaN out) that the ε-error and trajectory metrics of :mod:`slimexport.verify.parity` and
+:mod:`slimexport.verify.quality` report.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from slimexport.errors import ConfigError, UsageError
 
 REL_EPS = 1e-6
 P99 = 99.0
+# Floor of the reference norm in relative_l2: an all-zero reference gives a large finite error, not a division by 0.
+REL_L2_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,32 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(atol=1e-1, rtol=1e-1, min_cosine=0.998, min_sqnr_db=24.0),
 }
 
+
+
+def _float64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, any dtype or device
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def relative_l2(actual, reference) -> float:
+    """The relative error ``‖a − b‖ / ‖b‖`` over all elements (Frobenius norms), in float64.
+
+    The one formula of every relative error in slimexport: ε error of a slim UNet per timestep, final-latent
+    error of a trajectory, the quality harness's columns.
+
+    Args:
+        actual: a, a numpy array or torch tensor (any float dtype, any device).
+        reference: b, the same shape.
+
+    Returns:
+        The error as a Python float; NaN when either holds a NaN; ``‖b‖`` is floored at :data:`REL_L2_FLOOR`.
+    """
+    a, b = _float64(actual), _float64(reference)
+    if a.shape != b.shape:
+        raise UsageError(f"relative_l2 of shape {list(a.shape)} against reference {list(b.shape)}",
+                         "compare outputs of the same shape")
+    return float(np.linalg.norm((a - b).ravel()) / max(float(np.linalg.norm(b.ravel())), REL_L2_FLOOR))
 
 
 def compare(actual: np.ndarray, reference: np.ndarray, tol: Tolerance | str = "fp32") -> dict:

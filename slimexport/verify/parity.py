@@ -6,7 +6,9 @@ seeded Gaussian latents, at each of several timesteps. Comparisons:
 - ``dense_export``: dense engine vs dense PyTorch (fp32): does the export/engine compute the model?
 - ``slim_export``: slim engine vs slim PyTorch (fp32).
 - ``slim_vs_dense``: slim vs dense PyTorch (compression fidelity): relative ε-prediction error
-  ``‖ε_slim − ε_dense‖ / ‖ε_dense‖`` per timestep, and the final latents of a fixed-seed DDIM trajectory.
+  ``‖ε_slim − ε_dense‖ / ‖ε_dense‖`` per timestep (:func:`~slimexport.verify.metrics.relative_l2`), and the final
+  latents of a fixed-seed trajectory of the calibration sampler (:func:`~slimexport.calibrate.runner.denoise`,
+  prompt ``i`` seeded with ``seed + i``).
 
 Metric formulas are in :mod:`slimexport.verify.metrics`; each entry of the result carries ``max_abs``,
 ``max_rel``, ``p99_abs``, ``mean_abs``, ``cosine``, ``sqnr_db`` over all timesteps together and ``passed``.
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from slimexport.config import VerifyConfig
-from slimexport.verify.metrics import Tolerance, compare
+from slimexport.verify.metrics import Tolerance, compare, relative_l2
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a bowl of fruit on a wooden table, oil painting",
                    "a lighthouse in fog", "a crowded night market with neon signs")
@@ -98,7 +100,7 @@ def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg:
     for feeds in inputs:
         e_d, e_s = torch_eps(dense, feeds), torch_eps(slim, feeds)
         pairs.append((e_s, e_d))
-        per_t[str(float(feeds["timestep"][0]))] = float(np.linalg.norm(e_s - e_d) / max(np.linalg.norm(e_d), 1e-12))
+        per_t[str(float(feeds["timestep"][0]))] = relative_l2(e_s, e_d)
     nan_free = all(np.isfinite(a).all() for a, _ in pairs)
     mean_err = float(np.mean(list(per_t.values())))
     res = summarize(pairs, UNGATED)  # gated below, on ε error
@@ -116,7 +118,7 @@ def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg:
                       cfg.trajectory_steps, cfg.guidance_scale)
         finals.append(out.float().cpu().numpy())
     traj = compare(finals[1], finals[0], UNGATED)
-    traj_rel = float(np.linalg.norm(finals[1] - finals[0]) / max(np.linalg.norm(finals[0]), 1e-12))
+    traj_rel = relative_l2(finals[1], finals[0])
     failed, reasons = [], []
     if not nan_free or not np.isfinite(finals[1]).all():
         failed.append("finite")

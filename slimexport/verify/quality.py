@@ -1,14 +1,17 @@
 """Output-quality metrics of a slim UNet against its dense original.
 
-- :func:`eps_relative_error`: ``||ε_slim − ε_dense|| / ||ε_dense||`` per timestep on fixed inputs (one UNet call).
-- :func:`sample_trajectory` / :func:`final_sample_error`: a fixed-seed DDIM sampling loop with classifier-free
-  guidance, and the relative error of the final latents it reaches with the slim and the dense UNet (the error
-  accumulated over the whole trajectory).
+- :func:`eps_relative_error`: ``||ε_slim − ε_dense|| / ||ε_dense||`` per timestep on fixed inputs (one UNet call);
+  :func:`reference_eps` / :func:`eps_errors` the same with the dense predictions computed once, for many slim UNets.
+- :func:`sample_trajectory` / :func:`final_sample_error`: a fixed-seed sampling run of the model's own scheduler
+  with classifier-free guidance (the calibration sampler, :func:`slimexport.calibrate.runner.denoise`), and the
+  relative error of the final latents it reaches with the slim and the dense UNet (the error accumulated over the
+  whole trajectory).
 - :func:`frechet_distance`: Fréchet distance between two feature sets (Gaussian fit), torch only.
 - :class:`DigitsJudge` (``digits`` model only): a scikit-learn MLP classifier of 16×16 digits that scores generated
   samples by conditional accuracy and by Fréchet distance to real held-out digits in its hidden-layer features.
 
-Everything except :class:`DigitsJudge` is torch-only; the judge needs the ``quality`` extra (scikit-learn).
+Relative errors are :func:`slimexport.verify.metrics.relative_l2`. Everything except :class:`DigitsJudge` is
+torch-only; the judge needs the ``quality`` extra (scikit-learn).
 """
 
 from __future__ import annotations
@@ -17,12 +20,31 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from slimexport.calibrate.runner import denoise
 from slimexport.errors import MissingExtraError, UsageError
+from slimexport.verify.metrics import relative_l2
 
 FD_EPS = 1e-6  # ridge added to covariances before the matrix square root (relative to their mean diagonal)
 
 
 @torch.no_grad()
+def predict_eps(unet, sample: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction ``[B, C, h, w]`` (fp32) at training timestep ``t`` for every sample."""
+    ts = torch.full((sample.shape[0],), int(t), dtype=torch.long, device=sample.device)
+    return unet(sample, ts, encoder_hidden_states=cond).sample.float()
+
+
+def reference_eps(unet, inputs: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> list[tuple]:
+    """``[(t, sample, cond, ε)]``: the reference UNet's predictions on ``inputs`` ``[(t, sample, cond)]``, computed
+    once for :func:`eps_errors` of any number of other UNets."""
+    return [(int(t), x, c, predict_eps(unet, x, t, c)) for t, x, c in inputs]
+
+
+def eps_errors(unet, references: Sequence[tuple]) -> dict[int, float]:
+    """``{t: ||ε_unet − ε_ref|| / ||ε_ref||}`` on the inputs of :func:`reference_eps`'s ``references``."""
+    return {t: relative_l2(predict_eps(unet, x, t, c), ref) for t, x, c, ref in references}
+
+
 def eps_relative_error(dense_unet, slim_unet, sample: torch.Tensor, timesteps: Iterable[int],
                        cond: torch.Tensor) -> dict[int, float]:
     """Relative L2 error of the slim UNet's noise prediction, one number per timestep.
@@ -34,15 +56,9 @@ def eps_relative_error(dense_unet, slim_unet, sample: torch.Tensor, timesteps: I
         cond: [B, L, D] ``encoder_hidden_states``.
 
     Returns:
-        ``{t: ||ε_slim − ε_dense||_F / ||ε_dense||_F}`` over the whole batch, fp32 → Python float.
+        ``{t: ||ε_slim − ε_dense||_F / ||ε_dense||_F}`` over the whole batch, as Python floats.
     """
-    out = {}
-    for t in timesteps:
-        ts = torch.full((sample.shape[0],), int(t), dtype=torch.long, device=sample.device)
-        dense = dense_unet(sample, ts, encoder_hidden_states=cond).sample.float()
-        slim = slim_unet(sample, ts, encoder_hidden_states=cond).sample.float()
-        out[int(t)] = float((slim - dense).norm() / dense.norm().clamp_min(torch.finfo(torch.float32).tiny))
-    return out
+    return eps_errors(slim_unet, reference_eps(dense_unet, [(t, sample, cond) for t in timesteps]))
 
 
 def _conditioning(bundle, prompts_or_labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,17 +86,19 @@ def _conditioning(bundle, prompts_or_labels) -> tuple[torch.Tensor, torch.Tensor
 def sample_trajectory(unet, bundle, prompts_or_labels: Sequence[str] | Sequence[int] | torch.Tensor, seed: int = 0,
                       steps: int = 25, guidance: float = 3.0, height: int | None = None,
                       width: int | None = None) -> torch.Tensor:
-    """Run a fixed-seed DDIM (eta 0) sampling loop with classifier-free guidance and return the final latents.
+    """Run a fixed-seed sampling loop (the bundle's DDIM scheduler, eta 0) with classifier-free guidance and return
+    the final latents.
 
-    Both CFG branches go through the UNet in one batch ``[uncond; cond]``. The starting noise is drawn on the CPU
-    from ``torch.Generator().manual_seed(seed)``, so the same seed gives the same trajectory on any device.
+    The loop is the calibration sampler's (:func:`slimexport.calibrate.runner.denoise`: both CFG branches in one
+    UNet batch ``[uncond; cond]``). The starting noise of the whole batch is one draw on the CPU from
+    ``torch.Generator().manual_seed(seed)``, so the same seed gives the same trajectory on any device.
 
     Args:
         unet: the UNet to sample with (any ``UNet2DConditionModel``-like module).
         bundle: the model bundle (scheduler config, prompt encoder, latent size).
         prompts_or_labels: B prompts, or B class ids for encoders with ``encode_labels`` (``digits``).
         seed: seed of the initial noise.
-        steps: DDIM steps.
+        steps: sampler steps.
         guidance: CFG scale; ``<= 1`` samples with the conditional branch only.
         height, width: image size in pixels (default: the bundle's).
 
@@ -90,22 +108,12 @@ def sample_trajectory(unet, bundle, prompts_or_labels: Sequence[str] | Sequence[
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     cond, uncond = _conditioning(bundle, prompts_or_labels)
-    cfg = guidance > 1.0
-    context = (torch.cat([uncond, cond]) if cfg else cond).to(device, dtype)
     h, w = bundle.latent_size(height, width)
     scheduler = bundle.make_scheduler()
-    scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(cond.shape[0], unet.config.in_channels, h, w, generator=gen).to(device, dtype)
     x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-        eps = unet(x_in, t.to(device), encoder_hidden_states=context).sample
-        if cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x
+    return denoise(unet, scheduler, cond.to(device, dtype), uncond.to(device, dtype), x, steps, guidance)
 
 
 def final_sample_error(dense_unet, slim_unet, bundle, prompts_or_labels, seed: int = 0, steps: int = 25,
@@ -113,13 +121,11 @@ def final_sample_error(dense_unet, slim_unet, bundle, prompts_or_labels, seed: i
     """Error of the slim UNet's final latents on the same seeded trajectory as the dense UNet's.
 
     Returns:
-        ``{"rel_l2": ||x_slim − x_dense|| / ||x_dense||, "max_abs": max |x_slim − x_dense|}`` (fp32).
+        ``{"rel_l2": ||x_slim − x_dense|| / ||x_dense||, "max_abs": max |x_slim − x_dense|}``.
     """
     dense = sample_trajectory(dense_unet, bundle, prompts_or_labels, seed, steps, guidance).float()
     slim = sample_trajectory(slim_unet, bundle, prompts_or_labels, seed, steps, guidance).float()
-    diff = slim - dense
-    return {"rel_l2": float(diff.norm() / dense.norm().clamp_min(torch.finfo(torch.float32).tiny)),
-            "max_abs": float(diff.abs().max())}
+    return {"rel_l2": relative_l2(slim, dense), "max_abs": float((slim - dense).abs().max())}
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:

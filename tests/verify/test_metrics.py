@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from slimexport.errors import ConfigError, UsageError
-from slimexport.verify.metrics import DEFAULT_TOLERANCES, REL_EPS, Tolerance, compare, compare_outputs
+from slimexport.verify.metrics import (
+    DEFAULT_TOLERANCES,
+    REL_EPS,
+    REL_L2_FLOOR,
+    Tolerance,
+    compare,
+    compare_outputs,
+    relative_l2,
+)
 
 LOOSE = Tolerance(atol=10.0, rtol=10.0, min_cosine=-1.0, min_sqnr_db=None)
 
@@ -119,3 +127,17 @@ def test_compare_outputs():
     assert compare_outputs({"latent": np.ones(4)}, ref)["passed"]
     res = compare_outputs({"out_sample": np.ones(4)}, ref)
     assert not res["passed"] and res["failed"] == ["latent"] and res["outputs"]["latent"]["failed"] == ["missing"]
+
+
+def test_relative_l2_by_hand_on_arrays_and_tensors():
+    import torch
+
+    a = np.array([[3.0, 0.0], [0.0, 0.0]], dtype=np.float32)
+    b = np.array([[0.0, 0.0], [0.0, 4.0]], dtype=np.float32)
+    assert relative_l2(a, b) == pytest.approx(5.0 / 4.0, rel=1e-12)  # ‖(3, -4)‖ / ‖4‖
+    assert relative_l2(torch.from_numpy(a).half(), torch.from_numpy(b)) == pytest.approx(1.25, rel=1e-12)
+    assert relative_l2(b, b) == 0.0
+    assert relative_l2(a, np.zeros_like(a)) == pytest.approx(3.0 / REL_L2_FLOOR)  # finite for a zero reference
+    assert math.isnan(relative_l2(np.array([np.nan, 1.0]), np.array([1.0, 1.0])))
+    with pytest.raises(UsageError, match="same shape"):
+        relative_l2(a, b.ravel())

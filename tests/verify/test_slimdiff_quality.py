@@ -10,22 +10,16 @@ import torch
 from slimexport.api import compress
 from slimexport.config import AllocConfig, CalibConfig, CompressConfig, DecomposeConfig
 from slimexport.models import load_model
-from slimexport.verify.quality import sample_trajectory
+from slimexport.verify.quality import eps_errors, reference_eps, sample_trajectory
 
 pytestmark = pytest.mark.slow
 
 TIMESTEPS = (999, 750, 500, 250, 50)
 
 
-@torch.no_grad()
-def _mean_eps_error(dense, slim, inputs) -> float:
-    errs = []
-    for t, x, ctx in inputs:
-        ts = torch.full((len(x),), t, dtype=torch.long)
-        ref = dense(x, ts, encoder_hidden_states=ctx).sample
-        out = slim(x, ts, encoder_hidden_states=ctx).sample
-        errs.append(float((out - ref).norm() / ref.norm()))
-    return sum(errs) / len(errs)
+def _mean_eps_error(slim, references) -> float:
+    errs = eps_errors(slim, references)
+    return sum(errs.values()) / len(errs)
 
 
 def test_slimdiff_eps_error_below_plain_svd(tmp_path):
@@ -58,11 +52,12 @@ def test_slimdiff_eps_error_below_plain_svd(tmp_path):
     with torch.no_grad():
         ctx = torch.cat([bundle.encoder.encode([""] * 10)[0], bundle.encoder.encode_labels(labels)])
     inputs = [(t, torch.cat([sched.add_noise(x0, noise, torch.full((10,), t, dtype=torch.long))] * 2), ctx) for t in TIMESTEPS]
+    refs = reference_eps(dense, inputs)
 
-    err_slimdiff = _mean_eps_error(dense, slimdiff.load_slim().eval(), inputs)
-    err_plain = _mean_eps_error(dense, plain.load_slim().eval(), inputs)
+    err_slimdiff = _mean_eps_error(slimdiff.load_slim().eval(), refs)
+    err_plain = _mean_eps_error(plain.load_slim().eval(), refs)
     assert 0 < err_slimdiff < err_plain, (err_slimdiff, err_plain)
     assert greedy.plan["allocation"]["kept"] <= greedy.plan["allocation"]["target"] + 1e-6
-    err_greedy = _mean_eps_error(dense, greedy.load_slim().eval(), inputs)
-    err_uniform = _mean_eps_error(dense, uniform.load_slim().eval(), inputs)
+    err_greedy = _mean_eps_error(greedy.load_slim().eval(), refs)
+    err_uniform = _mean_eps_error(uniform.load_slim().eval(), refs)
     assert 0 < err_greedy < min(err_uniform, err_slimdiff), (err_greedy, err_uniform, err_slimdiff)
