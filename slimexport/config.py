@@ -259,10 +259,18 @@ class CompressConfig(_Config):
     calib: CalibConfig = field(default_factory=CalibConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     alloc: AllocConfig = field(default_factory=AllocConfig)
+    config_of: str | None = None  # registry architecture of a single-file checkpoint; None: detected from its keys
 
     def __post_init__(self):
         n = type(self).__name__
-        _check(n, "model", self.model, isinstance(self.model, str) and self.model.strip() != "", "a registry name, a local folder or a hub id")
+        _check(n, "model", self.model, isinstance(self.model, str) and self.model.strip() != "",
+               "a registry name, a local folder, a .safetensors checkpoint or a hub id")
+        if self.config_of is not None:  # torch is imported only when the field is set
+            from slimexport.models.registry import checkpoint_configs
+
+            usable = checkpoint_configs()
+            _check(n, "config_of", self.config_of, self.config_of in usable and self.random_weights is False,
+                   f"None or one of {', '.join(usable)}, for a single-file checkpoint (not with random_weights)")
         _check(n, "device", self.device, _is_device(self.device), "auto, cpu or cuda[:N]")
         _check(n, "calib_dtype", self.calib_dtype, self.calib_dtype in ("auto",) + DTYPES, "auto, fp32, fp16 or bf16")
         _check(n, "random_weights", self.random_weights, isinstance(self.random_weights, bool), "true or false")

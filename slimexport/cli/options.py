@@ -72,7 +72,8 @@ def parse_temperature(ctx, param, value: str | None):
 
 
 model_options = _compose(
-    click.option("--model", "-m", default=None, help="Registry name (digits, tiny, sd14, sd15, sd21-base), local diffusers folder or hub id. [default: digits]"),
+    click.option("--model", "-m", default=None, help="Registry name (digits, tiny, sd14, sd15, sd21-base), local diffusers folder, single-file .safetensors checkpoint or hub id. [default: digits]"),
+    click.option("--config-of", default=None, help="Registry architecture of a single-file checkpoint (sd15, sd21-base, tiny, ...). [default: detected from its keys]"),
     click.option("--random-weights", is_flag=True, default=None, help="Build the registry architecture with seeded random weights (no download)."),
     click.option("--device", default=None, help="auto, cpu or cuda[:N]. [default: auto]"),
 )
@@ -186,7 +187,8 @@ def _set(obj, **changes):
 
 # The flag that sets each config field (compress_config and build_config below apply them): a ConfigError names it.
 CONFIG_FLAGS = {
-    **{("CompressConfig", f): flag for f, flag in (("model", "--model"), ("device", "--device"), ("calib_dtype", "--calib-dtype"))},
+    **{("CompressConfig", f): flag for f, flag in (
+        ("model", "--model"), ("config_of", "--config-of"), ("device", "--device"), ("calib_dtype", "--calib-dtype"))},
     **{("CalibConfig", f): flag for f, flag in (
         ("num_prompts", "--calib-prompts"), ("num_steps", "--calib-steps"), ("num_bins", "--calib-bins"),
         ("batch_size", "--calib-batch"), ("guidance_scale", "--guidance"), ("height", "--calib-size"),
@@ -221,7 +223,7 @@ def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
                  metric=o.get("budget_metric"))
     random_weights = base.random_weights if o.get("random_weights") is None else o["random_weights"]
     return _set(base, model=_model_arg(o.get("model"), random_weights), random_weights=o.get("random_weights"), device=o.get("device"),
-                calib_dtype=o.get("calib_dtype")).replace(calib=calib, decompose=decompose, alloc=alloc)
+                calib_dtype=o.get("calib_dtype"), config_of=o.get("config_of")).replace(calib=calib, decompose=decompose, alloc=alloc)
 
 
 __all__ = ["AllocConfig", "CalibConfig", "DecomposeConfig", "compress_config", "compress_options", "load_config_file", "model_options"]

@@ -11,7 +11,7 @@ from importlib import resources
 
 import torch
 
-from slimexport.models.registry import TINY_VAE
+from slimexport.models.registry import TINY_TEXT, TINY_VAE
 
 
 def char_tokenizer(max_length: int = 77):
@@ -47,6 +47,13 @@ def build_text_encoder(text_config: dict, tokenizer, seed: int = 0):
         torch.manual_seed(seed)
         model = CLIPTextModel(CLIPTextConfig(**cfg, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
     return model.eval().requires_grad_(False)
+
+
+def stand_in_text_encoder(width: int, seed: int = 0):
+    """``(tokenizer, text_encoder)`` for a UNet that came without its text encoder: the character tokenizer and a
+    random one-head ``tiny``-sized CLIP text encoder of the UNet's context ``width`` (conditioning, not meaning)."""
+    tokenizer = char_tokenizer()
+    return tokenizer, build_text_encoder(dict(TINY_TEXT, hidden_size=width, num_attention_heads=1), tokenizer, seed)
 
 
 def build_vae(config: dict, seed: int = 0):

@@ -1,9 +1,10 @@
-"""Model loading: registry name → built-in model, random weights, local folder, local HF cache, hub.
+"""Model loading: registry name → built-in model, random weights, local folder or file, local HF cache, hub.
 
 Lookup order for ``--model X``: built-in (``tiny``, ``digits``) → ``--random-weights`` (registry config) →
-local folder → local Hugging Face cache (offline) → the hub, only if it answers within seconds. Weights are
-read from safetensors only: a folder with only pickled ``.bin`` weights is refused; one with a single variant
-(``*.fp16.safetensors``) and no default weights loads that variant. Only SD1.x/SD2.x text-to-image UNets load.
+local folder, or single-file checkpoint (``models/single_file.py``) → local Hugging Face cache (offline) → the hub,
+only if it answers within seconds. Weights are read from safetensors only: a folder with only pickled ``.bin``
+weights is refused; one with a single variant (``*.fp16.safetensors``) and no default weights loads that variant.
+Only SD1.x/SD2.x text-to-image UNets load.
 """
 
 from __future__ import annotations
@@ -21,10 +22,25 @@ import torch
 
 from slimexport.artifacts import sha256_json
 from slimexport.errors import ModelNotFoundError, UsageError
-from slimexport.models.build import build_text_encoder, build_tiny_vae, build_unet, char_tokenizer
+from slimexport.models.build import (
+    build_text_encoder,
+    build_tiny_vae,
+    build_unet,
+    char_tokenizer,
+    stand_in_text_encoder,
+)
 from slimexport.models.bundle import CLIPPromptEncoder, ModelBundle, move
 from slimexport.models.digits import load_digits
-from slimexport.models.registry import SD_SCHEDULER, TINY_TEXT, ModelSpec, get_spec, names
+from slimexport.models.registry import (
+    SD_SCHEDULER,
+    SUPPORTED_FIX,
+    TINY_TEXT,
+    ModelSpec,
+    check_supported_unet,
+    get_spec,
+    names,
+)
+from slimexport.models.single_file import PICKLE_SUFFIXES, load_single_file
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +85,6 @@ def _read_json_object(path: Path) -> dict:
         raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object",
                          "re-download the model or restore that file")
     return data
-
-
-_SUPPORTED_FIX = "slimexport handles SD1.x/SD2.x text-to-image UNets only; pass one of those (e.g. a Stable Diffusion 1.5 or 2.1 folder)"
-
-
-def check_supported_unet(config: dict, where: str | Path) -> None:
-    """Refuse UNets that are not SD1.x/SD2.x text-to-image ones: calibration feeds only (latents, timestep, text).
-
-    Raises:
-        UsageError: naming the config field that makes the UNet unsupported.
-    """
-    reasons = [
-        ("_class_name", lambda v: v not in (None, "UNet2DConditionModel"), "a UNet of another class"),
-        ("addition_embed_type", lambda v: v is not None, "extra conditioning, as in SDXL"),
-        ("class_embed_type", lambda v: v is not None, "an extra embedding input, as in SD 2.1 unCLIP"),
-        ("num_class_embeds", lambda v: v is not None, "class-label conditioning, as in the SD x4 upscaler"),
-        ("encoder_hid_dim_type", lambda v: v is not None, "a projected text or image embedding, as in Kandinsky or DeepFloyd IF"),
-    ]
-    for key, bad, what in reasons:
-        if bad(config.get(key)):
-            raise UsageError(f"{where}: {key}={config[key]!r} ({what}) is not supported", _SUPPORTED_FIX)
-    c_in, c_out = config.get("in_channels", 4), config.get("out_channels", 4)
-    if c_in != c_out:
-        raise UsageError(f"{where}: in_channels={c_in} != out_channels={c_out} (an inpainting, depth or "
-                         "image-conditioned UNet) is not supported", _SUPPORTED_FIX)
 
 
 def _weights_variant(folder: Path, stem: str) -> str | None:
@@ -195,7 +186,7 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
         second = [k for k in ("text_encoder_2", "tokenizer_2") if index.get(k) not in (None, [None, None])]
         if second:
             raise UsageError(f"{folder}: a pipeline with {' and '.join(second)} (a second text encoder, as in SDXL) "
-                             "is not supported", _SUPPORTED_FIX)
+                             "is not supported", SUPPORTED_FIX)
         unet_dir = folder / "unet"
         if not unet_dir.is_dir():
             raise UsageError(f"pipeline folder {folder} has no unet/ subfolder", "pass a complete diffusers pipeline folder")
@@ -233,9 +224,7 @@ def _load_folder(folder: Path, name: str, source: str) -> ModelBundle:
             "%s is a UNet-only folder: calibration conditions on a random text encoder of width %d; "
             "pass the pipeline folder for real prompt conditioning", folder, unet.config.cross_attention_dim,
         )
-        tokenizer = char_tokenizer()
-        text_cfg = dict(TINY_TEXT, hidden_size=unet.config.cross_attention_dim, num_attention_heads=1)
-        text_encoder = build_text_encoder(text_cfg, tokenizer)
+        tokenizer, text_encoder = stand_in_text_encoder(unet.config.cross_attention_dim)
         components = {"tokenizer": tokenizer, "text_encoder": text_encoder}
         encoder = CLIPPromptEncoder(tokenizer, text_encoder)
         sched_cfg, vae_scale, unet_dir_str = dict(SD_SCHEDULER), 8, str(folder)
@@ -315,19 +304,25 @@ def local_path(model: str, random_weights: bool = False) -> Path | None:
     return path if path.exists() else None
 
 
-def load_model(model: str, random_weights: bool = False, seed: int = 0) -> ModelBundle:
+def load_model(model: str, random_weights: bool = False, seed: int = 0, config_of: str | None = None) -> ModelBundle:
     """Resolve ``model`` and load it on the CPU in fp32.
 
     Args:
         model: a registry name (``sd14``, ``sd15``, ``sd21-base``, ``tiny``, ``digits``), a local diffusers folder
-            (pipeline or UNet) or a hub id.
+            (pipeline or UNet), a single-file ``.safetensors`` checkpoint in the original SD layout, or a hub id.
         random_weights: build the registry architecture with seeded random weights instead of loading weights.
         seed: seed of the random weights.
+        config_of: registry architecture of a single-file checkpoint (``None``: detected from its keys).
 
     Raises:
         ModelNotFoundError: within seconds, with the command that gets the model.
+        UsageError: ``config_of`` for something other than a single file; see also :func:`load_single_file`.
     """
     spec = get_spec(model)
+    path = local_path(model, random_weights)
+    if config_of is not None and (path is None or not path.is_file()):
+        raise UsageError(f"--config-of {config_of} applies to a single-file checkpoint, and '{model}' is not a file",
+                         "drop --config-of (a folder's or registry model's config is its own)")
     if spec is not None and spec.builtin:
         if spec.name == "digits":
             return load_digits()
@@ -336,13 +331,17 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
         if spec is None:
             raise UsageError(f"--random-weights needs a registry name, got '{model}'", f"use one of {', '.join(names())}")
         return _random_bundle(spec, "random", seed)
-    path = local_path(model, random_weights)
     if path is not None:
+        if path.is_file():
+            return load_single_file(path, model, config_of)
         return _load_folder(path, model, f"local:{path.resolve()}")
+    if Path(model).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+        raise ModelNotFoundError(f"checkpoint file {model} does not exist", "check the path (relative paths start "
+                                 "from the current folder)")
     if spec is None and ("/" not in model or model.startswith((".", "/", "~"))):
         raise ModelNotFoundError(
-            f"'{model}' is neither a registry name, an existing folder nor a hub id",
-            f"use one of {', '.join(names())}, a diffusers folder, or a hub id like owner/name",
+            f"'{model}' is neither a registry name, an existing folder or file nor a hub id",
+            f"use one of {', '.join(names())}, a diffusers folder, a .safetensors checkpoint, or a hub id like owner/name",
         )
     repo_id = spec.hub_id if spec is not None else model
     cached = _from_cache(repo_id)

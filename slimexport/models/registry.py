@@ -7,6 +7,9 @@ this module is the one place that knows it. Everywhere else uses ``num_heads`` a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from slimexport.errors import UsageError
 
 # Stable Diffusion's own training schedule (scaled-linear betas); the calibration sampler is DDIM on it.
 SD_SCHEDULER = {
@@ -179,6 +182,31 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+SUPPORTED_FIX = "slimexport handles SD1.x/SD2.x text-to-image UNets only; pass one of those (e.g. a Stable Diffusion 1.5 or 2.1 folder)"
+
+
+def check_supported_unet(config: dict, where: str | Path) -> None:
+    """Refuse UNets that are not SD1.x/SD2.x text-to-image ones: calibration feeds only (latents, timestep, text).
+
+    Raises:
+        UsageError: naming the config field that makes the UNet unsupported.
+    """
+    reasons = [
+        ("_class_name", lambda v: v not in (None, "UNet2DConditionModel"), "a UNet of another class"),
+        ("addition_embed_type", lambda v: v is not None, "extra conditioning, as in SDXL"),
+        ("class_embed_type", lambda v: v is not None, "an extra embedding input, as in SD 2.1 unCLIP"),
+        ("num_class_embeds", lambda v: v is not None, "class-label conditioning, as in the SD x4 upscaler"),
+        ("encoder_hid_dim_type", lambda v: v is not None, "a projected text or image embedding, as in Kandinsky or DeepFloyd IF"),
+    ]
+    for key, bad, what in reasons:
+        if bad(config.get(key)):
+            raise UsageError(f"{where}: {key}={config[key]!r} ({what}) is not supported", SUPPORTED_FIX)
+    c_in, c_out = config.get("in_channels", 4), config.get("out_channels", 4)
+    if c_in != c_out:
+        raise UsageError(f"{where}: in_channels={c_in} != out_channels={c_out} (an inpainting, depth or "
+                         "image-conditioned UNet) is not supported", SUPPORTED_FIX)
+
+
 def register(spec: ModelSpec) -> None:
     REGISTRY[spec.name] = spec
 
@@ -189,3 +217,9 @@ def get_spec(name: str) -> ModelSpec | None:
 
 def names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def checkpoint_configs() -> list[str]:
+    """The registry names a single-file checkpoint can be loaded as (``--config-of``): those with a CLIP text
+    encoder config, i.e. all but ``digits``."""
+    return sorted(n for n, spec in REGISTRY.items() if spec.text_config is not None)
