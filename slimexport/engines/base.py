@@ -29,6 +29,8 @@ CONTEXT = "encoder_hidden_states"
 INPUT_NAMES = (SAMPLE, TIMESTEP, CONTEXT)
 OUTPUT_NAMES = ("latent", "out_sample")  # TensorRT demo, Hugging Face Optimum
 BATCH_AXIS, HEIGHT_AXIS, WIDTH_AXIS = "2B", "H", "W"
+TIMESTEP_AXIS = "Bt"  # the exported timestep's own axis: 1 (broadcast to every row) or 2B
+TIMESTEP_DTYPES = ("float32", "sample")  # the timestep input's dtype: float32, or the sample's
 NUM_TRAIN_TIMESTEPS = 1000  # SD's training schedule: timesteps live in [0, 1000)
 
 NP_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -36,11 +38,17 @@ BF16_BACKENDS = ("openvino",)  # bf16 engines: computed from the fp32 export, fl
 
 
 def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels: int, seq_len: int,
-                 context_dim: int) -> dict:
+                 context_dim: int, broadcast_timestep: bool = False, timestep_dtype: str = "float32") -> dict:
     """The I/O spec recorded in export results and manifests.
 
     Shapes use the axis names ``2B``, ``H``, ``W`` for dynamic dimensions and integers for static ones.
-    ``timestep`` is always float32 (fp16 cannot hold fractional timesteps near 1000), shape ``[2B]``.
+    ``timestep`` is float32 by default (fp16 cannot hold fractional timesteps near 1000). Its shape is ``[2B]``,
+    or with ``broadcast_timestep`` (what the ONNX export does) ``[Bt]``, an axis of its own that is 1 (one
+    timestep for every row, as diffusers' ONNX pipelines and the TensorRT demo pass it) or 2B; the entry then
+    says so: ``"sizes": {"Bt": [1, "2B"]}``. Every engine accepts both (see :func:`check_feeds`).
+
+    Args:
+        timestep_dtype: ``float32``, or ``sample``: the sample's dtype (float16 for fp16).
 
     Returns:
         ``{"inputs": [{"name", "dtype", "shape"}...], "outputs": [...], "dynamic_axes": {name: {label: axis}}}``
@@ -50,10 +58,15 @@ def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels
         raise UsageError(f"dtype={dtype!r} is not supported for UNet I/O", "use fp32 or fp16")
     if output_name not in OUTPUT_NAMES:
         raise UsageError(f"output_name={output_name!r} is not supported", f"use one of {', '.join(OUTPUT_NAMES)}")
+    if timestep_dtype not in TIMESTEP_DTYPES:
+        raise UsageError(f"timestep_dtype={timestep_dtype!r} is not supported", f"use one of {', '.join(TIMESTEP_DTYPES)}")
     act = NP_DTYPES[dtype]
+    timestep = {"name": TIMESTEP, "dtype": act if timestep_dtype == "sample" else "float32", "shape": [BATCH_AXIS]}
+    if broadcast_timestep:
+        timestep.update(shape=[TIMESTEP_AXIS], sizes={TIMESTEP_AXIS: [1, BATCH_AXIS]})
     inputs = [
         {"name": SAMPLE, "dtype": act, "shape": [BATCH_AXIS, in_channels, HEIGHT_AXIS, WIDTH_AXIS]},
-        {"name": TIMESTEP, "dtype": "float32", "shape": [BATCH_AXIS]},
+        timestep,
         {"name": CONTEXT, "dtype": act, "shape": [BATCH_AXIS, seq_len, context_dim]},
     ]
     outputs = [{"name": output_name, "dtype": act, "shape": [BATCH_AXIS, out_channels, HEIGHT_AXIS, WIDTH_AXIS]}]
@@ -63,35 +76,49 @@ def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels
     return {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes}
 
 
-def io_spec_for_unet(unet, *, dtype: str = "fp32", output_name: str = "latent", seq_len: int = 77) -> dict:
+def io_spec_for_unet(unet, *, dtype: str = "fp32", output_name: str = "latent", seq_len: int = 77,
+                     broadcast_timestep: bool = False, timestep_dtype: str = "float32") -> dict:
     """:func:`unet_io_spec` read off a diffusers ``UNet2DConditionModel``'s config."""
     cfg = unet.config
     return unet_io_spec(dtype=dtype, output_name=output_name, in_channels=int(cfg.in_channels),
-                        out_channels=int(cfg.out_channels), seq_len=seq_len, context_dim=int(cfg.cross_attention_dim))
+                        out_channels=int(cfg.out_channels), seq_len=seq_len, context_dim=int(cfg.cross_attention_dim),
+                        broadcast_timestep=broadcast_timestep, timestep_dtype=timestep_dtype)
 
 
-def make_feeds(io_spec: dict, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_feeds(io_spec: dict, batch: int, height: int, width: int, seed: int = 0,
+               one_timestep: bool = False) -> dict[str, np.ndarray]:
     """Seeded random inputs matching ``io_spec``: ``sample`` and ``encoder_hidden_states`` ~ N(0, 1), timesteps
-    spread over [0, 999] (fractional, as samplers produce them).
+    spread over [0, 999] (fractional, as samplers produce them), in the timestep's dtype.
 
     Args:
         batch: the ``2B`` axis; height, width: latent cells.
+        one_timestep: ``timestep`` of shape ``[1]`` (one for every row) instead of one per row.
     """
     rng = np.random.default_rng(seed)
-    dims = {BATCH_AXIS: batch, HEIGHT_AXIS: height, WIDTH_AXIS: width}
+    dims = {BATCH_AXIS: batch, HEIGHT_AXIS: height, WIDTH_AXIS: width, TIMESTEP_AXIS: batch}
     feeds = {}
     for entry in io_spec["inputs"]:
         shape = [dims[d] if isinstance(d, str) else int(d) for d in entry["shape"]]
         if entry["name"] == TIMESTEP:
-            feeds[TIMESTEP] = rng.uniform(0, NUM_TRAIN_TIMESTEPS - 1, size=shape).astype(np.float32)
+            shape = [1] if one_timestep else shape
+            feeds[TIMESTEP] = rng.uniform(0, NUM_TRAIN_TIMESTEPS - 1, size=shape).astype(entry["dtype"])
         else:
             feeds[entry["name"]] = rng.standard_normal(shape).astype(entry["dtype"])
     return feeds
 
 
+def _timestep_dtypes(io_spec: dict) -> list[str]:
+    """The timestep dtypes engines take: the graph's, float32 and the sample's (converted to the graph's)."""
+    types = {e["name"]: e["dtype"] for e in io_spec["inputs"]}
+    return list(dict.fromkeys([types[TIMESTEP], "float32", types.get(SAMPLE, "float32")]))
+
+
 def check_feeds(io_spec: dict, feeds: Mapping[str, np.ndarray]) -> None:
     """Refuse feeds whose names, dtypes, ranks or static sizes differ from ``io_spec``, or whose ``2B``/``H``/``W``
-    sizes disagree between inputs, with a one-line :class:`UsageError`."""
+    sizes disagree between inputs, with a one-line :class:`UsageError`.
+
+    ``timestep`` may be ``[1]`` (one timestep for every row) or ``[2B]``, in float32 or the sample's dtype,
+    whatever the graph declares: :func:`conform_feeds` converts it."""
     names = [e["name"] for e in io_spec["inputs"]]
     missing = [n for n in names if n not in feeds]
     extra = sorted(set(feeds) - set(names))
@@ -101,6 +128,8 @@ def check_feeds(io_spec: dict, feeds: Mapping[str, np.ndarray]) -> None:
     seen: dict[str, tuple[int, str]] = {}
     for entry in io_spec["inputs"]:
         name, arr = entry["name"], feeds[entry["name"]]
+        if name == TIMESTEP:
+            continue  # below: its size depends on 2B
         if str(arr.dtype) != entry["dtype"]:
             raise UsageError(f"input {name} has dtype {arr.dtype}, the engine takes {entry['dtype']}",
                              f"cast it with .astype(np.{entry['dtype']})")
@@ -116,6 +145,30 @@ def check_feeds(io_spec: dict, feeds: Mapping[str, np.ndarray]) -> None:
             elif int(want) != got:
                 raise UsageError(f"input {name} has size {got} on axis {axis}, the engine takes {want}",
                                  f"pass shape {entry['shape']}")
+    if TIMESTEP in names:
+        arr, ok = feeds[TIMESTEP], _timestep_dtypes(io_spec)
+        if str(arr.dtype) not in ok:
+            raise UsageError(f"input {TIMESTEP} has dtype {arr.dtype}, the engine takes {' or '.join(ok)}",
+                             f"cast it with .astype(np.{ok[0]})")
+        rows = seen.get(BATCH_AXIS, (None,))[0]
+        if arr.ndim != 1 or arr.shape[0] not in (1, rows):
+            raise UsageError(f"input {TIMESTEP} has shape {list(arr.shape)}, the engine takes [1] (one timestep for every "
+                             f"row) or [2B] = [{rows}]", "pass one timestep, or one per sample row")
+
+
+def conform_feeds(io_spec: dict, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds :func:`check_feeds` accepted, as the graph takes them: ``timestep`` cast to its declared dtype, and
+    a ``[1]`` timestep repeated to ``[2B]`` where the graph ties its axis to the batch (``[2B]``)."""
+    out = dict(feeds)
+    entry = next((e for e in io_spec["inputs"] if e["name"] == TIMESTEP), None)
+    if entry is None or TIMESTEP not in out:
+        return out
+    t = out[TIMESTEP].astype(entry["dtype"], copy=False)
+    rows = int(out[SAMPLE].shape[0]) if SAMPLE in out else t.shape[0]
+    if entry["shape"][0] == BATCH_AXIS and t.shape[0] == 1 and rows != 1:
+        t = np.repeat(t, rows)
+    out[TIMESTEP] = t
+    return out
 
 
 @dataclass(frozen=True)
@@ -310,13 +363,15 @@ class Engine(ABC):
         Raises:
             UsageError: wrong names, dtypes or ranks, or a shape outside :attr:`profile`.
         """
-        self.check(feeds)
-        return self._run(feeds)
+        return self._run(self.check(feeds))
 
-    def check(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def check(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Refuse feeds the engine cannot take (:func:`check_feeds`, :attr:`profile`); returns them as its graph
+        takes them (:func:`conform_feeds`: a ``[1]`` or sample-dtype timestep converted)."""
         check_feeds(self.io_spec, feeds)
         if self.profile is not None:
             self.profile.check_feeds(feeds)
+        return conform_feeds(self.io_spec, feeds)
 
     @abstractmethod
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -325,8 +380,7 @@ class Engine(ABC):
         """Stage ``feeds`` once and return a zero-argument call that runs the engine on them (what timing loops
         call). Backends that can keep inputs and outputs on the device override this; the default runs
         :meth:`run` and so includes host transfers."""
-        self.check(feeds)
-        staged = dict(feeds)
+        staged = self.check(feeds)
         return lambda: self._run(staged)
 
     def info(self) -> dict:

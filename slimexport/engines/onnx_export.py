@@ -18,7 +18,12 @@ Pipeline (``export_unet_onnx``):
    atomically (built beside the target, then renamed).
 
 fp16: the UNet is converted (a copy; the caller's model is untouched) to half precision with GroupNorm and
-LayerNorm kept in fp32 (``Cast -> norm -> Cast``); ``timestep`` stays float32.
+LayerNorm kept in fp32 (``Cast -> norm -> Cast``); ``timestep`` stays float32 unless ``timestep_dtype="sample"``.
+
+``timestep`` has an axis of its own (``Bt``), so the graph takes ``[1]`` (one timestep for every row: diffusers'
+``UNet2DConditionModel`` expands it to the batch, which exports as an ONNX ``Expand``) as well as ``[2B]``. Naming
+it ``2B`` would make TensorRT hold it equal to the sample's batch and refuse the ``[1]`` that diffusers' ONNX
+pipelines and the TensorRT demo pass.
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ from pathlib import Path
 import torch
 
 from slimexport.artifacts import atomic_dir, read_json, sha256_file, write_json
-from slimexport.engines.base import CONTEXT, INPUT_NAMES, OUTPUT_NAMES, SAMPLE, TIMESTEP, io_spec_for_unet
+from slimexport.engines.base import (
+    CONTEXT,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    SAMPLE,
+    TIMESTEP,
+    TIMESTEP_DTYPES,
+    io_spec_for_unet,
+)
 from slimexport.errors import ArtifactError, UsageError
 
 log = logging.getLogger(__name__)
@@ -62,7 +75,8 @@ class ExportResult:
     Attributes:
         onnx_path, data_path: ``model.onnx`` and its single external-data file ``model.onnx_data``.
         onnx_sha256, data_sha256: digests of both files.
-        io_spec: names, dtypes, shapes (``2B``/``H``/``W`` dynamic) of inputs and outputs.
+        io_spec: names, dtypes, shapes (``2B``/``H``/``W`` dynamic; the timestep's ``Bt``: 1 or 2B) of inputs and
+            outputs.
         opset, dtype: ONNX opset and ``fp32``/``fp16``.
         export_seconds: wall time of the whole export (trace, passes, writing, checks).
         size_bytes: size of both files together.
@@ -280,12 +294,12 @@ def _versions() -> dict:
 
 def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str = "fp32", output_name: str = "latent",
                      sample_shape: tuple[int, int, int, int] | None = None,
-                     context_shape: tuple[int, int, int] | None = None) -> ExportResult:
+                     context_shape: tuple[int, int, int] | None = None, timestep_dtype: str = "float32") -> ExportResult:
     """Export a dense or slim diffusers UNet to ``out_dir/model.onnx`` + ``out_dir/model.onnx_data``.
 
-    Inputs ``sample [2B, C, H, W]`` (fp16 for an fp16 export, else fp32), ``timestep [2B]`` float32,
-    ``encoder_hidden_states [2B, L, D]``; output ``latent`` (or ``out_sample``) ``[2B, C, H, W]``. ``2B``, ``H``
-    and ``W`` are dynamic; ``L`` is static (77 for SD).
+    Inputs ``sample [2B, C, H, W]`` (fp16 for an fp16 export, else fp32), ``timestep [Bt]`` float32 (``Bt`` is 1
+    or 2B), ``encoder_hidden_states [2B, L, D]``; output ``latent`` (or ``out_sample``) ``[2B, C, H, W]``. ``2B``,
+    ``Bt``, ``H`` and ``W`` are dynamic; ``L`` is static (77 for SD).
 
     Args:
         unet: a ``UNet2DConditionModel`` (dense or slim), any device; its weights are never modified (it is put in eval mode).
@@ -295,6 +309,9 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
         output_name: ``latent`` (TensorRT demo) or ``out_sample`` (Optimum).
         sample_shape: ``(2B, C, h, w)`` to trace with; default ``(2, C, sample_size, sample_size)``.
         context_shape: ``(2B, L, D)`` to trace with; default ``(2B, 77, cross_attention_dim)``.
+        timestep_dtype: ``float32``, or ``sample``: the sample's dtype (float16 in an fp16 export), for runtimes
+            that bind the timestep in the sample's dtype (integer timesteps up to 2048 are exact in float16;
+            fractional ones near 1000 round to 0.5).
 
     Returns:
         :class:`ExportResult` (also written to ``out_dir/export.json``).
@@ -310,9 +327,12 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
         raise UsageError(f"dtype={dtype!r} is not supported for ONNX export", "use fp32 or fp16")
     if output_name not in OUTPUT_NAMES:
         raise UsageError(f"output_name={output_name!r} is not supported", f"use one of {', '.join(OUTPUT_NAMES)}")
+    if timestep_dtype not in TIMESTEP_DTYPES:
+        raise UsageError(f"timestep_dtype={timestep_dtype!r} is not supported", f"use one of {', '.join(TIMESTEP_DTYPES)}")
     t0 = time.perf_counter()
     sample_shape, context_shape = _default_shapes(unet, sample_shape, context_shape)
-    io_spec = io_spec_for_unet(unet, dtype=dtype, output_name=output_name, seq_len=context_shape[1])
+    io_spec = io_spec_for_unet(unet, dtype=dtype, output_name=output_name, seq_len=context_shape[1],
+                               broadcast_timestep=True, timestep_dtype=timestep_dtype)
 
     from slimexport.engines.torch_runner import UNetIO, converted_copy
 
@@ -322,7 +342,8 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
     gen = torch.Generator().manual_seed(0)
     args = (
         torch.randn(sample_shape, generator=gen).to(device, torch_dtype),
-        torch.full((sample_shape[0],), TRACE_TIMESTEP, dtype=torch.float32, device=device),
+        torch.full((sample_shape[0],), TRACE_TIMESTEP, dtype=torch_dtype if timestep_dtype == "sample" else torch.float32,
+                   device=device),
         torch.randn(context_shape, generator=gen).to(device, torch_dtype),
     )
     dynamic_axes = {name: {axis: label for label, axis in axes.items()} for name, axes in io_spec["dynamic_axes"].items()}
@@ -369,11 +390,15 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
 
 
 def _check_io(model, io_spec: dict) -> None:
-    """The graph's inputs/outputs carry the names and element types of ``io_spec``."""
+    """The graph's inputs/outputs carry the names, element types and axes (dynamic by label, static by size) of
+    ``io_spec``."""
     from onnx import helper
 
-    got = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    got = {v.name: (helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, dims(v))
            for v in list(model.graph.input) + list(model.graph.output)}
-    want = {e["name"]: e["dtype"] for e in io_spec["inputs"] + io_spec["outputs"]}
+    want = {e["name"]: (e["dtype"], list(e["shape"])) for e in io_spec["inputs"] + io_spec["outputs"]}
     if got != want:
         raise ArtifactError(f"exported I/O {got} differs from the intended {want}", "report this with the model name")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimexport.engines.base import Engine, EngineConfig
+from slimexport.engines.base import BATCH_AXIS, TIMESTEP, TIMESTEP_AXIS, Engine, EngineConfig
 from slimexport.errors import ArtifactError, MissingExtraError, UsageError
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -51,7 +51,10 @@ def io_spec_from_model(path: Path) -> dict:
 
     def entry(v):
         dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
-        return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, "shape": dims}
+        out = {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, "shape": dims}
+        if v.name == TIMESTEP and dims == [TIMESTEP_AXIS]:  # the export's own timestep axis: 1 or 2B
+            out["sizes"] = {TIMESTEP_AXIS: [1, BATCH_AXIS]}
+        return out
 
     inputs, outputs = [entry(v) for v in model.graph.input], [entry(v) for v in model.graph.output]
     dyn = {e["name"]: {d: i for i, d in enumerate(e["shape"]) if isinstance(d, str)} for e in inputs + outputs}

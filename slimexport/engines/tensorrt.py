@@ -31,6 +31,7 @@ from slimexport.artifacts import atomic_path, read_json, sha256_file, write_json
 from slimexport.engines.base import (
     BATCH_AXIS,
     HEIGHT_AXIS,
+    TIMESTEP_AXIS,
     WIDTH_AXIS,
     Engine,
     EngineConfig,
@@ -129,18 +130,20 @@ def check_compatible(built: Mapping[str, Any], here: DeviceInfo, plan: str | Pat
 
 
 def profile_shapes(profile: EngineProfile, io_spec: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """``{input name: (min shape, opt shape, max shape)}`` for ``polygraphy.backend.trt.Profile.add``."""
+    """``{input name: (min shape, opt shape, max shape)}`` for ``polygraphy.backend.trt.Profile.add``.
+
+    The timestep's own axis ``Bt`` (1 or 2B) spans 1 to the largest batch, so one engine takes both."""
     out = {}
     for entry in io_spec["inputs"]:
         shapes = []
         for k in ("min", "opt", "max"):
             dims = {BATCH_AXIS: getattr(profile, f"{k}_batch"), HEIGHT_AXIS: getattr(profile, f"{k}_height"),
-                    WIDTH_AXIS: getattr(profile, f"{k}_width")}
+                    WIDTH_AXIS: getattr(profile, f"{k}_width"), TIMESTEP_AXIS: 1 if k == "min" else getattr(profile, f"{k}_batch")}
             shape = []
             for d in entry["shape"]:
                 if isinstance(d, str) and d not in dims:
                     raise UsageError(f"input {entry['name']} has a dynamic axis {d!r} the profile does not cover",
-                                     "export with the standard axes 2B, H, W")
+                                     "export with the standard axes 2B, Bt, H, W")
                 shape.append(dims[d] if isinstance(d, str) else int(d))
             shapes.append(tuple(shape))
         out[entry["name"]] = tuple(shapes)

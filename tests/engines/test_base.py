@@ -7,16 +7,23 @@ import numpy as np
 import pytest
 
 from slimexport.engines.base import (
+    Engine,
     EngineConfig,
     EngineProfile,
     build_engine,
     check_feeds,
+    conform_feeds,
     make_feeds,
     unet_io_spec,
 )
 from slimexport.errors import ConfigError, UsageError
 
 SPEC = unet_io_spec(dtype="fp32", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32)
+# what the ONNX export records: the timestep on an axis of its own (1 or 2B)
+EXPORTED = unet_io_spec(dtype="fp32", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32,
+                        broadcast_timestep=True)
+EXPORTED16 = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32,
+                          broadcast_timestep=True)
 
 
 def test_io_spec_shapes_and_axes():
@@ -31,12 +38,67 @@ def test_io_spec_shapes_and_axes():
         unet_io_spec(dtype="int8", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=8)
 
 
+def test_io_spec_timestep_axis_of_its_own():
+    assert EXPORTED["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["Bt"], "sizes": {"Bt": [1, "2B"]}}
+    assert EXPORTED["dynamic_axes"]["timestep"] == {"Bt": 0} and EXPORTED["dynamic_axes"]["sample"]["2B"] == 0
+    assert EXPORTED16["inputs"][1]["dtype"] == "float32"
+    same = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32,
+                        broadcast_timestep=True, timestep_dtype="sample")
+    assert same["inputs"][1]["dtype"] == "float16"
+    with pytest.raises(UsageError, match="timestep_dtype='float64'"):
+        unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32,
+                     timestep_dtype="float64")
+
+
 def test_make_feeds_is_seeded_and_typed():
     a, b = make_feeds(SPEC, 3, 8, 16, seed=1), make_feeds(SPEC, 3, 8, 16, seed=1)
     assert {k: v.shape for k, v in a.items()} == {"sample": (3, 4, 8, 16), "timestep": (3,), "encoder_hidden_states": (3, 77, 32)}
     assert all(v.dtype == np.float32 for v in a.values())
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert ((a["timestep"] >= 0) & (a["timestep"] < 1000)).all()
+    for spec in (SPEC, EXPORTED):
+        assert make_feeds(spec, 3, 8, 8)["timestep"].shape == (3,)
+        one = make_feeds(spec, 3, 8, 8, one_timestep=True)
+        assert one["timestep"].shape == (1,) and one["sample"].shape == (3, 4, 8, 8)
+
+
+@pytest.mark.parametrize("spec", [SPEC, EXPORTED, EXPORTED16], ids=["2B", "Bt", "Bt-fp16"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_one_or_per_row_timesteps_are_accepted(spec, rows):
+    """[1] (diffusers' ONNX pipelines, the TensorRT demo) and [2B]; in float32 or the sample's dtype."""
+    feeds = make_feeds(spec, 3, 8, 8)
+    act = feeds["sample"].dtype
+    for dtype in {np.dtype(np.float32), act}:
+        ts = np.full(rows, 500.0, dtype)
+        check_feeds(spec, dict(feeds, timestep=ts))
+        got = conform_feeds(spec, dict(feeds, timestep=ts))["timestep"]
+        want_rows = 3 if spec is SPEC else rows  # a graph tying the timestep to 2B gets it repeated
+        assert got.dtype == np.float32 and got.shape == (want_rows,) and (got == 500).all()
+
+
+def test_conform_keeps_the_declared_timestep_dtype():
+    spec = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32,
+                        broadcast_timestep=True, timestep_dtype="sample")
+    feeds = make_feeds(spec, 2, 8, 8)
+    assert feeds["timestep"].dtype == np.float16
+    check_feeds(spec, dict(feeds, timestep=np.array([999.0], np.float32)))
+    assert conform_feeds(spec, dict(feeds, timestep=np.array([999.0], np.float32)))["timestep"].dtype == np.float16
+
+
+def test_engine_runs_on_conformed_feeds():
+    class Recorder(Engine):
+        io_spec = SPEC
+
+        def _run(self, feeds):
+            self.fed = feeds
+            return {"latent": feeds["sample"]}
+
+    eng = Recorder()
+    feeds = make_feeds(SPEC, 4, 8, 8, one_timestep=True)
+    eng.run(feeds)
+    assert eng.fed["timestep"].shape == (4,) and (eng.fed["timestep"] == feeds["timestep"][0]).all()
+    eng.prepare(feeds)()
+    assert eng.fed["timestep"].shape == (4,)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -44,14 +106,17 @@ def test_make_feeds_is_seeded_and_typed():
     (lambda f: f.update(extra=np.zeros(1, np.float32)), "extra"),
     (lambda f: f.update(timestep=f["timestep"].astype(np.int64)), "dtype int64"),
     (lambda f: f.update(sample=f["sample"][0]), "rank"),
-    (lambda f: f.update(timestep=np.zeros(5, np.float32)), "2B"),
+    (lambda f: f.update(timestep=np.zeros(5, np.float32)), r"\[1\] \(one timestep for every row\) or \[2B\] = \[2\]"),
+    (lambda f: f.update(timestep=np.zeros((2, 1), np.float32)), r"timestep has shape \[2, 1\]"),
+    (lambda f: f.update(timestep=np.zeros(2, np.float16)), "timestep has dtype float16, the engine takes float32"),
     (lambda f: f.update(encoder_hidden_states=np.zeros((2, 76, 32), np.float32)), "77"),
 ])
-def test_check_feeds_refuses(change, match):
-    feeds = make_feeds(SPEC, 2, 8, 8)
+@pytest.mark.parametrize("spec", [SPEC, EXPORTED], ids=["2B", "Bt"])
+def test_check_feeds_refuses(change, match, spec):
+    feeds = make_feeds(spec, 2, 8, 8)
     change(feeds)
     with pytest.raises(UsageError, match=match) as info:
-        check_feeds(SPEC, feeds)
+        check_feeds(spec, feeds)
     assert "\n" not in str(info.value)
 
 

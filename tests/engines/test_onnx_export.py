@@ -64,7 +64,8 @@ def test_record_and_digests(slim_export):
     rec = json.loads((slim_export.folder / RESULT_FILE).read_text())
     assert rec["onnx_path"] == MODEL_FILE and rec["opset"] == 19 and rec["export_seconds"] > 0
     assert rec["io_spec"]["dynamic_axes"]["sample"] == {"2B": 0, "H": 2, "W": 3}
-    assert rec["io_spec"]["dynamic_axes"]["timestep"] == {"2B": 0}
+    assert rec["io_spec"]["dynamic_axes"]["timestep"] == {"Bt": 0}
+    assert rec["io_spec"]["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["Bt"], "sizes": {"Bt": [1, "2B"]}}
 
 
 def test_read_export_detects_tampering(dense_unet, tmp_path):
@@ -83,7 +84,7 @@ def test_io_names_dtypes_and_dynamic_axes(dense_export):
     ins = {v.name: v for v in model.graph.input}
     assert list(ins) == ["sample", "timestep", "encoder_hidden_states"]
     assert dims(ins["sample"]) == ["2B", 4, "H", "W"]
-    assert dims(ins["timestep"]) == ["2B"]
+    assert dims(ins["timestep"]) == ["Bt"]  # an axis of its own: TensorRT would hold a second "2B" equal to the first
     assert dims(ins["encoder_hidden_states"]) == ["2B", 77, 32]
     assert ins["timestep"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     (out,) = model.graph.output
@@ -125,6 +126,39 @@ def test_fp16_export_loads_and_runs(slim_export_fp16, slim_unet, torch_reference
         assert m["passed"], m["reason"]
 
 
+@pytest.mark.parametrize("which, dtype", [("dense", "fp32"), ("slim", "fp16")])
+def test_one_timestep_or_one_per_row(which, dtype, request, torch_reference):
+    """diffusers' ONNX pipelines and the TensorRT demo pass timestep [1]; samplers in batch pass [2B]. Both run,
+    agree with each other and with PyTorch."""
+    unet = request.getfixturevalue(f"{which}_unet")
+    res = request.getfixturevalue(f"{which}_export" + ("_fp16" if dtype == "fp16" else ""))
+    sess = _ort(res.onnx_path)
+    feeds = make_feeds(res.io_spec, 3, 16, 24, seed=4)
+    one = dict(feeds, timestep=np.array([981.0], np.float32))
+    per_row = dict(feeds, timestep=np.full(3, 981.0, np.float32))
+    (a,), (b,) = sess.run(None, one), sess.run(None, per_row)
+    assert a.shape == b.shape == (3, 4, 16, 24)
+    assert compare(a, b, dtype)["passed"]
+    assert compare(a, torch_reference(unet, per_row), dtype)["passed"]
+    if dtype == "fp32":
+        ref = torch_reference(unet, one)  # diffusers broadcasts a [1] timestep itself
+        assert np.abs(a - ref).max() <= FP32_REL * np.abs(ref).max()
+
+
+def test_timestep_in_the_sample_dtype(slim_unet, tmp_path, torch_reference):
+    """``timestep_dtype="sample"``: the fp16 graph takes an fp16 timestep (the TensorRT demo's convention)."""
+    res = export_unet_onnx(slim_unet, tmp_path / "t16", dtype="fp16", timestep_dtype="sample")
+    entry = res.io_spec["inputs"][1]
+    assert entry["dtype"] == "float16" and entry["shape"] == ["Bt"]
+    ins = {v.name: v for v in _graph(res).graph.input}
+    assert ins["timestep"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    sess = _ort(res.onnx_path)
+    feeds = make_feeds(res.io_spec, 2, 16, 16, seed=6)
+    for ts in (np.array([981.0], np.float16), np.full(2, 981.0, np.float16)):
+        (out,) = sess.run(None, dict(feeds, timestep=ts))
+        assert compare(out, torch_reference(slim_unet, dict(feeds, timestep=ts.astype(np.float32))), "fp16")["passed"]
+
+
 def test_fp16_norms_run_in_fp32(slim_export_fp16):
     model = onnx.load(str(slim_export_fp16.onnx_path), load_external_data=False)
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
@@ -162,6 +196,7 @@ def test_out_sample_name_and_trace_shape(dense_unet, tmp_path, torch_reference):
     ({"sample_shape": (2, 4, 15, 16)}, "sample_shape"),  # tiny downsamples by 2
     ({"sample_shape": (2, 3, 16, 16)}, "sample_shape"),
     ({"context_shape": (2, 77, 64)}, "context_shape"),
+    ({"timestep_dtype": "float16"}, "timestep_dtype"),
 ])
 def test_bad_arguments(dense_unet, tmp_path, kwargs, match):
     with pytest.raises(UsageError, match=match):

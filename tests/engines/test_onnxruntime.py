@@ -86,3 +86,22 @@ def test_fp16_engine_runs_on_cpu(slim_export_fp16, slim_unet, torch_reference):
     assert not compare(out[::-1].copy(), ref, "fp16")["passed"]
     np.testing.assert_array_equal(eng.prepare(feeds)()["latent"], out)
     eng.close()
+
+
+def test_engine_takes_one_timestep_in_either_dtype(slim_export_fp16, slim_unet, torch_reference):
+    """The fp16 engine takes timestep [1] or [2B], float32 or float16 (the sample's dtype), as diffusers' ONNX
+    pipelines and the TensorRT demo pass it, and gives the same output for the same timestep value."""
+    from slimexport.verify.metrics import compare
+
+    eng = OrtEngine(slim_export_fp16.folder)
+    feeds = make_feeds(eng.io_spec, 3, 16, 16, seed=8)
+    per_row = eng.run(dict(feeds, timestep=np.full(3, 501.0, np.float32)))["latent"]
+    ref = torch_reference(slim_unet, dict(feeds, timestep=np.full(3, 501.0, np.float32)))
+    assert compare(per_row, ref, "fp16")["passed"]
+    for ts in (np.array([501.0], np.float32), np.array([501.0], np.float16), np.full(3, 501.0, np.float16)):
+        out = eng.run(dict(feeds, timestep=ts))["latent"]
+        assert compare(out, per_row, "fp16")["passed"], ts
+    with pytest.raises(UsageError, match=r"or \[2B\] = \[3\]"):
+        eng.run(dict(feeds, timestep=np.zeros(2, np.float32)))
+    eng.close()
+

@@ -31,7 +31,8 @@ from slimexport.errors import ArtifactError, IncompatibleArtifactError, MissingE
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.8.0.43")
-SPEC = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=768)
+SPEC = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=768,
+                    broadcast_timestep=True)  # as the ONNX export records it
 
 
 def test_names():
@@ -74,11 +75,13 @@ def test_compatibility_refusal_says_what_differs():
 
 
 def test_profile_shapes():
-    p = EngineProfile(1, 2, 4, 32, 64, 96, 32, 64, 128)
+    p = EngineProfile(2, 2, 4, 32, 64, 96, 32, 64, 128)
     shapes = profile_shapes(p, SPEC)
-    assert shapes["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
-    assert shapes["timestep"] == ((1,), (2,), (4,))
-    assert shapes["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (4, 77, 768))
+    assert shapes["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
+    assert shapes["timestep"] == ((1,), (2,), (4,))  # its own axis: [1] and every [2B] fit one engine
+    assert shapes["encoder_hidden_states"] == ((2, 77, 768), (2, 77, 768), (4, 77, 768))
+    tied = unet_io_spec(dtype="fp16", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=768)
+    assert profile_shapes(p, tied)["timestep"] == ((2,), (2,), (4,))  # exports from before the timestep had its own axis
     bad = {"inputs": [{"name": "x", "dtype": "float16", "shape": ["S", 4]}]}
     with pytest.raises(UsageError, match="dynamic axis 'S'"):
         profile_shapes(p, bad)
