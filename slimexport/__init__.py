@@ -6,7 +6,7 @@ initialise CUDA. The public functions below import what they need when called.
 
 from slimexport._version import __version__
 
-__all__ = ["__version__", "build", "compress", "load_model", "load_slim_unet"]
+__all__ = ["__version__", "build", "compress", "load_model", "load_slim_unet", "save_slim_unet"]
 
 
 def __getattr__(name):
@@ -14,10 +14,10 @@ def __getattr__(name):
         from slimexport import api
 
         return getattr(api, name)
-    if name == "load_slim_unet":
-        from slimexport.slim.apply import load_slim_unet
+    if name in ("load_slim_unet", "save_slim_unet"):
+        from slimexport.slim import apply
 
-        return load_slim_unet
+        return getattr(apply, name)
     if name == "load_model":
         from slimexport.models.load import load_model
 

@@ -116,16 +116,17 @@ def test_a_missing_or_dense_folder_says_what_it_is(tmp_path):
 
 def test_a_changed_weight_survives_save_and_load(slim_tiny, tmp_path):
     """load → change a weight → save_slim_unet → load gives the changed weight (checked against its new sha256)."""
+    import slimexport
     from slimexport.slim.apply import read_slim_plan
 
     unet, _ = slim_tiny
     first = save_slim_unet(unet, tmp_path / "slim", plan={"model": "tiny"})
-    loaded = load_slim_unet(first)
+    loaded = slimexport.load_slim_unet(first)
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     with torch.no_grad():
         loaded.get_submodule(name.rsplit(".", 1)[0]).weight[0, 0] += 1.0
     changed = loaded.state_dict()[name].clone()
-    assert save_slim_unet(loaded, tmp_path / "again") == tmp_path / "again"
+    assert slimexport.save_slim_unet(loaded, tmp_path / "again") == tmp_path / "again"  # public, from the top level
     back = load_slim_unet(tmp_path / "again")  # sha256 checked against the new plan
     assert torch.equal(back.state_dict()[name], changed) and not torch.equal(back.state_dict()[name], unet.state_dict()[name])
     assert shapes_of(back) == shapes_of(unet)
