@@ -40,7 +40,7 @@ FAMILIES = ("sd15", "sd21-base", "tiny")
 
 
 def _config_of_fix() -> str:
-    return f"name its architecture with --config-of ({', '.join(FAMILIES)}), or convert the file to a diffusers folder"
+    return f"name its architecture with --config-of ({', '.join(checkpoint_configs())}), or convert the file to a diffusers folder"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
