@@ -9,6 +9,11 @@
   version is never mixed in); engine files carry compute capability and TensorRT version in their names
   (``unet.sm90.trt10.8.0.plan``), with a JSON sidecar saying what they were built for and from.
 - Loading refuses an engine built for another GPU, compute capability or TensorRT version, naming what differs.
+- Before TensorRT runs: Polygraphy at least :data:`POLYGRAPHY_MIN` with TensorRT 11, and a CUDA runtime
+  (``libcudart.so*``) where Polygraphy's CUDA wrapper looks for it; otherwise a one-line error with the fix.
+- Polygraphy's errors (parser, build, deserialisation, execution context, input shapes) become one-line
+  :class:`~slimexport.errors.SlimExportError` s; the plan is written from TensorRT's buffer after the network
+  (which holds the weights) is released; the timing cache is replaced atomically, without a lock file.
 
 ``tensorrt`` is imported only when an engine is built or loaded; the naming, cache keys, compatibility check
 and profile shapes are pure functions, testable anywhere.
@@ -16,8 +21,12 @@ and profile shapes are pure functions, testable anywhere.
 
 from __future__ import annotations
 
+import glob
+import io
 import logging
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -40,7 +49,7 @@ from slimexport.engines.base import (
     sidecar_for,
     sm_tag,
 )
-from slimexport.errors import ArtifactError, UsageError, require
+from slimexport.errors import ArtifactError, SlimExportError, UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +57,135 @@ ENGINE_STEM = "unet"
 PLAN_SUFFIX = ".plan"
 SIDECAR_FORMAT = "slimexport.trt/1"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 4-5 search longer for little gain on the UNet
+# Polygraphy 0.49.0-0.49.6 always set NetworkDefinitionCreationFlag.EXPLICIT_BATCH, which TensorRT 11 removed
+# (network creation raises); 0.49.7 sets it only for TensorRT < 10. Also the floor in pyproject.toml.
+POLYGRAPHY_MIN = "0.49.7"
+CUDART_GLOB = "libcudart.so*"
+CUDART_FALLBACK = "libcudart.so"  # what Polygraphy dlopens by name when its search finds nothing
+# Polygraphy 0.49's search (its CUDA wrapper, Linux) before the pip wheel folders were added in 0.53.
+POLYGRAPHY_049_DIRS = ("/usr/local/cuda/lib64", "/usr/lib", "/lib")
 
 
 def _require_trt():
-    return require("tensorrt", "trt", "--backend tensorrt")
+    """``tensorrt``, after checking that Polygraphy can drive it (version, CUDA runtime)."""
+    trt = require("tensorrt", "trt", "--backend tensorrt")
+    import polygraphy
+
+    check_versions(trt.__version__, polygraphy.__version__)
+    check_cudart()
+    return trt
+
+
+# ---------------------------------------------------------------- versions and the CUDA runtime
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.49.7"`` -> ``(0, 49, 7)``; ``"10.8.0.43"`` -> ``(10, 8, 0, 43)`` (leading digits of each part)."""
+    out = []
+    for part in version.split("."):
+        digits = re.match(r"\d*", part).group()
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check_versions(trt_version: str, polygraphy_version: str) -> None:
+    """Refuse a Polygraphy that cannot create a TensorRT network with this TensorRT.
+
+    Raises:
+        UsageError: TensorRT 11 or newer with Polygraphy older than :data:`POLYGRAPHY_MIN`.
+    """
+    if _version_tuple(trt_version)[:1] >= (11,) and _version_tuple(polygraphy_version) < _version_tuple(POLYGRAPHY_MIN):
+        raise UsageError(f"Polygraphy {polygraphy_version} cannot create networks with TensorRT {trt_version} (it sets "
+                         "the EXPLICIT_BATCH flag TensorRT 11 removed)", f"pip install -U 'polygraphy>={POLYGRAPHY_MIN}'")
+
+
+def polygraphy_cudart_dirs() -> list[str]:
+    """The folders Polygraphy's CUDA wrapper searches for ``libcudart.so*``: its own list where it has one
+    (0.53: ``LD_LIBRARY_PATH``, system folders, the CUDA 12 pip wheel's ``nvidia/cuda_runtime/lib``), else
+    0.49's (``LD_LIBRARY_PATH``, ``/usr/local/cuda/lib64``, ``/usr/lib``, ``/lib``)."""
+    try:
+        from polygraphy.cuda.cuda import _find_cuda_lib_dirs
+    except ImportError:
+        return [d for d in (*os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep), *POLYGRAPHY_049_DIRS) if d]
+    return [d for d in _find_cuda_lib_dirs() if d]
+
+
+def other_cudart_dirs() -> list[str]:
+    """Where else a CUDA runtime is often installed: pip wheels of any CUDA version (``nvidia/*/lib``, e.g.
+    CUDA 13's ``nvidia/cu13/lib``), CUDA toolkits and the distribution's library folders."""
+    dirs = [d for p in sys.path if p and os.path.isdir(p) for d in sorted(glob.glob(os.path.join(p, "nvidia", "*", "lib")))]
+    dirs += sorted(glob.glob("/usr/local/cuda*/lib64")) + sorted(glob.glob("/usr/local/cuda*/targets/*/lib"))
+    dirs += ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"]
+    return list(dict.fromkeys(dirs))
+
+
+def _loads(name: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def locate_cudart(search_dirs: list[str] | None = None, other_dirs: list[str] | None = None,
+                  loads: Callable[[str], bool] = _loads) -> tuple[str | None, list[str]]:
+    """``(the CUDA runtime Polygraphy will load, or None; libcudart files in other_dirs when it finds none)``.
+
+    Polygraphy takes the first ``libcudart.so*`` in ``search_dirs`` (default :func:`polygraphy_cudart_dirs`),
+    else dlopens ``libcudart.so`` by name (``loads`` tries that)."""
+    for d in polygraphy_cudart_dirs() if search_dirs is None else search_dirs:
+        hits = sorted(glob.glob(os.path.join(d, CUDART_GLOB)))
+        if hits:
+            return hits[0], []
+    if loads(CUDART_FALLBACK):
+        return CUDART_FALLBACK, []
+    other = other_cudart_dirs() if other_dirs is None else other_dirs
+    return None, [h for d in other for h in sorted(glob.glob(os.path.join(d, CUDART_GLOB)))]
+
+
+def check_cudart(search_dirs: list[str] | None = None, other_dirs: list[str] | None = None,
+                 loads: Callable[[str], bool] = _loads) -> str | None:
+    """The CUDA runtime Polygraphy will load (``None`` off Linux, where this check does not apply).
+
+    Raises:
+        UsageError: Polygraphy would not find one, naming the folder to put on ``LD_LIBRARY_PATH`` when a
+            ``libcudart.so*`` exists elsewhere (e.g. a pip-only CUDA 13), else what to install.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    found, elsewhere = locate_cudart(search_dirs, other_dirs, loads)
+    if found:
+        return found
+    what = "Polygraphy's CUDA wrapper would not find the CUDA runtime (libcudart.so*) in LD_LIBRARY_PATH, the folders it searches or the loader's path"
+    if elsewhere:
+        folder = os.path.dirname(elsewhere[0])
+        raise UsageError(f"{what}; there is one at {elsewhere[0]}",
+                         f"export LD_LIBRARY_PATH={folder}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} and rerun")
+    raise UsageError(f"{what}, and none was found elsewhere",
+                     "install the CUDA runtime your TensorRT was built for (pip install nvidia-cuda-runtime-cu12 for CUDA 12, "
+                     "nvidia-cuda-runtime for CUDA 13, or the CUDA toolkit) and put its lib folder on LD_LIBRARY_PATH")
+
+
+def _first_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # Polygraphy may colour its messages
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+
+
+@contextmanager
+def polygraphy_errors(what: str, fix: str, error: type[SlimExportError] = SlimExportError):
+    """Turn Polygraphy's exception (what its ``G_LOGGER.critical`` raises on a parser error, a failed build,
+    deserialisation, context creation or ``set_input_shape``) into a one-line ``error(what (reason), fix)``;
+    TensorRT's own log lines stay above it."""
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        yield
+    except PolygraphyException as err:
+        raise error(f"{what} ({_first_line(err)})", fix) from err
 
 
 # ---------------------------------------------------------------- pure parts: names, keys, compatibility
@@ -209,19 +343,39 @@ def _on_device(index: int):
 
 
 def current_device_info(device: str = "cuda:0") -> DeviceInfo:
-    """GPU name and compute capability (via PyTorch) and the installed TensorRT's version.
+    """GPU name and compute capability (via PyTorch) of the GPU :func:`cuda_index` picks (the one the engine is
+    built and run on: ``cuda`` is GPU 0, not torch's current device) and the installed TensorRT's version.
 
     Raises:
-        MissingExtraError: TensorRT is not installed. UsageError: no CUDA GPU.
+        MissingExtraError: TensorRT is not installed. UsageError: no CUDA GPU, or no GPU of that index.
     """
     trt = _require_trt()
     import torch
 
     if not torch.cuda.is_available():
         raise UsageError("the tensorrt backend needs a CUDA GPU and PyTorch sees none", "use --backend onnxruntime on CPU")
-    dev = torch.device(device if device.startswith("cuda") else "cuda:0")
+    index, count = cuda_index(device), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"device {device} does not exist: PyTorch sees {count} GPU(s)", f"pass cuda:0..cuda:{count - 1}")
+    dev = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(dev)
     return DeviceInfo(torch.cuda.get_device_name(dev), f"{major}.{minor}", trt.__version__)
+
+
+@contextmanager
+def _timing_cache_file(cache: Path):
+    """An open file for Polygraphy to save the timing cache into; it replaces ``cache`` only when the block
+    succeeds (a failed or interrupted build leaves the old cache whole)."""
+    with atomic_path(cache) as tmp, open(tmp, "w+b") as f:
+        yield f
+        if f.tell() == 0 and cache.exists():  # nothing saved: keep what there was
+            f.write(cache.read_bytes())
+
+
+def _write_plan(plan: Path, data) -> None:
+    """Write TensorRT's serialized engine (an ``IHostMemory``) from its own buffer: no ``bytes`` copy."""
+    with atomic_path(plan) as tmp, open(tmp, "wb") as f:
+        f.write(memoryview(data))
 
 
 @dataclass(frozen=True)
@@ -242,11 +396,14 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, profile: Engine
         out_dir: where ``<stem>.sm<cc>.trt<ver>.plan`` and its ``.json`` sidecar go.
         profile: min/opt/max batch, height, width (latent cells).
         optimization_level: builder optimization level 0..5.
-        cache_dir: folder of timing caches (``timing.<gpu>.sm<cc>.trt<ver>.cache``); default ``out_dir``.
+        cache_dir: folder of timing caches (``timing.<gpu>.sm<cc>.trt<ver>.cache``); default ``out_dir``. The
+            cache is read before the build and replaced atomically after it.
+        device: ``cuda`` (GPU 0) or ``cuda:N``.
         rebuild: build even if a matching engine exists.
 
     Raises:
-        MissingExtraError: TensorRT is not installed.
+        MissingExtraError: TensorRT is not installed. ArtifactError: TensorRT cannot parse the ONNX.
+        SlimExportError: the build fails (TensorRT's log above says why). UsageError: see :func:`_require_trt`.
     """
     trt = _require_trt()
     from polygraphy.backend.trt import (
@@ -276,21 +433,28 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, profile: Engine
     trt_profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(profile, io_spec).items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
+    # File objects, not paths: with a path Polygraphy rewrites the cache in place and leaves a .lock file beside it.
     config = CreateConfig(profiles=[trt_profile], builder_optimization_level=optimization_level,
-                          load_timing_cache=str(cache) if cache.exists() else None)
+                          load_timing_cache=io.BytesIO(cache.read_bytes()) if cache.exists() else None)
     log.info("building TensorRT engine %s (optimization level %d): this takes minutes", plan.name, optimization_level)
     t0 = time.perf_counter()
     with _on_device(cuda_index(device)):  # tactics are timed on, and the engine made for, the configured GPU
-        network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-        data = engine_bytes_from_network(network, config=config, save_timing_cache=str(cache))
+        with polygraphy_errors(f"TensorRT could not parse {onnx_path}", "see TensorRT's messages above; re-export the "
+                               "model (slimexport build), and report the node they name if it persists", ArtifactError):
+            network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        with _timing_cache_file(cache) as cache_out, polygraphy_errors(
+                f"TensorRT could not build an engine from {onnx_path}", "see TensorRT's messages above; out of GPU "
+                "memory: narrow the profile (--batch/--height/--width) or lower --optimization-level"):
+            data = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
+        del network  # builder, network and parser: the parser holds a copy of the weights
     seconds = time.perf_counter() - t0
-    with atomic_path(plan) as tmp:
-        Path(tmp).write_bytes(bytes(data))
+    _write_plan(plan, data)
+    del data
     sidecar = {
         "format": SIDECAR_FORMAT, **here.to_dict(), "onnx": onnx_path.name, "onnx_sha256": onnx_sha,
         "data_sha256": data_sha, "plan_sha256": sha256_file(plan), "profile": profile.to_dict(),
-        "optimization_level": optimization_level, "strongly_typed": True, "build_seconds": round(seconds, 1), "timing_cache": cache.name, "io_spec": io_spec,
-        "tensorrt_module": trt.__name__,
+        "optimization_level": optimization_level, "strongly_typed": True, "build_seconds": round(seconds, 1),
+        "timing_cache": cache.name, "io_spec": io_spec, "tensorrt_module": trt.__name__,
     }
     write_json(side, sidecar)
     return TrtBuildResult(plan, sidecar, False)
@@ -325,28 +489,39 @@ class TrtEngine(Engine):
             "--batch/--height/--width MIN,OPT,MAX) or leave EngineConfig.profile unset to use the engine's")
         self.index = cuda_index(cfg.device)
         self.device = f"cuda:{self.index}"
+        self.runner = None
         with _on_device(self.index):  # the engine, its context and stream live on the configured GPU
-            self.runner = TrtRunner(engine_from_bytes(plan.read_bytes()), name=plan.stem)
-            self.runner.activate()
+            with polygraphy_errors(f"TensorRT could not deserialize {plan}", "rebuild it (slimexport build --backend "
+                                   "tensorrt); see TensorRT's messages above", ArtifactError):
+                engine = engine_from_bytes(plan.read_bytes())
+            runner = TrtRunner(engine, name=plan.stem)
+            with polygraphy_errors(f"TensorRT could not create an execution context for {plan.name} on {self.device}",
+                                   "see TensorRT's messages above; free GPU memory or rebuild with a narrower profile"):
+                runner.activate()
+        self.runner = runner
+
+    def _infer(self, feeds: Mapping[str, Any], **kw) -> dict:
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            with _on_device(self.index):
+                return self.runner.infer(feeds, check_inputs=False, **kw)
+        except PolygraphyException as err:  # as polygraphy_errors, with the message made only on failure
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            raise SlimExportError(f"TensorRT could not run {self.plan.name} on {shapes} ({_first_line(err)})",
+                                  f"see TensorRT's messages above; the engine's profile is {self.profile.describe()}") from err
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with _on_device(self.index):
-            outs = self.runner.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, check_inputs=False)
+        outs = self._infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         # copies: Polygraphy returns views of host buffers it reuses, which the next call overwrites
         return {k: np.array(v, copy=True) for k, v in outs.items()}
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
-        """Inputs are staged on the GPU once (as torch tensors); outputs stay there."""
+        """Inputs are staged on the GPU once (as torch tensors, as the engine takes them); outputs stay there."""
         import torch
 
-        self.check(feeds)
-        staged = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
-
-        def call():
-            with _on_device(self.index):
-                return self.runner.infer(staged, check_inputs=False, copy_outputs_to_host=False)
-
-        return call
+        staged = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in self.check(feeds).items()}
+        return lambda: self._infer(staged, copy_outputs_to_host=False)
 
     def info(self) -> dict:
         return {"backend": self.name, "device": self.device, "device_name": self.here.gpu_name,

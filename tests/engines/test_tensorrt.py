@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -142,14 +143,31 @@ def test_narrow_profile():
 # ---------------------------------------------------------------- fakes for TensorRT and the GPU
 
 
+class FakeNetwork:
+    """What ``network_from_onnx_path`` returns (builder, network, parser): here an object whose release a test can see."""
+
+    def __init__(self, head: bytes):
+        self.head = head
+
+
+class FakeHostMemory(bytearray):
+    """TensorRT's ``IHostMemory``: a buffer; ``bytes(...)`` of it would copy the whole plan."""
+
+    def __bytes__(self):
+        raise AssertionError("the plan was copied with bytes()")
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """TensorRT, the GPU and Polygraphy's TensorRT calls faked: returns the list of CUDA devices made current
-    (the innermost last) and a log of what ran on which device."""
+    (the innermost last), a log of what ran on which device, and ``fake``: the last CreateConfig arguments
+    (``config``), the last inference's feeds (``feeds``) and the runner class (``runner_class``)."""
     import polygraphy.backend.trt as ptrt
     import torch
+    from polygraphy import util
 
     current, ran = [], []
+    fake = types.SimpleNamespace(config=None, feeds=None)
 
     @contextlib.contextmanager
     def device(index):
@@ -159,9 +177,19 @@ def fake_gpu(monkeypatch):
         finally:
             current.pop()
 
+    def network_from_onnx_path(path, strongly_typed):
+        return FakeNetwork(open(path, "rb").read()[:16])
+
     def engine_bytes_from_network(network, config, save_timing_cache):
         ran.append(("build", current[-1] if current else None))
-        return b"plan:" + network
+        # as Polygraphy does: lock the cache (a path gets a .lock file beside it), write it, fsync
+        with util.LockFile(save_timing_cache):
+            util.save_file(b"cache after build " + str(len(ran)).encode(), save_timing_cache)
+        return FakeHostMemory(b"plan:" + network.head)
+
+    def create_config(**kw):
+        fake.config = kw
+        return kw
 
     class FakeProfile(dict):
         def add(self, name, min, opt, max):
@@ -183,6 +211,7 @@ def fake_gpu(monkeypatch):
 
         def infer(self, feeds, check_inputs=True, copy_outputs_to_host=True):
             ran.append(("infer", current[-1] if current else None))
+            fake.feeds = feeds
             self.calls += 1
             n, _, h, w = feeds["sample"].shape
             out = self.host[: n * 4 * h * w].reshape(n, 4, h, w)
@@ -192,13 +221,14 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(trtmod, "_require_trt", lambda: types.SimpleNamespace(__name__="tensorrt", __version__=H100.trt_version))
     monkeypatch.setattr(trtmod, "current_device_info", lambda device="cuda:0": H100)
-    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda path, strongly_typed: open(path, "rb").read()[:16])
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", network_from_onnx_path)
     monkeypatch.setattr(ptrt, "engine_bytes_from_network", engine_bytes_from_network)
-    monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: kw)
+    monkeypatch.setattr(ptrt, "CreateConfig", create_config)
     monkeypatch.setattr(ptrt, "Profile", FakeProfile)
     monkeypatch.setattr(ptrt, "TrtRunner", FakeRunner)
     monkeypatch.setattr(ptrt, "engine_from_bytes", lambda data: data)
-    return current, ran
+    fake.runner_class = FakeRunner
+    return current, ran, fake
 
 
 def _copy_export(export, dst):
@@ -209,7 +239,7 @@ def _copy_export(export, dst):
 
 
 def test_reuse_needs_the_same_weights(fake_gpu, dense_export, tmp_path):
-    _, ran = fake_gpu
+    _, ran, _ = fake_gpu
     folder = _copy_export(dense_export, tmp_path / "export")
     profile = EngineProfile.static(2, 16, 16, 2)
     res = trtmod.build_trt_engine(folder, tmp_path / "engines", profile)
@@ -239,7 +269,7 @@ def _fake_plan(tmp_path, profile):
 
 
 def test_engine_on_the_configured_device(fake_gpu, dense_export, tmp_path):
-    current, ran = fake_gpu
+    current, ran, _ = fake_gpu
     folder = _copy_export(dense_export, tmp_path / "export")
     cfg = EngineConfig(device="cuda:1", profile=EngineProfile.static(2, 16, 16, 2))
     with build_engine("tensorrt", folder, cfg) as eng:
@@ -315,3 +345,202 @@ def test_build_run_and_reuse(slim_export_fp16, slim_unet, torch_reference, tmp_p
         with pytest.raises(UsageError, match="outside the engine profile"):
             eng.run(make_feeds(eng.io_spec, 8, 16, 16))
     assert np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- hardening (issue 21)
+
+
+def test_polygraphy_floor():
+    """pyproject's floor is the first Polygraphy that creates TensorRT 11 networks; an older one is refused."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()  # tomllib needs Python 3.11
+    assert re.findall(r'"polygraphy\s*([<>=!~][^"]*)"', text) == [f">={trtmod.POLYGRAPHY_MIN}"]
+    assert trtmod._version_tuple(trtmod.POLYGRAPHY_MIN) >= (0, 49, 7)
+    with pytest.raises(UsageError, match="Polygraphy 0.49.6 cannot create networks with TensorRT 11.0.0.1") as info:
+        trtmod.check_versions("11.0.0.1", "0.49.6")
+    assert "pip install -U 'polygraphy>=0.49.7'" in str(info.value) and "\n" not in str(info.value)
+    trtmod.check_versions("11.1.0", "0.49.7")
+    trtmod.check_versions("11.1.0", "0.53.6")
+    trtmod.check_versions("10.8.0.43", "0.49.0")  # TensorRT 10 still takes the flag
+    assert trtmod._version_tuple("0.49.10") > trtmod._version_tuple("0.49.7")
+
+
+def _polygraphy_error(message):
+    from polygraphy.exception import PolygraphyException
+
+    def fail(*args, **kwargs):
+        raise PolygraphyException(message)
+
+    return fail
+
+
+def test_parser_and_build_errors_are_one_line(fake_gpu, dense_export, tmp_path, monkeypatch):
+    import polygraphy.backend.trt as ptrt
+
+    from slimexport.errors import SlimExportError
+
+    folder = _copy_export(dense_export, tmp_path / "export")
+    profile = EngineProfile.static(2, 16, 16, 2)
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", _polygraphy_error("Could not parse ONNX correctly\nmore"))
+    with pytest.raises(ArtifactError, match=r"TensorRT could not parse .*model.onnx \(Could not parse ONNX correctly\)") as info:
+        trtmod.build_trt_engine(folder, tmp_path / "engines", profile)
+    assert "\n" not in str(info.value) and "re-export" in str(info.value)
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda path, strongly_typed: FakeNetwork(b"x"))
+    monkeypatch.setattr(ptrt, "engine_bytes_from_network", _polygraphy_error("Invalid Engine. Please ensure the engine was built correctly"))
+    with pytest.raises(SlimExportError, match="could not build an engine .*Invalid Engine") as info:
+        trtmod.build_trt_engine(folder, tmp_path / "engines", profile)
+    assert "\n" not in str(info.value) and "--optimization-level" in str(info.value)
+    assert not list((tmp_path / "engines").glob("*.plan"))
+
+
+def test_load_and_run_errors_are_one_line(fake_gpu, tmp_path, monkeypatch):
+    import polygraphy.backend.trt as ptrt
+
+    from slimexport.errors import SlimExportError
+
+    _, _, fake = fake_gpu
+    profile = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
+    plan = _fake_plan(tmp_path, profile)
+    with monkeypatch.context() as m:
+        m.setattr(ptrt, "engine_from_bytes", _polygraphy_error("Could not deserialize engine. See log for details."))
+        with pytest.raises(ArtifactError, match="could not deserialize .*Could not deserialize engine") as info:
+            trtmod.TrtEngine(plan, EngineConfig(device="cuda"))
+        assert "rebuild it" in str(info.value)
+    with monkeypatch.context() as m:
+        m.setattr(fake.runner_class, "activate", _polygraphy_error("Invalid Context. See error log for details."))
+        with pytest.raises(SlimExportError, match="execution context .*Invalid Context"):
+            trtmod.TrtEngine(plan, EngineConfig(device="cuda"))
+    with trtmod.TrtEngine(plan, EngineConfig(device="cuda")) as eng:
+        monkeypatch.setattr(eng.runner, "infer", _polygraphy_error("For input: sample, failed to set shape to: (2, 4, 16, 16)"))
+        with pytest.raises(SlimExportError, match=r"could not run .* on sample \[2, 4, 16, 16\].*failed to set shape") as info:
+            eng.run(make_feeds(eng.io_spec, 2, 16, 16))
+        assert "\n" not in str(info.value) and "batch 1..4" in str(info.value)
+
+
+def test_plan_written_after_the_network_is_released(fake_gpu, dense_export, tmp_path, monkeypatch):
+    """Host memory: the parsed network (builder, network, parser: the weights) is gone before the plan is written,
+    and the plan is written from TensorRT's buffer, not a bytes copy of it (FakeHostMemory refuses bytes())."""
+    import weakref
+
+    import polygraphy.backend.trt as ptrt
+
+    folder = _copy_export(dense_export, tmp_path / "export")
+    parse, write_plan, refs, released = ptrt.network_from_onnx_path, trtmod._write_plan, [], []
+
+    def parse_and_watch(path, strongly_typed):
+        network = parse(path, strongly_typed)
+        refs.append(weakref.ref(network))
+        return network
+
+    def watch_and_write(plan, data):
+        released.append(refs[0]() is None)
+        write_plan(plan, data)
+
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", parse_and_watch)
+    monkeypatch.setattr(trtmod, "_write_plan", watch_and_write)
+    res = trtmod.build_trt_engine(folder, tmp_path / "engines", EngineProfile.static(2, 16, 16, 2))
+    assert released == [True]
+    assert res.plan.read_bytes() == b"plan:" + (folder / MODEL_FILE).read_bytes()[:16]
+    assert res.sidecar["plan_sha256"] == sha256_file(res.plan)
+
+
+def test_timing_cache_replaced_atomically_without_lock_file(fake_gpu, dense_export, tmp_path, monkeypatch):
+    import io
+
+    import polygraphy.backend.trt as ptrt
+
+    from slimexport.errors import SlimExportError
+
+    _, _, fake = fake_gpu
+    folder = _copy_export(dense_export, tmp_path / "export")
+    cache_dir, out = tmp_path / "cache", tmp_path / "engines"
+    profile = EngineProfile.static(2, 16, 16, 2)
+    trtmod.build_trt_engine(folder, out, profile, cache_dir=cache_dir)
+    cache = cache_dir / timing_cache_filename(H100)
+    assert fake.config["load_timing_cache"] is None and cache.read_bytes() == b"cache after build 1"
+    assert sorted(p.name for p in cache_dir.iterdir()) == [cache.name]  # no .lock, no temporary
+    # the next build starts from the cache (read, not locked) and replaces it
+    trtmod.build_trt_engine(folder, out, profile, cache_dir=cache_dir, rebuild=True)
+    loaded = fake.config["load_timing_cache"]
+    assert isinstance(loaded, io.BytesIO) and loaded.getvalue() == b"cache after build 1"
+    assert cache.read_bytes() == b"cache after build 2"
+    # a build that fails after Polygraphy began writing leaves the old cache whole
+    def half_written(network, config, save_timing_cache):
+        save_timing_cache.write(b"torn")
+        _polygraphy_error("Invalid Engine")()
+
+    monkeypatch.setattr(ptrt, "engine_bytes_from_network", half_written)
+    with pytest.raises(SlimExportError):
+        trtmod.build_trt_engine(folder, out, profile, cache_dir=cache_dir, rebuild=True)
+    assert cache.read_bytes() == b"cache after build 2"
+    assert sorted(p.name for p in cache_dir.iterdir()) == [cache.name]
+
+
+def test_device_info_from_the_engines_gpu(monkeypatch):
+    """``cuda`` builds and runs on GPU 0: its name and compute capability come from GPU 0, not from torch's
+    current device."""
+    import torch
+
+    gpus = {0: ("NVIDIA H100 80GB HBM3", (9, 0)), 1: ("NVIDIA A100-SXM4-80GB", (8, 0))}
+
+    def index(dev):
+        dev = torch.device(dev)
+        return dev.index if dev.index is not None else torch.cuda.current_device()
+
+    monkeypatch.setattr(trtmod, "_require_trt", lambda: types.SimpleNamespace(__version__="10.8.0.43"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: gpus[index(dev)][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: gpus[index(dev)][1])
+    assert trtmod.current_device_info("cuda") == H100
+    assert trtmod.current_device_info("cpu") == H100  # TensorRT replaces cpu with cuda:0
+    assert trtmod.current_device_info("cuda:1").gpu_name == "NVIDIA A100-SXM4-80GB"
+    with pytest.raises(UsageError, match="device cuda:2 does not exist: PyTorch sees 2 GPU"):
+        trtmod.current_device_info("cuda:2")
+
+
+def _lib(folder, name="libcudart.so.13"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"")
+    return folder / name
+
+
+def test_cudart_found_where_polygraphy_looks(tmp_path):
+    lib = _lib(tmp_path / "cuda" / "lib64", "libcudart.so.12")
+    assert trtmod.check_cudart([str(tmp_path / "none"), str(lib.parent)], [], loads=lambda name: False) == str(lib)
+    assert trtmod.check_cudart([str(tmp_path / "none")], [], loads=lambda name: True) == "libcudart.so"
+
+
+def test_cudart_elsewhere_names_the_folder(tmp_path, monkeypatch):
+    """A pip-only CUDA 13 (nvidia/cu13/lib) that Polygraphy does not search: the error says what to export."""
+    site = tmp_path / "site-packages"
+    lib = _lib(site / "nvidia" / "cu13" / "lib")
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
+    assert str(lib.parent) in trtmod.other_cudart_dirs()
+    with pytest.raises(UsageError, match="would not find the CUDA runtime") as info:
+        trtmod.check_cudart([str(tmp_path / "none")], loads=lambda name: False)
+    msg = str(info.value)
+    assert f"there is one at {lib}" in msg and f"export LD_LIBRARY_PATH={lib.parent}" in msg and "\n" not in msg
+    with pytest.raises(UsageError, match="none was found elsewhere") as info:
+        trtmod.check_cudart([str(tmp_path / "none")], [str(tmp_path / "empty")], loads=lambda name: False)
+    assert "nvidia-cuda-runtime-cu12" in str(info.value)
+
+
+def test_polygraphy_search_follows_ld_library_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path / "mine"))
+    assert str(tmp_path / "mine") in trtmod.polygraphy_cudart_dirs()
+    lib = _lib(tmp_path / "mine")
+    assert trtmod.locate_cudart(loads=lambda name: False) == (str(lib), [])
+
+
+def test_engine_takes_one_timestep(fake_gpu, tmp_path):
+    """The engine's own check lets [1] through (the profile covers it) and hands TensorRT float32."""
+    _, _, fake = fake_gpu
+    profile = EngineProfile(1, 2, 4, 8, 16, 32, 8, 16, 32, latent_multiple=2)
+    with trtmod.TrtEngine(_fake_plan(tmp_path, profile), EngineConfig(device="cuda")) as eng:
+        feeds = make_feeds(eng.io_spec, 4, 16, 16, one_timestep=True)
+        eng.run(dict(feeds, timestep=feeds["timestep"].astype(np.float16)))  # the sample's dtype
+        assert fake.feeds["timestep"].shape == (1,) and fake.feeds["timestep"].dtype == np.float32
