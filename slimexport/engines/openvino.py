@@ -53,6 +53,23 @@ def precision_hint(cfg_dtype: str, onnx_dtype: str) -> str:
     return PRECISION_HINTS[cfg_dtype]
 
 
+def check_cpu_precision(dtype: str, core=None) -> None:
+    """Refuse, before any work, an engine ``dtype`` that this CPU's OpenVINO plugin would not compute in: bf16
+    without AVX-512 BF16 or AMX (the plugin would silently compute f32).
+
+    Raises:
+        MissingExtraError: openvino is not installed. UsageError: no bf16 here.
+    """
+    if dtype != "bf16":
+        return
+    from slimexport.engines.torch_runner import device_name
+
+    core = core or _require_ov().Core()
+    if BF16_CAPABILITY not in core.get_property(OV_DEVICE, "OPTIMIZATION_CAPABILITIES"):
+        raise UsageError(f"this CPU ({device_name('cpu')}) has no bf16 that OpenVINO computes in (AVX-512 BF16 or AMX); "
+                         "it would run f32", "use --dtype fp32 here, or run on a CPU with bf16")
+
+
 def _partial_shapes(io_spec: dict, profile, ov) -> dict:
     """Each input's shape with ``2B``/``H``/``W`` bounded to ``profile``'s ranges, other named axes left dynamic
     (static axes as exported)."""
@@ -88,9 +105,7 @@ class OvEngine(Engine):
         onnx_dtype = next(e["dtype"] for e in self.io_spec["inputs"] if e["name"] == SAMPLE)
         self.precision = precision_hint(cfg.dtype, onnx_dtype)
         core = ov.Core()
-        if self.precision == "bf16" and BF16_CAPABILITY not in core.get_property(OV_DEVICE, "OPTIMIZATION_CAPABILITIES"):
-            raise UsageError(f"this CPU ({device_name('cpu')}) has no bf16 that OpenVINO computes in (AVX-512 BF16 or AMX); "
-                             "it would run f32", "use --dtype fp32 here, or run on a CPU with bf16")
+        check_cpu_precision(cfg.dtype, core)
         if cfg.cache_dir is not None:
             Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cfg.cache_dir)})

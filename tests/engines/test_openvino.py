@@ -73,10 +73,15 @@ def test_bf16_within_its_tolerance_or_refused(slim_export, slim_unet, torch_refe
     """bf16 where the CPU computes it (gated by the bf16 tolerance, and not f32 in disguise); refused elsewhere,
     where OpenVINO would silently compute f32."""
     cfg = EngineConfig(profile=PROFILE, dtype="bf16", threads=1)
+    from slimexport.engines.openvino import check_cpu_precision
+
     if not _has_bf16():
+        with pytest.raises(UsageError, match="no bf16"):
+            check_cpu_precision("bf16")  # up front, before a build's calibration
         with pytest.raises(UsageError, match="no bf16"):
             build_engine("openvino", slim_export.folder, cfg)
         return
+    check_cpu_precision("bf16")
     eng = build_engine("openvino", slim_export.folder, cfg)
     assert eng.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
     assert eng.info()["inference_precision"] == "bf16" and eng.io_spec["inputs"][0]["dtype"] == "float32"
@@ -157,7 +162,9 @@ def test_missing_openvino_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_precision_hint_rule():
-    from slimexport.engines.openvino import precision_hint
+    from slimexport.engines.openvino import check_cpu_precision, precision_hint
+
+    check_cpu_precision("fp32")  # nothing to check, openvino or not
 
     assert precision_hint("fp32", "float32") == "f32"
     assert precision_hint("bf16", "float32") == "bf16"
