@@ -11,9 +11,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from slimexport.errors import IncompatibleArtifactError
+from slimexport.errors import ArtifactError, IncompatibleArtifactError
 
 PLAN_FORMAT = "slimexport.plan/1"
+SLIM_FORMAT = "slimexport.slim/1"
 
 
 def plan_weights(bin_weights) -> list[float]:
@@ -117,6 +118,45 @@ class RankPlan(Mapping):
         return None if m is None else m.timestep_weights
 
     # Mapping: the plan reads as its JSON form
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+@dataclass(frozen=True)
+class SlimPlan(Mapping):
+    """What ``slim_plan.json`` holds beside a slim UNet's weights: its shapes per unit (``slimexport.slim.shapes``),
+    the weights file and sha256, the parameter count and provenance (the compress run's model, budget and ranks).
+
+    Reads as its JSON form, like :class:`RankPlan`."""
+
+    shapes: dict[str, dict]
+    weights: dict[str, str]
+    params: int
+    plan: dict[str, Any] = field(default_factory=dict)
+    slimexport_version: str = ""
+    format: str = SLIM_FORMAT
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "slimexport_version": self.slimexport_version, "shapes": self.shapes,
+                "weights": dict(self.weights), "params": self.params, "plan": dict(self.plan)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "slim plan") -> SlimPlan:
+        if d.get("format") != SLIM_FORMAT:
+            raise IncompatibleArtifactError(f"{where} has slim format {d.get('format')!r}; this slimexport reads {SLIM_FORMAT!r}",
+                                            "rebuild the slim UNet with this version (slimexport compress)")
+        try:
+            return cls(shapes=dict(d["shapes"]), weights=dict(d["weights"]), params=int(d["params"]),
+                       plan=dict(d.get("plan") or {}), slimexport_version=str(d.get("slimexport_version", "")))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{where} lacks or mistypes {err}", "rebuild the slim UNet (slimexport compress)") from err
+
     def __getitem__(self, key: str):
         return self.to_dict()[key]
 

@@ -23,56 +23,16 @@ import torch.nn as nn
 from slimexport._version import __version__
 from slimexport.artifacts import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
 from slimexport.cache import MANIFEST
-from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
+from slimexport.errors import ArtifactError, UsageError
 from slimexport.models.arch import transformer_blocks
 from slimexport.models.bundle import move
+from slimexport.plan import SLIM_FORMAT, SlimPlan
 from slimexport.slim.attention import SlimAttnProcessor
-from slimexport.slim.lowrank import LowRankProj, dense_weight, factor_layer
+from slimexport.slim.shapes import replace_linears, resize_to, shapes_of  # noqa: F401 - re-exported
 
-SLIM_FORMAT = "slimexport.slim/1"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PLAN_NAME = "slim_plan.json"
 SLIM_DIR = "slim_unet"  # the slim UNet folder inside a compress/build output folder
-
-
-def _resized(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A module like ``old`` (Linear, Conv2d or GroupNorm) holding the given weight and bias."""
-    kw = dict(device=weight.device, dtype=old.weight.dtype)
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **kw)
-    elif isinstance(old, nn.Conv2d):
-        new = nn.Conv2d(weight.shape[1], weight.shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
-                        dilation=old.dilation, bias=bias is not None, padding_mode=old.padding_mode, **kw)
-    elif isinstance(old, nn.GroupNorm):
-        group_size = old.num_channels // old.num_groups
-        new = nn.GroupNorm(weight.shape[0] // group_size, weight.shape[0], eps=old.eps, affine=True, **kw)
-    else:
-        raise ArtifactError(f"cannot resize a {type(old).__name__}", "the slim weights belong to another architecture")
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new.requires_grad_(old.weight.requires_grad)
-
-
-def replace_linears(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Replace each Linear/Conv2d/GroupNorm named by ``<path>.weight`` keys with one of the given weight (and bias) shape."""
-    for key, w in weights.items():
-        if not key.endswith(".weight"):
-            continue
-        path = key[: -len(".weight")]
-        parent_path, _, name = path.rpartition(".")
-        parent = unet.get_submodule(parent_path)
-        old = unet.get_submodule(path)
-        if not isinstance(old, (nn.Linear, nn.Conv2d, nn.GroupNorm)):
-            raise ArtifactError(f"{path} is a {type(old).__name__}, not a Linear/Conv2d/GroupNorm layer",
-                                "the slim weights belong to another architecture")
-        bias = weights.get(path + ".bias", old.bias.detach() if old.bias is not None else None)
-        new = _resized(old, w.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype))
-        if name.isdigit():
-            parent[int(name)] = new
-        else:
-            setattr(parent, name, new)
 
 
 def default_attention_kernel():
@@ -94,95 +54,6 @@ def install_processors(unet: nn.Module, kernel="auto") -> None:
         for attn in (block.attn1, getattr(block, "attn2", None)):
             if attn is not None:
                 attn.set_processor(SlimAttnProcessor(attn.scale, kernel=kernel))
-
-
-def shapes_of(unet: nn.Module) -> dict[str, dict]:
-    """Per-block shapes: ``{path: {"attn1": {"rank_qk", "rank_vo"}, "attn2": {...}, "ffn_width": w}}``."""
-    out = {}
-    for path, block in transformer_blocks(unet):
-        entry = {}
-        for name in ("attn1", "attn2"):
-            attn = getattr(block, name)
-            entry[name] = {"rank_qk": attn.to_q.out_features // attn.heads, "rank_vo": attn.to_v.out_features // attn.heads}
-        entry["ffn_width"] = block.ff.net[2].in_features
-        out[path] = entry
-    for path, mod in unet.named_modules():
-        if type(mod).__name__ == "ResnetBlock2D":
-            out[path] = {"resnet_inner": mod.conv1.out_channels}
-        elif type(mod).__name__ == "Transformer2DModel":
-            ranks = {f"{k}_rank": getattr(mod, k).rank for k in ("proj_in", "proj_out") if isinstance(getattr(mod, k, None), LowRankProj)}
-            if ranks:
-                out[path] = ranks
-    return out
-
-
-def resize_to(unet: nn.Module, shapes: dict[str, dict]) -> None:
-    """Give ``unet`` the layer shapes of a slim plan (weights uninitialised: load a state dict next)."""
-    blocks = dict(transformer_blocks(unet))
-    known = set(blocks) | {n for n, m in unet.named_modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")}
-    missing = sorted(set(shapes) - known)
-    if missing:
-        raise IncompatibleArtifactError(f"slim plan names blocks this UNet lacks ({missing[0]}, ...)", "load it with the UNet config it was made from")
-    p = next(unet.parameters())
-    for path, entry in shapes.items():
-        if "resnet_inner" in entry:
-            _resize_resnet(unet, path, entry["resnet_inner"], p)
-            continue
-        if "proj_in_rank" in entry or "proj_out_rank" in entry:
-            _factor_projections(unet, path, entry, p)
-            continue
-        block = blocks[path]
-        for name in ("attn1", "attn2"):
-            attn = getattr(block, name)
-            rqk, rvo = entry[name]["rank_qk"] * attn.heads, entry[name]["rank_vo"] * attn.heads
-            out_dim = attn.to_out[0].out_features
-            new = {
-                "to_q.weight": torch.empty(rqk, attn.to_q.in_features, dtype=p.dtype, device=p.device),
-                "to_k.weight": torch.empty(rqk, attn.to_k.in_features, dtype=p.dtype, device=p.device),
-                "to_v.weight": torch.empty(rvo, attn.to_v.in_features, dtype=p.dtype, device=p.device),
-                "to_out.0.weight": torch.empty(out_dim, rvo, dtype=p.dtype, device=p.device),
-            }
-            replace_linears(unet, {f"{path}.{name}.{k}": v for k, v in new.items()})
-        width = entry["ffn_width"]
-        proj = block.ff.net[0].proj
-        c = proj.in_features
-        replace_linears(unet, {
-            f"{path}.ff.net.0.proj.weight": torch.empty(2 * width, c, dtype=p.dtype, device=p.device),
-            f"{path}.ff.net.0.proj.bias": torch.empty(2 * width, dtype=p.dtype, device=p.device),
-            f"{path}.ff.net.2.weight": torch.empty(block.ff.net[2].out_features, width, dtype=p.dtype, device=p.device),
-        })
-
-
-def _factor_projections(unet: nn.Module, path: str, entry: dict, p: torch.Tensor) -> None:
-    mod = unet.get_submodule(path)
-    kw = dict(dtype=p.dtype, device=p.device)
-    for kind in ("proj_in", "proj_out"):
-        rank = entry.get(f"{kind}_rank")
-        if rank is None:
-            continue
-        w, b = dense_weight(getattr(mod, kind))
-        n_out, n_in = w.shape
-        bias = None if b is None else torch.empty(n_out, **kw)
-        factor_layer(mod, kind, torch.empty(n_in, rank, **kw), torch.empty(rank, n_out, **kw), bias)
-
-
-def _resize_resnet(unet: nn.Module, path: str, inner: int, p: torch.Tensor) -> None:
-    block = unet.get_submodule(path)
-    if block.conv1.out_channels == inner:
-        return
-    kw = dict(dtype=p.dtype, device=p.device)
-    c1, c2 = block.conv1, block.conv2
-    new = {
-        f"{path}.conv1.weight": torch.empty(inner, *c1.weight.shape[1:], **kw),
-        f"{path}.conv1.bias": torch.empty(inner, **kw),
-        f"{path}.norm2.weight": torch.empty(inner, **kw),
-        f"{path}.norm2.bias": torch.empty(inner, **kw),
-        f"{path}.conv2.weight": torch.empty(c2.out_channels, inner, *c2.weight.shape[2:], **kw),
-    }
-    if block.time_emb_proj is not None:
-        new[f"{path}.time_emb_proj.weight"] = torch.empty(inner, block.time_emb_proj.in_features, **kw)
-        new[f"{path}.time_emb_proj.bias"] = torch.empty(inner, **kw)
-    replace_linears(unet, new)
 
 
 def _output_root(path: Path) -> Path | None:
@@ -231,25 +102,14 @@ def save_slim_unet(unet: nn.Module, out_dir: str | Path, plan: dict | None = Non
         config = json.loads(json.dumps(config, default=list))
         write_json(tmp / "config.json", config)
         digest = save_tensors(tmp / WEIGHTS_NAME, unet.state_dict(), metadata={"format": SLIM_FORMAT})
-        write_json(tmp / PLAN_NAME, {
-            "format": SLIM_FORMAT,
-            "slimexport_version": __version__,
-            "shapes": shapes_of(unet),
-            "weights": {"file": WEIGHTS_NAME, "sha256": digest},
-            "params": sum(p.numel() for p in unet.parameters()),
-            "plan": plan or {},
-        })
+        write_json(tmp / PLAN_NAME, SlimPlan(shapes=shapes_of(unet), weights={"file": WEIGHTS_NAME, "sha256": digest},
+                                             params=sum(p.numel() for p in unet.parameters()), plan=dict(plan or {}),
+                                             slimexport_version=__version__).to_dict())
     return out_dir
 
 
-def read_slim_plan(path: str | Path) -> dict:
-    meta = read_json(Path(path) / PLAN_NAME, "slim plan")
-    if meta.get("format") != SLIM_FORMAT:
-        raise IncompatibleArtifactError(
-            f"{path} has slim format {meta.get('format')!r}; this slimexport {__version__} reads {SLIM_FORMAT!r}",
-            "rebuild the slim UNet with this version (slimexport compress)",
-        )
-    return meta
+def read_slim_plan(path: str | Path) -> SlimPlan:
+    return SlimPlan.from_dict(read_json(Path(path) / PLAN_NAME, "slim plan"), where=str(path))
 
 
 def slim_folder(path: str | Path) -> Path:
