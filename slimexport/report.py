@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from pathlib import Path
 
 from slimexport.artifacts import write_json, write_text
@@ -120,13 +123,78 @@ def render_markdown(rep: dict) -> str:
                   f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
                   "", f"Speed-up (p50 dense / p50 slim): **{speedup_text(s)}**"
                   + (", a paired-bootstrap interval over the timed iterations" if s.get("speedup_ci95") else "")]
+    figs = rep.get("figures") or {}
+    if figs:
+        lines += ["", "## Figures", ""]
+        for name, caption in FIGURE_CAPTIONS.items():
+            if name in figs:
+                lines += [f"![{caption}]({figs[name]})", "", f"*{caption}*", ""]
     lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
     for k, v in rep["stages"].items():
         lines.append(f"| {k} | {v['seconds']:.2f} | {'yes' if v['cached'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
+FIGURE_CAPTIONS = {
+    "samples": "Images from the same seeds: dense | slim | difference",
+    "latents": "Final latents per channel (random weights: images would carry no meaning)",
+    "ranks": "Rank kept per module, by block and kind",
+    "eps_per_timestep": "Relative ε error of the slim model per timestep",
+    "trajectory_cosine": "Latent cosine of dense and slim along a fixed-seed trajectory",
+    "latency": "Latency p50/p90/p99, dense and slim engines",
+}
+
+
+def _inline(text: str) -> str:
+    """Escape, then the inline markdown this report uses: **bold**, *italic*, `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+    return re.sub(r"(?<![\w*])\*(?!\s)(.+?)\*(?!\w)", r"<em>\1</em>", out)
+
+
+def render_html(markdown: str, out_dir: str | Path) -> str:
+    """A self-contained HTML page of the report's markdown: its figures embedded as data URIs (opens offline)."""
+    out_dir = Path(out_dir)
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)]
+            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</tbody></table>")
+            continue
+        m = re.fullmatch(r"!\[(.*)\]\((.+)\)", line)
+        if m:
+            src = out_dir / m.group(2)
+            if src.is_file():
+                data = base64.b64encode(src.read_bytes()).decode("ascii")
+                body.append(f'<figure><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></figure>')
+        elif line.startswith("## "):
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;max-width:62em;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;font-size:.9em}"
+             "td{text-align:right}td:first-child{text-align:left}img{max-width:100%}code{background:#f3f3f3}")
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>slimexport report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
 def write_report(out_dir: str | Path, rep: dict) -> None:
+    """``report.json``, ``report.md`` and a self-contained ``report.html`` (figures embedded) in ``out_dir``."""
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", rep)
-    write_text(out_dir / "report.md", render_markdown(rep))
+    md = render_markdown(rep)
+    write_text(out_dir / "report.md", md)
+    write_text(out_dir / "report.html", render_html(md, out_dir))
