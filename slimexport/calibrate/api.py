@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 
+from slimexport.artifacts import load_tensors, save_tensors, sha256_json
 from slimexport.calibrate import slimset
 from slimexport.calibrate.collector import StatsCollector, kernel_accumulate
 from slimexport.calibrate.prompts import read_prompts_file, shipped_pool
@@ -15,7 +17,7 @@ from slimexport.calibrate.runner import denoise, initial_latents
 from slimexport.calibrate.stats import CalibStats
 from slimexport.config import CalibConfig
 from slimexport.distributed import broadcast, dist_info
-from slimexport.errors import ResourceError, UsageError
+from slimexport.errors import ArtifactError, ResourceError, SlimExportError, UsageError
 from slimexport.models.bundle import ModelBundle, converted_copy
 from slimexport.models.kinds import find_units
 
@@ -37,16 +39,49 @@ def embed_prompts(bundle: ModelBundle, prompts: list[str], device: str | torch.d
     return emb[torch.argsort(order)]  # back to the callers' order
 
 
-def select_prompts(bundle: ModelBundle, cfg: CalibConfig, device: str | torch.device | None = None) -> list[str]:
+EMBED_FORMAT = "slimexport.embed/1"
+
+
+def cached_embeddings(bundle: ModelBundle, prompts: list[str], device: str | torch.device | None,
+                      cache_dir: str | Path | None) -> torch.Tensor:
+    """:func:`embed_prompts`, kept in ``cache_dir`` keyed by the text encoder's fingerprint, the prompts' content and
+    the device type: a new calibration of the same model pays for its own prompts only, not the pool's embedding.
+
+    An unreadable cached file is embedded again; a cache that cannot be written is only logged."""
+    if cache_dir is None:
+        return embed_prompts(bundle, prompts, device)
+    dev = torch.device(device).type if device is not None else "bundle"
+    key = sha256_json([EMBED_FORMAT, bundle.encoder_identity(), sha256_json(prompts), dev])
+    path = Path(cache_dir) / f"{key[:32]}.safetensors"
+    if path.is_file():
+        try:
+            emb = load_tensors(path, what="cached prompt embeddings")["pooled"]
+            if emb.shape[0] == len(prompts):
+                log.info("prompt pool embeddings reused from %s", path)
+                return emb
+        except (ArtifactError, KeyError) as err:
+            log.warning("cached prompt embeddings %s are unusable (%s); embedding again", path, err)
+    emb = embed_prompts(bundle, prompts, device)
+    try:
+        save_tensors(path, {"pooled": emb}, metadata={"format": EMBED_FORMAT})
+    except (OSError, SlimExportError) as err:  # the cache is optional
+        log.warning("could not cache prompt embeddings in %s (%s)", cache_dir, err)
+    return emb
+
+
+def select_prompts(bundle: ModelBundle, cfg: CalibConfig, device: str | torch.device | None = None,
+                   cache_dir: str | Path | None = None) -> list[str]:
     """SlimSet: ``cfg.num_prompts`` prompts from ``cfg.prompts_file``, the model's own pool, or the shipped pool.
 
-    ``device``: where the pool is embedded (``None``: where the bundle's encoder is). Under ``torch.distributed``
-    rank 0's selection is used by every rank (embeddings on different devices may differ in the last bits)."""
+    ``device``: where the pool is embedded (``None``: where the bundle's encoder is). ``cache_dir``: where the
+    pool's embeddings are kept between runs (:func:`cached_embeddings`; ``None``: not kept). Under
+    ``torch.distributed`` rank 0's selection is used by every rank (embeddings on different devices may differ in
+    the last bits)."""
     rank, _ = dist_info()
-    return broadcast(_select(bundle, cfg, device) if rank == 0 else None)
+    return broadcast(_select(bundle, cfg, device, cache_dir) if rank == 0 else None)
 
 
-def _select(bundle: ModelBundle, cfg: CalibConfig, device) -> list[str]:
+def _select(bundle: ModelBundle, cfg: CalibConfig, device, cache_dir=None) -> list[str]:
     if cfg.prompts_file:
         pool, tags = read_prompts_file(cfg.prompts_file), None
     elif bundle.prompt_pool is not None:
@@ -57,7 +92,7 @@ def _select(bundle: ModelBundle, cfg: CalibConfig, device) -> list[str]:
         if cfg.num_prompts > len(pool):
             log.warning("asked for %d calibration prompts, the pool has %d: using all of them", cfg.num_prompts, len(pool))
         return pool
-    emb = embed_prompts(bundle, pool, device)
+    emb = cached_embeddings(bundle, pool, device, cache_dir)
     idx = slimset.select_grouped(emb, tags, cfg.num_prompts) if tags else slimset.select(emb, cfg.num_prompts)
     return [pool[i] for i in idx]
 
@@ -65,7 +100,6 @@ def _select(bundle: ModelBundle, cfg: CalibConfig, device) -> list[str]:
 def check_steps(bundle: ModelBundle, num_steps: int) -> None:
     """Refuse, before any work, a step count whose sampler timesteps leave the model's training range (DDIM with
     ``steps_offset=1`` and 1000 steps reaches t=1000, which the scheduler then indexes past its end)."""
-
     sched = bundle.make_scheduler()
     sched.set_timesteps(num_steps)
     top, n = int(sched.timesteps.max()), int(sched.config.num_train_timesteps)

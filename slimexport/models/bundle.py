@@ -155,6 +155,7 @@ class ModelBundle:
     prompt_pool: list[str] | None = None
     unet_source_dir: str | None = None
     fingerprint: str | None = None
+    _encoder_fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def identity(self) -> str:
         """Content hash of what calibration depends on: UNet and encoder weights, the UNet's config, the sampler's
@@ -182,6 +183,26 @@ class ModelBundle:
                     h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             self.fingerprint = h.hexdigest()
         return self.fingerprint
+
+    def encoder_identity(self) -> str:
+        """Content hash of the prompt encoder alone (its weights and the tokenizer's vocabulary): what prompt
+        embeddings depend on, so a cache of them survives a new UNet."""
+        if self._encoder_fingerprint is None:
+            import hashlib
+
+            from slimexport.artifacts import sha256_json
+
+            h = hashlib.sha256()
+            tokenizer = getattr(self.encoder, "tokenizer", None)
+            h.update(sha256_json({"encoder": type(self.encoder).__name__,
+                                  "vocab": tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None}).encode())
+            for mod in (self.encoder, getattr(self.encoder, "text_encoder", None)):
+                if isinstance(mod, torch.nn.Module):
+                    for name, t in sorted(mod.state_dict().items()):
+                        h.update(name.encode())
+                        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._encoder_fingerprint = h.hexdigest()
+        return self._encoder_fingerprint
 
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         h = height or self.image_size[0]
