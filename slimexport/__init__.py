@@ -6,7 +6,7 @@ initialise CUDA. The public functions below import what they need when called.
 
 from slimexport._version import __version__
 
-__all__ = ["__version__", "build", "compress", "load_model", "load_slim_unet", "save_slim_unet"]
+__all__ = ["__version__", "bench_folder", "build", "compress", "load_model", "load_slim_unet", "save_slim_unet", "verify_folder"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from slimexport import api
 
         return getattr(api, name)
+    if name in ("verify_folder", "bench_folder"):
+        from slimexport import folder
+
+        return getattr(folder, name)
     if name in ("load_slim_unet", "save_slim_unet"):
         from slimexport.slim import apply
 

@@ -96,9 +96,8 @@ def test_nan_statistics_abort_before_anything_is_written(tiny, tmp_path, monkeyp
 def test_a_failed_slim_engine_closes_the_dense_one(monkeypatch):
     from types import SimpleNamespace
 
-    from slimexport import api
     from slimexport.config import BuildConfig
-    from slimexport.engines import base
+    from slimexport.engines import base, select
     from slimexport.engines.base import unet_io_spec
 
     closed = []
@@ -116,7 +115,7 @@ def test_a_failed_slim_engine_closes_the_dense_one(monkeypatch):
     spec = unet_io_spec(dtype="fp32", output_name="latent", in_channels=4, out_channels=4, seq_len=77, context_dim=32)
     exports = {k: SimpleNamespace(folder=k, io_spec=spec) for k in ("dense", "slim")}
     with pytest.raises(RuntimeError, match="out of memory"):
-        api._make_engines(BuildConfig(), exports, {}, "cpu", None)
+        select.make_engines(BuildConfig(), exports, {}, "cpu", None)
     assert len(closed) == 1
 
 

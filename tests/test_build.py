@@ -160,8 +160,8 @@ def test_verify_fits_the_fixed_inputs_into_a_one_prompt_profile(built):
 
 def test_a_relative_model_path_falls_back_to_the_recorded_folder(built, tmp_path, monkeypatch):
     """A build made through the Python API with a relative path, read from another folder: the manifest's source."""
-    from slimexport import api
     from slimexport.errors import ModelNotFoundError
+    from slimexport.folder import _load_build
     from slimexport.models import load
 
     root, _ = built
@@ -180,9 +180,9 @@ def test_a_relative_model_path_falls_back_to_the_recorded_folder(built, tmp_path
         return real("tiny", **kw)  # stands in for the recorded folder
 
     monkeypatch.setattr(load, "load_model", fake)
-    folder, _, cfg, bundle = api._load_build(out)
+    folder, _, cfg, bundle = _load_build(out)
     assert asked == ["rel/pipe", str(tmp_path)] and bundle.identity() == m["model"]["fingerprint"]
     m["model"]["source"] = f"local:{tmp_path / 'gone'}"
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelNotFoundError, match="rel/pipe"):
-        api._load_build(out)
+        _load_build(out)

@@ -128,12 +128,10 @@ def test_verify_of_a_folder_missing_its_slim_unet_fails_naming_it(built, tmp_pat
 
 def test_verify_and_bench_elsewhere_leave_the_builds_results_alone(built, tmp_path, capsys, monkeypatch):
     """On another machine (device or torch) the checks report, but do not become the build's cached stages."""
-    from slimexport import api
-
     folder = copy_build(built, tmp_path / "b")
     before = {k: read_manifest(folder)["stages"][k] for k in ("verify", "bench")}
     files = {n: (folder / n).read_bytes() for n in ("verify.json", "bench.json")}
-    monkeypatch.setattr(api, "_same_machine", lambda *a: False)
+    monkeypatch.setattr("slimexport.folder.same_machine", lambda *a: False)
     assert _cli(["verify", str(folder)], capsys)[0] == 0
     assert _cli(["bench", str(folder), "--iterations", "3"], capsys)[0] == 0
     m = read_manifest(folder)

@@ -1,0 +1,42 @@
+"""The ``verify`` stage: the three parity comparisons of a build's engines (``build`` and ``verify DIR`` alike)."""
+
+from __future__ import annotations
+
+import logging
+
+from slimexport.config import MAX_VERIFY_PROMPTS
+from slimexport.errors import UsageError
+from slimexport.verify import parity
+
+log = logging.getLogger("slimexport")
+
+
+def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
+    """The three parity comparisons on fixed inputs at the profile's optimal latent size.
+
+    Args:
+        cfg: the ``BuildConfig`` (``cfg.verify``: prompts, timesteps, gates).
+        bundle: the loaded model (text encoder, scheduler, sizes).
+        models: ``{"dense", "slim"}`` torch UNets, fp32 on the CPU; engines: the same pair as engines.
+        profile: the engines' ``EngineProfile``.
+
+    Returns:
+        ``{"dense_export", "slim_export", "slim_vs_dense"}``: each comparison's metrics and verdict.
+    """
+    hw = (profile.opt_height, profile.opt_width)
+    vcfg = cfg.verify  # 2 × num_prompts rows (CFG): kept inside the engines' batch range
+    n = max(1, min(max(vcfg.num_prompts, -(-profile.min_batch // 2)), profile.max_batch // 2))
+    if n > MAX_VERIFY_PROMPTS:
+        raise UsageError(f"the engine profile takes at least {profile.min_batch} rows, more than verify's "
+                         f"{2 * MAX_VERIFY_PROMPTS} (2 × {MAX_VERIFY_PROMPTS} prompts)", "lower the --batch minimum")
+    if n != vcfg.num_prompts:
+        log.info("verify: %d prompt(s) instead of %d, to fit the engine profile (batch %d..%d rows, two per prompt)",
+                 n, vcfg.num_prompts, profile.min_batch, profile.max_batch)
+        vcfg = vcfg.replace(num_prompts=n)
+    inputs = parity.fixed_inputs(bundle, vcfg, hw)
+    tol = parity.export_tolerance(engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp"), vcfg)
+    out = {}
+    for kind in ("dense", "slim"):
+        out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)
+    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw)
+    return out
