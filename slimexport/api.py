@@ -41,7 +41,7 @@ from slimexport.engines.select import (
     make_engines,
     resolve_engine_device,
 )
-from slimexport.errors import UsageError
+from slimexport.errors import SettingError, UsageError
 from slimexport.folder import (
     BuildResult,
     bench_folder,
@@ -96,7 +96,8 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible", "use --device cpu (or auto)")
+        raise SettingError(f"CompressConfig.device={device!r} asked for, but no CUDA GPU is visible",
+                           "use CompressConfig.device='cpu' (or 'auto')")
     return d
 
 
@@ -105,7 +106,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
     if dt is not torch.float32 and device.type == "cpu":
-        raise UsageError(f"--calib-dtype {name} on the CPU is slow and imprecise", "use --calib-dtype fp32 (or auto) on the CPU")
+        raise SettingError(f"CompressConfig.calib_dtype={name!r} on the CPU is slow and imprecise",
+                           "use CompressConfig.calib_dtype='fp32' (or 'auto') on the CPU")
     return dt
 
 
@@ -155,8 +157,8 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     records: dict[str, StageRecord] = {}
     rank, world = dist_info()
     if world > 1 and device.type == "cpu" and dist_backend() == "nccl":
-        raise UsageError("under torchrun on GPUs the statistics are all-reduced with NCCL, which needs them on the GPU",
-                         "drop --device cpu (each rank calibrates on its own GPU)")
+        raise SettingError("under torchrun on GPUs the statistics are all-reduced with NCCL, which needs them on the GPU",
+                           "drop CompressConfig.device='cpu' (each rank calibrates on its own GPU)")
     if bundle is None:
         with timed(records, "load", False):
             bundle = model_load.load_model(cfg.model, random_weights=cfg.random_weights)

@@ -33,6 +33,11 @@ class ConfigError(UsageError):
         self.cls, self.field = cls, field
 
 
+class SettingError(UsageError):
+    """A setting this machine or the other settings rule out. Message and fix name settings as ``Class.field`` or
+    ``Class.field=value`` (the Python API's words); the CLI prints the flag that sets each instead."""
+
+
 class ModelNotFoundError(UsageError):
     """The model is neither a registry name, a local folder, a cached hub id nor reachable on the hub."""
 

@@ -195,10 +195,13 @@ def models_cmd():
 
 
 def _with_flag(err) -> str:
-    """The error's line, naming the flag that sets a rejected config field (``AllocConfig.budget`` is ``--budget``)."""
-    from slimexport.cli.options import CONFIG_FLAGS
-    from slimexport.errors import ConfigError
+    """The error's line in the CLI's words: a rejected config field names its flag (``AllocConfig.budget`` is
+    ``--budget``); a setting error's ``Class.field=value`` reads ``--flag value``."""
+    from slimexport.cli.options import CONFIG_FLAGS, as_flags
+    from slimexport.errors import ConfigError, SettingError
 
+    if isinstance(err, SettingError):
+        return as_flags(str(err))
     flag = CONFIG_FLAGS.get((err.cls, err.field)) if isinstance(err, ConfigError) else None
     return f"{err.message} (flag {flag}); {err.fix}" if flag else str(err)
 

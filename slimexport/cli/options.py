@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import click
@@ -204,6 +205,22 @@ CONFIG_FLAGS = {
     **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
                                                                   "optimization_level")},
 }
+
+# A setting as the Python API's errors name it: Class.field, or Class.field=value (a quoted repr or a bare word).
+_SETTING = re.compile(r"\b([A-Z]\w*)\.(\w+)(?:=('[^']*'|[^\s,;()]+))?")
+
+
+def as_flags(text: str) -> str:
+    """``text`` with each setting of the table written as its flag (``BuildConfig.engine_device='cuda'`` reads
+    ``--engine-device cuda``); other text as it is."""
+
+    def flag(m: re.Match) -> str:
+        name = CONFIG_FLAGS.get((m[1], m[2]))
+        if name is None:
+            return m[0]
+        return name if m[3] is None else name + " " + m[3].strip("'")
+
+    return _SETTING.sub(flag, text)
 
 
 def compress_config(base: CompressConfig, o: dict) -> CompressConfig:

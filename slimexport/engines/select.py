@@ -13,7 +13,7 @@ from slimexport.cache import Manifest, stage_key
 from slimexport.engines import base
 from slimexport.engines.aoti import check_compiler
 from slimexport.engines.base import CONTEXT, EngineConfig, EngineProfile
-from slimexport.errors import MissingExtraError, UsageError
+from slimexport.errors import MissingExtraError, SettingError
 
 log = logging.getLogger("slimexport")
 
@@ -47,8 +47,8 @@ def engine_profile(cfg, bundle) -> EngineProfile:
 def resolve_engine_device(cfg) -> str:
     """``cfg.engine_device`` as a device: ``auto`` is the GPU where the backend can use one, else the CPU."""
     if cfg.engine_device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--engine-device {cfg.engine_device} asked for, but no CUDA GPU is visible",
-                         "use --engine-device cpu (or auto)")
+        raise SettingError(f"BuildConfig.engine_device={cfg.engine_device!r} asked for, but no CUDA GPU is visible",
+                           "use BuildConfig.engine_device='cpu' (or 'auto')")
     if cfg.engine_device != "auto":
         return cfg.engine_device  # cuda:N kept: every backend places its engine on that GPU
     if not torch.cuda.is_available():
@@ -71,15 +71,16 @@ def check_backend_available(backend: str) -> None:
 def check_engine_dtype(cfg, device: str, folder: Path | None = None) -> None:
     """Refuse an fp16 engine the CPU would not run as fp16 (before any work); warn where fp16 is only slower.
 
-    ``folder``: the build folder that verify or bench checks (the fix then is another machine, not other flags).
+    ``folder``: the build folder that verify or bench checks (the fix then is another machine, not other settings).
     """
     if cfg.export.dtype != "fp16" or device.startswith("cuda"):
         return
     if cfg.backend in MODEL_BACKENDS:
-        raise UsageError(f"--dtype fp16 with --backend {cfg.backend} runs on a GPU only (on the CPU these engines run fp32)",
-                         f"check {folder} on a GPU machine" if folder is not None
-                         else "drop --dtype fp16 on the CPU, or pass --engine-device cuda on a GPU machine")
-    log.warning("--dtype fp16 on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, so the "
+        raise SettingError(
+            f"ExportConfig.dtype='fp16' with BuildConfig.backend={cfg.backend!r} runs on a GPU only (on the CPU these "
+            "engines run fp32)", f"check {folder} on a GPU machine" if folder is not None
+            else "drop ExportConfig.dtype='fp16' on the CPU, or pass BuildConfig.engine_device='cuda' on a GPU machine")
+    log.warning("fp16 engines on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, so the "
                 "engines are usually slower than fp32 there (fp16 is for GPUs)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from slimexport.config import MAX_VERIFY_PROMPTS
-from slimexport.errors import UsageError
+from slimexport.errors import SettingError
 from slimexport.verify import parity
 
 log = logging.getLogger("slimexport")
@@ -27,8 +27,8 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
     vcfg = cfg.verify  # 2 × num_prompts rows (CFG): kept inside the engines' batch range
     n = max(1, min(max(vcfg.num_prompts, -(-profile.min_batch // 2)), profile.max_batch // 2))
     if n > MAX_VERIFY_PROMPTS:
-        raise UsageError(f"the engine profile takes at least {profile.min_batch} rows, more than verify's "
-                         f"{2 * MAX_VERIFY_PROMPTS} (2 × {MAX_VERIFY_PROMPTS} prompts)", "lower the --batch minimum")
+        raise SettingError(f"the engine profile takes at least {profile.min_batch} rows, more than verify's "
+                           f"{2 * MAX_VERIFY_PROMPTS} (2 × {MAX_VERIFY_PROMPTS} prompts)", "lower the minimum of BuildConfig.batch")
     if n != vcfg.num_prompts:
         log.info("verify: %d prompt(s) instead of %d, to fit the engine profile (batch %d..%d rows, two per prompt)",
                  n, vcfg.num_prompts, profile.min_batch, profile.max_batch)

@@ -91,6 +91,44 @@ def test_bad_input_exit_codes(args, code, pattern, capsys):
     assert "Traceback" not in msg
 
 
+def test_setting_errors_name_fields_in_python_and_flags_in_the_cli(capsys):
+    """The Python API's setting errors speak of config fields; the CLI prints the flags that set them (one table)."""
+    import torch
+
+    from slimexport import api
+    from slimexport.cli.options import as_flags
+    from slimexport.errors import SettingError
+
+    with pytest.raises(SettingError) as err:
+        api.resolve_dtype("bf16", torch.device("cpu"))
+    assert "CompressConfig.calib_dtype='bf16' on the CPU" in str(err.value) and "--" not in str(err.value)
+    assert main(["compress", "--model", "tiny", "--device", "cpu", "--calib-dtype", "bf16"]) == 2
+    assert ("error: --calib-dtype bf16 on the CPU is slow and imprecise; use --calib-dtype fp32 (or 'auto') on the CPU"
+            in capsys.readouterr().err)
+    assert (as_flags("ExportConfig.dtype='fp16' with BuildConfig.backend='torch'; lower the minimum of BuildConfig.batch")
+            == "--dtype fp16 with --backend torch; lower the minimum of --batch")
+    assert as_flags("VerifyConfig.atol=0.5, Other.field='x'") == "--atol 0.5, Other.field='x'"
+
+
+def test_every_setting_an_error_names_has_a_flag():
+    """Each ``Class.field`` in a SettingError's text anywhere in the package is in the CLI's flag table."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import slimexport
+    from slimexport.cli.options import CONFIG_FLAGS
+
+    named = set()
+    for path in Path(slimexport.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "SettingError":
+                text = " ".join(c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                named |= {(m[1], m[2], path.name) for m in re.finditer(r"\b([A-Z]\w*Config)\.(\w+)", text)}
+    assert len({n[2] for n in named}) >= 3, named  # api.py, engines/select.py, verify/run.py
+    assert not {n for n in named if n[:2] not in CONFIG_FLAGS}
+
+
 def test_config_errors_name_the_flag(capsys):
     """A rejected field names the flag that sets it, and every flag in the table is one of build's options."""
     from slimexport.cli.main import build as build_command

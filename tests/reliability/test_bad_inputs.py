@@ -28,6 +28,7 @@ from slimexport.errors import (
     ModelNotFoundError,
     NumericalError,
     ResourceError,
+    SettingError,
     SlimExportError,
     UsageError,
 )
@@ -391,7 +392,7 @@ def _api_rows():
         ("engine-device-tpu", lambda p: EngineConfig(device="tpu"), ConfigError, "EngineConfig.device='tpu'"),
         ("engine-cuda-graphs-on-cpu", lambda p: EngineConfig(cuda_graphs=True), ConfigError, "CUDA graphs need a GPU"),
         ("resolve-dtype-fp16-cpu", lambda p: api.resolve_dtype("fp16", torch.device("cpu")),
-         UsageError, "--calib-dtype fp16 on the CPU"),
+         SettingError, "CompressConfig.calib_dtype='fp16' on the CPU"),
         ("compress-out-is-a-file", lambda p: api.compress(
             CompressConfig(model="tiny"), out=p["a_file"], progress=False), UsageError, "is a file"),
         ("load-model-hub-offline", lambda p: load_model("owner/no-such-model"),
