@@ -11,11 +11,7 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

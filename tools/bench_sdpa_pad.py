@@ -14,12 +14,8 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -38,6 +34,7 @@ def main() -> None:
     from slimexport.config import AllocConfig, CalibConfig, CompressConfig
     from slimexport.models import load_model
     from slimexport.slim.apply import install_processors
+    from slimexport.timer import call_ms
 
     torch.set_num_threads(args.threads)
     bundle = load_model(args.model)
@@ -60,9 +57,7 @@ def main() -> None:
                 m(x, t, ctx)
         for _ in range(args.iterations):
             for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x, t, ctx)
-                times[k].append(1e3 * (time.perf_counter() - t0))
+                times[k].append(call_ms(lambda m=m: m(x, t, ctx), "cpu"))
     print(f"{args.model} budget {args.budget} (attn,ffn), batch {args.batch}, {args.latent}x{args.latent} latents, "
           f"{args.threads} threads, {args.iterations} interleaved iterations; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

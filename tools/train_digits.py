@@ -27,13 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing slimexport
-    sys.path.insert(0, str(ROOT))
-
-from slimexport.artifacts import atomic_dir, save_tensors, sha256_file, write_json, write_text  # noqa: E402
-from slimexport.models.bundle import ModelBundle  # noqa: E402
-from slimexport.models.digits import (  # noqa: E402
+from slimexport.artifacts import atomic_dir, save_tensors, sha256_file, write_json, write_text
+from slimexport.models.bundle import ModelBundle
+from slimexport.models.digits import (
     FILES,
     NULL_CLASS,
     NUM_DIGITS,
@@ -42,7 +38,7 @@ from slimexport.models.digits import (  # noqa: E402
     digits_images,
     make_split,
 )
-from slimexport.models.registry import DIGITS_SCHEDULER, DIGITS_UNET  # noqa: E402
+from slimexport.models.registry import DIGITS_SCHEDULER, DIGITS_UNET
 
 NUM_TOKENS = 6  # class tokens per prompt (cross-attention sequence length)
 LABEL_DROPOUT = 0.1  # share of training examples conditioned on the null class (classifier-free guidance)
