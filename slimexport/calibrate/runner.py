@@ -1,8 +1,13 @@
-"""Stage B driver: the model's own DDIM sampler with classifier-free guidance, hooks attached.
+"""The sampler: the model's own DDIM scheduler with classifier-free guidance (stage B's driver, hooks attached).
 
 Both CFG branches run in one UNet batch (``[uncond; cond]``), as at inference, and both feed the statistics.
-The loop is the one ``StableDiffusionPipeline`` runs (scale input → UNet → guidance → scheduler step), on
-latents from per-prompt seeded generators so that a prompt's trajectory does not depend on its batch.
+The loop is the one ``StableDiffusionPipeline`` runs (scale input → UNet → guidance → scheduler step); calibration
+starts it from latents of per-prompt seeded generators (:func:`initial_latents`), so that a prompt's trajectory
+does not depend on its batch.
+
+It is the package's one sampling loop: calibration, verification's trajectory
+(:func:`slimexport.verify.parity.slim_vs_dense`, :func:`slimexport.verify.quality.sample_trajectory`), the quality
+harness and the device check all run :func:`denoise`; they differ only in how they seed the starting latents.
 """
 
 from __future__ import annotations
