@@ -573,8 +573,7 @@ class AotiEngine(Engine):
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         """Inputs are copied to the device once; the returned call leaves its output on the device."""
-        self.check(feeds)
-        args = self._to_device(feeds)
+        args = self._to_device(self.check(feeds))  # a [1] timestep repeated to the batch
         return lambda: self._call(args)
 
     def info(self) -> dict:

@@ -48,8 +48,7 @@ class TorchCompileEngine(TorchEngine):
 
     def prepare(self, feeds):
         """Inputs are copied to the device once; the returned call leaves its output on the device."""
-        self.check(feeds)
-        inputs = self._to_device(feeds)
+        inputs = self._to_device(self.check(feeds))  # a [1] timestep repeated to the batch
         return lambda: self._forward(inputs)
 
     def close(self) -> None:

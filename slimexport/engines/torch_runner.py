@@ -175,8 +175,7 @@ class TorchEngine(Engine):
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         """Inputs are copied to the device once; the returned call leaves its output on the device."""
-        self.check(feeds)
-        inputs = self._to_device(feeds)
+        inputs = self._to_device(self.check(feeds))  # a [1] timestep repeated to the batch
         if self.cfg.cuda_graphs:
             graph, static, out = self._graph_for(inputs)
             for k, v in inputs.items():

@@ -132,3 +132,12 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # a fresh process: global flags
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in ("ok", "no new api")
+
+
+def test_prepare_takes_one_timestep_like_run(slim_unet):
+    """A [1] timestep (diffusers' ONNX pipelines, demoDiffusion) is repeated to the batch in the timed path too."""
+    eng = build_engine("torch", slim_unet)
+    feeds = make_feeds(eng.io_spec, 2, 16, 16, seed=5, one_timestep=True)
+    assert feeds["timestep"].shape == (1,)
+    full = {**feeds, "timestep": np.repeat(feeds["timestep"], 2)}
+    np.testing.assert_array_equal(eng.prepare(feeds)().numpy(), eng.run(full)["latent"])
