@@ -33,6 +33,7 @@ STEPS, GUIDANCE = 3, 7.5
 # Images are in [0, 1]. Every part runs in fp32 on both sides, so they differ by float rounding only (1.7e-6 seen on a
 # 2-core AMD EPYC, 2026-12-02): 1e-3, a quarter of one 8-bit level, leaves room for other CPUs' kernels.
 IMAGE_ATOL = 1e-3
+IMAGE_ATOL_FP16 = 1e-2  # fp16 parts against the fp32 torch pipeline: 2.5 8-bit levels
 # The dense UNet's image differs from the slim one's by ~0.1 here: the folder must hold the slim UNet, not the dense.
 DENSE_MIN_DIFF = 20 * IMAGE_ATOL
 
@@ -149,6 +150,25 @@ def test_diffusers_onnx_pipeline_matches_torch(which, request):
     assert np.abs(image - ref).max() <= IMAGE_ATOL
     dense = _torch_image(case, case.bundle.unet, type(scheduler).from_config(scheduler.config), latents)
     assert np.abs(image - dense).max() >= DENSE_MIN_DIFF
+
+
+@pytest.mark.slow
+def test_fp16_folder(tiny, slim_unet, slim_export_fp16, tmp_path):
+    """An fp16 UNet export makes an fp16 folder (norms in fp32): fp16 I/O but int32 ids, and an image within
+    IMAGE_ATOL_FP16 of the fp32 torch pipeline (9.6e-4 seen on the 2-core CPU, 2026-12-02)."""
+    rec = write_pipeline_folder(tiny, slim_export_fp16.folder, tmp_path / "pipeline")
+    dtypes = {(p, e["name"]): e["dtype"] for p, v in rec.parts.items() for e in v["inputs"] + v["outputs"]}
+    assert dtypes.pop(("text_encoder", "input_ids")) == "int32"
+    assert dtypes.pop(("unet", "timestep")) == "float32"
+    assert set(dtypes.values()) == {"float16"}
+    case = Case(tiny, slim_unet, tmp_path / "pipeline")
+    latents = _latents(case)
+    pipe = _onnx_pipeline(case.folder)
+    image = pipe(PROMPT, height=latents.shape[2] * 8, width=latents.shape[3] * 8, num_inference_steps=STEPS,
+                 guidance_scale=GUIDANCE, latents=latents.astype(np.float16), output_type="np").images
+    ref = _torch_image(case, slim_unet, type(pipe.scheduler).from_config(pipe.scheduler.config), latents)
+    assert image.dtype == np.float16 and np.isfinite(image).all()
+    assert np.abs(image.astype(np.float32) - ref).max() <= IMAGE_ATOL_FP16
 
 
 @pytest.mark.slow
