@@ -3,6 +3,7 @@ making the dense and slim engine pair (``build`` and ``verify``/``bench`` of a f
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 from pathlib import Path
@@ -51,7 +52,7 @@ def resolve_engine_device(cfg) -> str:
                            "use BuildConfig.engine_device='cpu' (or 'auto')")
     if cfg.engine_device != "auto":
         return cfg.engine_device  # cuda:N kept: every backend places its engine on that GPU
-    if not torch.cuda.is_available():
+    if cfg.backend == "openvino" or not torch.cuda.is_available():  # OpenVINO's engines here are CPU engines
         return "cpu"
     if cfg.backend == "onnxruntime":
         import onnxruntime  # heavy: imported only to ask for its GPU provider
@@ -64,6 +65,8 @@ def check_backend_available(backend: str) -> None:
     """Refuse, before calibration, a backend whose package or compiler is missing."""
     if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         raise MissingExtraError("tensorrt", "trt", "--backend tensorrt")
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise MissingExtraError("openvino", "openvino", "--backend openvino")
     if backend == "aoti":
         check_compiler()  # the packages are compiled C++
 
@@ -73,6 +76,11 @@ def check_engine_dtype(cfg, device: str, folder: Path | None = None) -> None:
 
     ``folder``: the build folder that verify or bench checks (the fix then is another machine, not other settings).
     """
+    if cfg.export.dtype == "bf16":  # OpenVINO only (config refuses it elsewhere): the CPU must compute bf16
+        from slimexport.engines.openvino import check_cpu_precision
+
+        check_cpu_precision("bf16")
+        return
     if cfg.export.dtype != "fp16" or device.startswith("cuda"):
         return
     if cfg.backend in MODEL_BACKENDS:
@@ -80,8 +88,8 @@ def check_engine_dtype(cfg, device: str, folder: Path | None = None) -> None:
             f"ExportConfig.dtype='fp16' with BuildConfig.backend={cfg.backend!r} runs on a GPU only (on the CPU these "
             "engines run fp32)", f"check {folder} on a GPU machine" if folder is not None
             else "drop ExportConfig.dtype='fp16' on the CPU, or pass BuildConfig.engine_device='cuda' on a GPU machine")
-    log.warning("fp16 engines on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, so the "
-                "engines are usually slower than fp32 there (fp16 is for GPUs)")
+    log.warning("fp16 engines on the CPU: ONNX Runtime has few fp16 CPU kernels and casts around the rest, and OpenVINO "
+                "computes fp16 exports in fp32, so the engines are no faster than fp32 there (fp16 is for GPUs)")
 
 
 def engine_config(cfg, device: str, profile: EngineProfile, seq_len: int) -> EngineConfig:
@@ -103,6 +111,8 @@ def make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir
             return base.build_engine(cfg.backend, compiled[kind], ecfg)
         if cfg.backend == "aoti":  # packages in OUT/aoti/<kind>, reused when model, profile, device and torch match
             return base.build_engine("aoti", models[kind], ecfg.replace(cache_dir=None if out_dir is None else str(Path(out_dir) / "aoti" / kind)))
+        if cfg.backend == "openvino" and out_dir is not None:  # OpenVINO's compiled-model cache in OUT/openvino/<kind>
+            return base.build_engine("openvino", exports[kind].folder, ecfg.replace(cache_dir=str(Path(out_dir) / "openvino" / kind)))
         return base.build_engine(cfg.backend, models[kind] if cfg.backend in MODEL_BACKENDS else exports[kind].folder, ecfg)
 
     engines = {}
@@ -118,7 +128,15 @@ def make_engines(cfg, exports: dict, models: dict, device: str, profile, out_dir
 
 def engine_key(dense_export_key: str, slim_export_key: str, cfg, device: str) -> str:
     """Key of the ``engine`` stage: the two exports, the backend and the machine it runs on (device, torch)."""
-    return stage_key("engine", dense_export_key, slim_export_key, cfg.backend, device, cfg.optimization_level, torch.__version__)
+    return stage_key("engine", dense_export_key, slim_export_key, cfg.backend, device, cfg.optimization_level, torch.__version__,
+                     *([_version("openvino")] if cfg.backend == "openvino" else []))
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def same_machine(manifest: Manifest, cfg, device: str) -> bool:

@@ -34,7 +34,9 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
                  n, vcfg.num_prompts, profile.min_batch, profile.max_batch)
         vcfg = vcfg.replace(num_prompts=n)
     inputs = parity.fixed_inputs(bundle, vcfg, hw)
-    tol = parity.export_tolerance(engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp"), vcfg)
+    # the engines' precision: the export's, or bf16 where an fp32 graph runs in bf16 (OpenVINO)
+    dtype = "bf16" if cfg.export.dtype == "bf16" else engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp")
+    tol = parity.export_tolerance(dtype, vcfg)
     out = {}
     for kind in ("dense", "slim"):
         out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)

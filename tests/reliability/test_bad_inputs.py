@@ -184,7 +184,7 @@ CLI_ROWS = [
                  "--engine-device cuda asked for", marks=NO_CUDA),
     ("device-bad-index", [*C, "--device", "cuda:x"], 2, "CompressConfig.device='cuda:x' is invalid"),
     ("engine-device-typo", [*B, "--engine-device", "cudafoo"], 2, "BuildConfig.engine_device='cudafoo' is invalid"),
-    ("backend-unknown", [*B, "--backend", "openvino"], 2, "'openvino' is not one of"),
+    ("backend-unknown", [*B, "--backend", "ncnn"], 2, "'ncnn' is not one of"),
     # engine profile and export options (all refused before calibration starts)
     ("opset-16", [*B, "--opset", "16"], 2, "ExportConfig.opset=16"),
     ("batch-not-ordered", [*B, "--batch", "4,2,1"], 2, "min <= opt <= max"),
