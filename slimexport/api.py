@@ -4,10 +4,8 @@ through :func:`slimexport.stages.run_stage`, keyed by a content hash of its inpu
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,12 +40,13 @@ from slimexport.engines.select import (
     resolve_engine_device,
 )
 from slimexport.errors import SettingError, UsageError
+from slimexport.figures import FIGURES_DIR, FIGURES_FORMAT, make_figures
 from slimexport.folder import (
     BuildResult,
     bench_folder,
+    finish_manifest,
     json_object,
     relative_paths,
-    results_summary,
     verify_folder,
 )
 from slimexport.models import load as model_load
@@ -66,8 +65,8 @@ DEFAULT_ROOT = Path("engines")
 # Where calibration statistics are shared between builds (a new budget reuses them): $SLIMEXPORT_CACHE_DIR, else here.
 CACHE_ENV = "SLIMEXPORT_CACHE_DIR"
 # What slimexport writes into an --out folder (its temporaries start with '.'): any other entry is someone else's.
-OUTPUT_ENTRIES = frozenset({"manifest.json", "calib", "plan.json", "slim_unet", "onnx", "aoti", "verify.json", "bench.json",
-                            "report.json", "report.md"})
+OUTPUT_ENTRIES = frozenset({"manifest.json", "calib", "plan.json", "slim_unet", "onnx", "aoti", "openvino", "verify.json",
+                            "bench.json", "report.json", "report.md", "report.html", "figures", "pipeline", "stepcache"})
 
 
 @dataclass
@@ -127,6 +126,7 @@ def default_out(model: str, budget: float, suffix: str = "") -> Path:
     path = Path(model).expanduser().resolve()
     if path.exists():
         name = path.parent.name if path.name == "unet" and (path.parent / "model_index.json").exists() else path.name
+        name = path.stem if path.is_file() and path.suffix == ".safetensors" else name  # a single-file checkpoint
     else:
         name = model.replace("/", "--")
     return DEFAULT_ROOT / f"{name}-b{budget:g}{suffix}"
@@ -161,7 +161,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
                            "drop CompressConfig.device='cpu' (each rank calibrates on its own GPU)")
     if bundle is None:
         with timed(records, "load", False):
-            bundle = model_load.load_model(cfg.model, random_weights=cfg.random_weights)
+            bundle = model_load.load_model(cfg.model, random_weights=cfg.random_weights, config_of=cfg.config_of)
     calib_key = stage_key("calibrate", STATS_FORMAT, bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type, *prompts_key)
     stats_dir, plan_path, slim_dir = out_dir / "calib", out_dir / "plan.json", out_dir / "slim_unet"
     shared = cache_root / "calib" / calib_key[:32]
@@ -172,8 +172,8 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
 
     def calibrated():  # under torch.distributed every rank calibrates a shard; rank 0 alone writes and goes on
         check_steps(bundle, cfg.calib.num_steps)  # before the prompt selection's minute of embedding
-        stats = calibrate(bundle, select_prompts(bundle, cfg.calib, device=device), cfg.calib, device=device, dtype=dtype,
-                          progress=progress)
+        prompts = select_prompts(bundle, cfg.calib, device=device, cache_dir=cache_root / "embed")  # pool embeddings kept
+        stats = calibrate(bundle, prompts, cfg.calib, device=device, dtype=dtype, progress=progress)
         if rank == 0:
             stats.save(stats_dir)
         return stats
@@ -260,7 +260,8 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
     check_out_dir(out_dir)
     records: dict[str, StageRecord] = {}
     with timed(records, "load", False):
-        bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+        bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights,
+                                        config_of=cfg.compress.config_of)
     profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
     res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir)
     if res is None:
@@ -297,17 +298,24 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
     finally:
         for e in engines.values():
             e.close()
+    fig_dir = out_dir / FIGURES_DIR
+    figs = run_stage(manifest, records, "figures", stage_key("figures", FIGURES_FORMAT, result_key("verify", ekey, cfg),
+                                                             result_key("bench", ekey, cfg)), [fig_dir],
+                     lambda: _written(fig_dir / "index.json", make_figures(out_dir, res.plan, parity, speed, bundle, models["dense"],
+                                                                           models["slim"], cfg.verify, (profile.opt_height, profile.opt_width))),
+                     load=lambda: read_json(fig_dir / "index.json", "figure index"), cached=False if rebuilt else None)
     stages = {k: {"seconds": v.seconds, "cached": v.cached} for k, v in records.items()}
     report = make_report(cfg.compress.model, res.plan, parity, speed, stages,
-                         extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict()})
-    _finish_manifest(manifest, out_dir, cfg, res.plan, profile, exports, device, report)
+                         extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict(), "figures": figs})
+    finish_manifest(manifest, out_dir, cfg, res.plan, profile, exports, device, report)
     write_report(out_dir, report)
     return BuildResult(out_dir=out_dir, report=report, passed=report["passed"])
 
 
 def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None:
     c = int(unet.config.in_channels)
-    export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=cfg.export.dtype, output_name=cfg.export.output_name,
+    dtype = "fp32" if cfg.export.dtype == "bf16" else cfg.export.dtype  # bf16: an fp32 graph OpenVINO runs in bf16
+    export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=dtype, output_name=cfg.export.output_name,
                      sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width),
                      context_shape=(profile.opt_batch, seq_len, int(unet.config.cross_attention_dim)))
 
@@ -315,35 +323,3 @@ def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None
 def _written(path: Path, obj):
     write_json(path, obj)
     return obj
-
-
-def _finish_manifest(manifest: Manifest, out_dir: Path, cfg: BuildConfig, plan: RankPlan, profile, exports: dict,
-                     device: str, report: dict) -> None:
-    """What a finished build's manifest holds besides its stages: config, shapes, ONNX files, machine, results."""
-    manifest.set("build_config", cfg.to_dict())
-    manifest.set("profile", profile.to_dict())
-    manifest.set("io", exports["dense"].io_spec)
-    manifest.set("onnx", {k: {"model": os.path.relpath(e.onnx_path, out_dir), "sha256": e.onnx_sha256,
-                              "data": os.path.relpath(e.data_path, out_dir), "data_sha256": e.data_sha256, "opset": e.opset,
-                              "dtype": e.dtype, "size_bytes": e.size_bytes} for k, e in exports.items()})
-    manifest.set("slim_weights", {"path": "slim_unet/diffusion_pytorch_model.safetensors",
-                                  "plan_sha256": sha256_json(plan["ranks"])})
-    manifest.set("versions", _versions())
-    gpu = torch.device(device) if device.startswith("cuda") else None
-    manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(gpu),
-                            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(gpu)))} if gpu else {})})
-    manifest.set("results", results_summary(report))
-    manifest.set("built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    manifest.save()
-
-
-def _versions() -> dict:
-    out = {}
-    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt", "triton"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-    return out

@@ -170,3 +170,78 @@ def latency_figure(speed: Mapping, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(f"latency: {speed.get('backend', '')} on {speed.get('device_name') or speed.get('device', '')}", fontsize=9)
     return _save(fig, path)
+
+
+# --- the build's figures stage -------------------------------------------------------------------------------------
+FIGURES_FORMAT = "slimexport.figures/1"
+SAMPLE_IMAGES = 4  # rows of the image grid
+PROMPT_STRIDE = 37  # a prime: consecutive picks land in different parts of a pool ordered by template or subject
+
+
+def _images_meaningful(bundle) -> str:
+    """How to show a sample: ``pixels`` (the latents are the image: ``digits``), ``vae`` (decode), or ``latents``
+    (weights are random: images would mean nothing, latent statistics are shown)."""
+    if bundle.source == "random" or bundle.name == "tiny":
+        return "latents"
+    if "vae" in bundle.components:
+        return "vae"
+    return "pixels" if bundle.vae_scale_factor == 1 else "latents"
+
+
+@torch.no_grad()
+def _decode(bundle, latents: torch.Tensor) -> torch.Tensor:
+    vae = bundle.components["vae"]
+    p = next(vae.parameters())
+    scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+    return vae.decode(latents.to(p.device, p.dtype) / scale).sample.float().cpu()
+
+
+@torch.no_grad()
+def trajectories(bundle, dense, slim, num: int, steps: int, guidance: float, seed: int, latent_hw) -> dict:
+    """Fixed-seed trajectories of the dense and slim UNets (same prompts, seeds and sampler): their final latents
+    and the cosine of their latents after every step."""
+    from slimexport.calibrate.runner import denoise, initial_latents
+    from slimexport.verify.parity import DEFAULT_PROMPTS
+
+    pool = list(bundle.prompt_pool or DEFAULT_PROMPTS)
+    prompts = [pool[(i * PROMPT_STRIDE) % len(pool)] for i in range(num)]
+    cond = bundle.encoder.encode(prompts)[0].float()
+    uncond = bundle.encoder.encode([""] * len(prompts))[0].float()
+    per_step: dict[str, list[torch.Tensor]] = {"dense": [], "slim": []}
+    finals, timesteps = {}, []
+    for name, unet in (("dense", dense), ("slim", slim)):
+        sched = bundle.make_scheduler()
+        lat = initial_latents([seed + i for i in range(num)], (int(unet.config.in_channels), *latent_hw), "cpu",
+                              torch.float32, sched.init_noise_sigma)
+        p = next(unet.parameters())
+        finals[name] = denoise(unet, sched, cond.to(p.device, p.dtype), uncond.to(p.device, p.dtype), lat.to(p.device, p.dtype),
+                               steps, guidance, on_latents=lambda i, x, name=name: per_step[name].append(x.float().cpu())).float().cpu()
+        timesteps = [int(t) for t in sched.timesteps]
+    cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+           for a, b in zip(per_step["dense"], per_step["slim"])]
+    return {"prompts": prompts, "final": finals, "cosine": cos, "timesteps": timesteps}
+
+
+def make_figures(out_dir: str | Path, plan: Mapping, parity: Mapping, speed: Mapping | None, bundle, dense, slim,
+                 vcfg, latent_hw) -> dict[str, str]:
+    """Every figure of a build into ``out_dir/figures``; returns ``{figure: path relative to out_dir}``.
+
+    ``vcfg``: the verify config (trajectory steps, guidance, seed); ``latent_hw``: the latent size sampled at."""
+    out_dir = Path(out_dir)
+    d = out_dir / FIGURES_DIR
+    made: dict[str, Path] = {}
+    tr = trajectories(bundle, dense, slim, SAMPLE_IMAGES, vcfg.trajectory_steps, vcfg.guidance_scale, vcfg.seed, latent_hw)
+    how = _images_meaningful(bundle)
+    if how == "latents":
+        made["latents"] = latent_stats_figure(tr["final"]["dense"], tr["final"]["slim"], d / "latents.png")
+    else:
+        imgs = {k: _decode(bundle, v) if how == "vae" else v for k, v in tr["final"].items()}
+        made["samples"] = image_grid_figure(imgs["dense"], imgs["slim"], d / "samples.png", labels=tr["prompts"])
+    made["ranks"] = ranks_figure(plan, d / "ranks.png")
+    svd = parity.get("slim_vs_dense") or {}
+    if svd.get("eps_rel_error"):
+        made["eps_per_timestep"] = eps_per_timestep_figure(svd, d / "eps_per_timestep.png")
+    made["trajectory_cosine"] = trajectory_cosine_figure(tr["cosine"], tr["timesteps"], d / "trajectory_cosine.png")
+    if speed:
+        made["latency"] = latency_figure(speed, d / "latency.png")
+    return {k: p.relative_to(out_dir).as_posix() for k, p in made.items()}

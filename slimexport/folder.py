@@ -7,6 +7,7 @@ packages are loaded as compiled (one made for another GPU, device or torch versi
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slimexport.artifacts import read_json, write_json
+from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.bench.run import run_bench
 from slimexport.cache import Manifest
 from slimexport.config import BuildConfig
@@ -35,6 +36,7 @@ from slimexport.errors import (
     SlimExportError,
     UsageError,
 )
+from slimexport.figures import FIGURES_DIR, latency_figure
 from slimexport.models import load as model_load
 from slimexport.models.bundle import move
 from slimexport.report import make_report, write_report
@@ -99,12 +101,13 @@ def _load_build(folder: str | Path):
         raise UsageError(f"{folder} holds no finished build (its manifest has no build config)", "run slimexport build first")
     cfg = BuildConfig.from_dict(manifest.data["build_config"])
     try:
-        bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights)
+        bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights,
+                                        config_of=cfg.compress.config_of)
     except ModelNotFoundError:  # a relative path given to the Python API, read from another folder: the recorded one
         source = str(manifest.data.get("model", {}).get("source", ""))
         if not (source.startswith("local:") and Path(source[6:]).exists()):
             raise
-        bundle = model_load.load_model(source[6:], random_weights=cfg.compress.random_weights)
+        bundle = model_load.load_model(source[6:], random_weights=cfg.compress.random_weights, config_of=cfg.compress.config_of)
     want = manifest.data.get("model", {}).get("fingerprint")
     if want is not None and bundle.identity() != want:
         raise IncompatibleArtifactError(
@@ -195,8 +198,9 @@ def _write_verdict(folder: Path, manifest: Manifest, cfg, parity: dict | None, i
     report["passed"] = all(v.get("passed", False) for v in report["parity"].values())
     if report.get("params"):
         write_report(folder, report)
-    elif (folder / "report.md").exists():
-        (folder / "report.md").unlink()  # stale (it may say PASSED) and cannot be written again without the plan
+    else:  # stale (they may say PASSED) and cannot be written again without the plan
+        for name in ("report.md", "report.html"):
+            (folder / name).unlink(missing_ok=True)
     manifest.set("results", results_summary(report))
     manifest.save()
     return report
@@ -245,7 +249,44 @@ def bench_folder(folder: str | Path, iterations: int | None = None) -> BuildResu
         manifest.record("bench", result_key("bench", manifest.stage("engine").get("key"), cfg), [folder / "bench.json"],
                         time.perf_counter() - t0)
     report["speed"] = speed
+    latency = (report.get("figures") or {}).get("latency")
+    if latency and manifest.stage("figures"):  # the report's latency figure shows this run, like its table
+        latency_figure(speed, folder / latency)
+        manifest.record("figures", manifest.stage("figures")["key"], [folder / FIGURES_DIR], 0.0)
     write_report(folder, report)
     manifest.set("results", results_summary(report))
     manifest.save()
     return BuildResult(out_dir=folder, report=report, passed=report.get("passed", False))
+
+
+def finish_manifest(manifest: Manifest, out_dir: Path, cfg: BuildConfig, plan, profile, exports: dict,
+                     device: str, report: dict) -> None:
+    """What a finished build's manifest holds besides its stages: config, shapes, ONNX files, machine, results."""
+    manifest.set("build_config", cfg.to_dict())
+    manifest.set("profile", profile.to_dict())
+    manifest.set("io", exports["dense"].io_spec)
+    manifest.set("onnx", {k: {"model": os.path.relpath(e.onnx_path, out_dir), "sha256": e.onnx_sha256,
+                              "data": os.path.relpath(e.data_path, out_dir), "data_sha256": e.data_sha256, "opset": e.opset,
+                              "dtype": e.dtype, "size_bytes": e.size_bytes} for k, e in exports.items()})
+    manifest.set("slim_weights", {"path": "slim_unet/diffusion_pytorch_model.safetensors",
+                                  "plan_sha256": sha256_json(plan["ranks"])})
+    manifest.set("versions", versions())
+    gpu = torch.device(device) if device.startswith("cuda") else None
+    manifest.set("device", {"engine_device": device, **({"gpu": torch.cuda.get_device_name(gpu),
+                            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(gpu)))} if gpu else {})})
+    manifest.set("results", results_summary(report))
+    manifest.set("built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    manifest.save()
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "polygraphy",
+                "tensorrt", "triton"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out

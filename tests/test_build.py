@@ -53,13 +53,19 @@ def test_layout_and_report_keys(built):
         assert k in manifest, k
     assert manifest["onnx"]["slim"]["sha256"] and manifest["io"]["inputs"][1]["dtype"] == "float32"
     assert res.passed
+    # figures: tiny's weights are random, so latent statistics stand where images would
+    assert set(rep["figures"]) == {"latents", "ranks", "eps_per_timestep", "trajectory_cosine", "latency"}
+    assert all((out / f).read_bytes().startswith(b"\x89PNG") for f in rep["figures"].values())
+    assert md.count("](figures/") == 5 and "figures" in manifest["stages"]
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
 
 
 def test_second_run_is_a_cache_hit(built):
     root, first = built
     again = build(CFG, out=root / "tiny", progress=False, cache_dir=root / "cache")
     stages = again.report["stages"]
-    assert all(stages[s]["cached"] for s in ("calibrate", "allocate", "decompose", "export_dense", "export_slim", "verify", "bench"))
+    assert all(stages[s]["cached"] for s in ("calibrate", "allocate", "decompose", "export_dense", "export_slim", "verify", "bench",
+                                             "figures"))
     assert again.report["parity"] == first.report["parity"]
 
 

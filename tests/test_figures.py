@@ -73,3 +73,19 @@ def test_report_without_figures_has_no_figure_section(tmp_path):
     md = render_markdown(_report({}))
     assert "## Figures" not in md
     assert "<img" not in render_html(md, tmp_path)
+
+
+def test_digits_figures_show_images_and_a_faithful_trajectory(tmp_path):
+    """digits' latents are its pixels: the grid shows images; the same UNet twice keeps cosine 1 at every step."""
+    from slimexport.config import VerifyConfig
+    from slimexport.models.load import load_model
+
+    bundle = load_model("digits")
+    unet = bundle.unet.eval()
+    plan = {"budget": 1.0, "modules": {"mid_block.attentions.0.transformer_blocks.0.ff": {"kind": "ff", "rank": 8, "max_rank": 8}}}
+    parity = {"slim_vs_dense": {"eps_rel_error": {"500.0": 0.0}, "gate": {"max_eps_error": 0.5}}}
+    figs = figures.make_figures(tmp_path, plan, parity, None, bundle, unet, unet, VerifyConfig(trajectory_steps=3), (16, 16))
+    assert set(figs) == {"samples", "ranks", "eps_per_timestep", "trajectory_cosine"}  # no bench: no latency figure
+    tr = figures.trajectories(bundle, unet, unet, 2, 3, 5.0, 0, (16, 16))
+    assert len(tr["cosine"]) == 3 and all(abs(c - 1) < 1e-6 for c in tr["cosine"])
+    assert len(set(tr["prompts"])) == 2

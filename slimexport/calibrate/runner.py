@@ -26,7 +26,8 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int], device, dtype
 @torch.no_grad()
 def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, latents: torch.Tensor, num_steps: int,
             guidance_scale: float, on_step: Callable[[int], None] | None = None,
-            on_eps: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            on_eps: Callable[[int, torch.Tensor], None] | None = None,
+            on_latents: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run ``num_steps`` DDIM steps from ``latents``; returns the final latents.
 
     Args:
@@ -35,6 +36,7 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, la
         cond: ``[B, L, D]`` conditioning; ``uncond``: ``[B, L, D]`` unconditional conditioning or ``None`` (no CFG).
         on_step: called with the step index before each UNet call (the collector's ``set_step``).
         on_eps: called with (step, guided ε) after each UNet call.
+        on_latents: called with (step, latents) after each scheduler step.
     """
     scheduler.set_timesteps(num_steps)
     use_cfg = uncond is not None and guidance_scale > 1.0
@@ -52,4 +54,6 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, la
         if on_eps is not None:
             on_eps(i, eps)
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+        if on_latents is not None:
+            on_latents(i, latents)
     return latents
