@@ -359,14 +359,20 @@ class BenchConfig(_Config):
     """Dense-vs-slim timing of ``slimexport bench`` (and ``build``).
 
     Attributes:
-        iterations: timed calls per model; ``None``: 100 on GPU, 20 on CPU (stated in the report).
+        iterations: timed calls per model, exactly; ``None``: timed by a budget: at least 100 on GPU, 20 on CPU,
+            then more until the speed-up's 95% interval is within ``target_ci`` of it or ``max_seconds`` pass.
         warmup: untimed calls per model first.
+        target_ci: with ``iterations=None``, the largest half-width of the speed-up's 95% interval, relative to
+            the speed-up, that ends timing.
+        max_seconds: with ``iterations=None``, the most seconds of timed calls (both models together).
         batch: UNet batch (``2B``) timed; ``None``: the profile's optimum.
         height, width: latent cells timed; ``None``: the profile's optimum.
     """
 
     iterations: int | None = None
     warmup: int = 5
+    target_ci: float = 0.02
+    max_seconds: float = 30.0
     batch: int | None = None
     height: int | None = None
     width: int | None = None
@@ -376,6 +382,9 @@ class BenchConfig(_Config):
         _check(n, "iterations", self.iterations, self.iterations is None or (_is_int(self.iterations) and self.iterations >= 1),
                "None or an integer >= 1")
         _check(n, "warmup", self.warmup, _is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
+        _check(n, "target_ci", self.target_ci, _is_num(self.target_ci) and 0 < self.target_ci < 1, "a number in (0, 1)")
+        _check(n, "max_seconds", self.max_seconds, _is_num(self.max_seconds) and 0 < self.max_seconds <= 3600,
+               "a number of seconds in (0, 3600]")
         for k in ("batch", "height", "width"):
             v = getattr(self, k)
             _check(n, k, v, v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")

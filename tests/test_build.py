@@ -9,10 +9,11 @@ import pytest
 
 from slimexport.api import build
 from slimexport.cli.main import main
-from slimexport.config import AllocConfig, BuildConfig, CalibConfig, CompressConfig
+from slimexport.config import AllocConfig, BenchConfig, BuildConfig, CalibConfig, CompressConfig
 
 CFG = BuildConfig(compress=CompressConfig(model="tiny", calib=CalibConfig(num_prompts=4, num_steps=4, num_bins=2, batch_size=4),
-                                          alloc=AllocConfig(budget=0.73)))
+                                          alloc=AllocConfig(budget=0.73)),
+                  bench=BenchConfig(max_seconds=3.0))  # timed by a budget (a short one: tests)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_layout_and_report_keys(built):
     assert rep["parity"]["dense_export"]["passed"] and rep["parity"]["slim_export"]["passed"]
     assert rep["parity"]["dense_export"]["max_abs"] < 1e-4
     s = rep["speed"]
-    assert s["backend"] == "onnxruntime" and s["iterations"] == 20 and s["speedup"] > 0 and s["dtype"] == "fp32"
+    assert s["backend"] == "onnxruntime" and s["iterations"] >= 20 and s["speedup"] > 0 and s["dtype"] == "fp32"
+    assert s["stopped_by"] in ("interval", "time") and s["target_ci"] == 0.02 and s["max_seconds"] == 3.0
     assert "Backend `onnxruntime` fp32 on " in (out / "report.md").read_text()
     assert set(s["dense_ms"]) >= {"p50", "p90", "p99"} and set(s["slim_ms"]) >= {"p50", "p90", "p99"}
     assert all(set(v) == {"seconds", "cached"} for v in rep["stages"].values())
@@ -90,7 +92,7 @@ def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, caps
     again = build(CFG, out=copy, progress=False, cache_dir=root / "cache")  # a later build of the same folder
     stages = again.report["stages"]
     assert stages["verify"]["cached"] and not stages["bench"]["cached"]  # bench ran with other settings: measured again
-    assert again.passed and again.report["speed"]["iterations"] == 20 and "integrity" not in again.report["parity"]
+    assert again.passed and again.report["speed"]["iterations"] >= 20 and "integrity" not in again.report["parity"]
 
 
 def test_bench_without_a_report_writes_nothing(built, tmp_path, capsys):

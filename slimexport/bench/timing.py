@@ -13,8 +13,10 @@ replacement and the ratio of medians recomputed, so the interval carries the run
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -25,6 +27,7 @@ from slimexport.timer import CallTimer, is_cuda, synchronize
 PERCENTILES = (50, 90, 99)
 # Fewer paired iterations than this give no speed-up interval: a bootstrap over a handful of pairs is not one.
 MIN_CI_ITERATIONS = 10
+MAX_ITERATIONS = 5000  # a budgeted bench's cap per model, whatever its time limit
 
 
 def _summary(times_ms: list[float]) -> dict:
@@ -93,8 +96,17 @@ def environment(device: str) -> dict:
     return env
 
 
+def _abba(n: int) -> list[str]:
+    """``n`` iterations of both models in ABBA order (dense, slim, slim, dense, ...)."""
+    order: list[str] = []
+    for i in range(n):
+        order += ["dense", "slim"] if i % 2 == 0 else ["slim", "dense"]
+    return order
+
+
 def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *, warmup: int = 5,
-                  iterations: int = 20, interleave: bool = True, rounds: int = 5) -> dict:
+                  iterations: int = 20, interleave: bool = True, rounds: int = 5, target_ci: float | None = None,
+                  max_seconds: float = 30.0, max_iterations: int = MAX_ITERATIONS) -> dict:
     """Time the dense and the slim engine on the same feeds in this process; ``speedup = p50_dense / p50_slim``.
 
     Args:
@@ -104,6 +116,10 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
         iterations: timed calls of each engine.
         interleave: alternate every call in ABBA order (dense, slim, slim, dense, ...); ``False``: ``rounds``
             alternating blocks of ``iterations / rounds`` calls each.
+        target_ci: time by a budget: after ``iterations`` (interleaved), go on in blocks until the half-width of the
+            speed-up's 95% interval is at most ``target_ci`` × the speed-up, ``max_seconds`` of timed calls have
+            passed, or ``max_iterations`` are reached (the result's ``stopped_by`` says which). ``None``: exactly
+            ``iterations``.
 
     Returns:
         ``{"dense_ms": {...}, "slim_ms": {...}, "speedup", "speedup_ci95": [low, high], "backend", "device",
@@ -126,22 +142,41 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
         calls["slim"]()
     timer = CallTimer(device)
     synchronize(device)
-    order: list[str] = []
-    if interleave:
-        for i in range(iterations):
-            order += ["dense", "slim"] if i % 2 == 0 else ["slim", "dense"]
+    times: dict[str, list[float]] = {"dense": [], "slim": []}
+
+    def run(order: list[str]) -> None:
+        raw = [timer.time(calls[k]) for k in order]
+        if timer.cuda:
+            raw = timer.collect()
+        for k, t in zip(order, raw):
+            times[k].append(t)
+
+    t0 = time.perf_counter()
+    if interleave or target_ci is not None:
+        run(_abba(iterations))
     else:
         rounds = max(1, min(rounds, iterations))
         sizes = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+        order: list[str] = []
         for r, n in enumerate(sizes):
             first, second = ("dense", "slim") if r % 2 == 0 else ("slim", "dense")
             order += [first] * n + [second] * n
-    raw = [timer.time(calls[k]) for k in order]
-    if timer.cuda:
-        raw = timer.collect()
-    times = {"dense": [], "slim": []}
-    for k, t in zip(order, raw):
-        times[k].append(t)
+        run(order)
+    stopped_by = "iterations"
+    while target_ci is not None:
+        n = len(times["dense"])
+        lo, hi = speedup_interval(times["dense"], times["slim"]) if n >= MIN_CI_ITERATIONS else (0.0, math.inf)
+        ratio = float(np.median(times["dense"]) / np.median(times["slim"]))
+        if (hi - lo) / 2 <= target_ci * ratio:
+            stopped_by = "interval"
+        elif time.perf_counter() - t0 >= max_seconds:
+            stopped_by = "time"
+        elif n >= max_iterations:
+            stopped_by = "max_iterations"
+        else:
+            run(_abba(min(max(10, n // 2), max_iterations - n)))  # geometric growth: the interval test stays cheap
+            continue
+        break
     dense, slim = _summary(times["dense"]), _summary(times["slim"])
     return {
         "dense_ms": dense, "slim_ms": slim, "speedup": dense["p50"] / slim["p50"],
@@ -149,7 +184,9 @@ def compare_speed(dense_engine, slim_engine, feeds: Mapping[str, np.ndarray], *,
                          if len(times["dense"]) >= MIN_CI_ITERATIONS else None),
         "backend": dense_engine.name, "device": device,
         "shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
-        "mode": "interleaved ABBA" if interleave else f"{rounds} alternating blocks", "warmup": warmup,
+        "mode": "interleaved ABBA" if interleave or target_ci is not None else f"{rounds} alternating blocks", "warmup": warmup,
+        "iterations": len(times["dense"]), "stopped_by": stopped_by, "timed_seconds": round(time.perf_counter() - t0, 3),
+        **({"target_ci": target_ci, "max_seconds": max_seconds} if target_ci is not None else {}),
         "timer": "cuda_events" if timer.cuda else "perf_counter",
         "environment": environment(device), "dense_engine": dense_engine.info(), "slim_engine": slim_engine.info(),
     }

@@ -139,7 +139,14 @@ build_options = _compose(
     click.option("--width", callback=parse_triple, default=None, help="Image width in pixels, N or MIN,OPT,MAX."),
     click.option("--engine-device", default=None, help="auto, cpu or cuda. [default: auto]"),
     click.option("--optimization-level", type=int, default=None, help="TensorRT builder optimization level. [default: 3]"),
-    click.option("--iterations", type=int, default=None, help="Timed iterations per model. [default: 100 on GPU, 20 on CPU]"),
+    click.option("--iterations", type=int, default=None,
+                 help="Timed iterations per model, exactly. [default: timed by a budget: at least 100 on GPU, 20 on CPU, "
+                      "then until --bench-target-ci or --bench-max-seconds]"),
+    click.option("--bench-target-ci", "bench_target_ci", type=float, default=None,
+                 help="Without --iterations: stop timing when the speed-up's 95%% interval is within this fraction of it. "
+                      "[default: 0.02]"),
+    click.option("--bench-max-seconds", "bench_max_seconds", type=float, default=None,
+                 help="Without --iterations: the most seconds of timed calls. [default: 30]"),
     click.option("--warmup", type=int, default=None, help="Untimed iterations per model first. [default: 5]"),
     click.option("--max-eps-error", type=float, default=None, help="Slim-vs-dense gate on mean relative ε error. [default: 0.5]"),
     click.option("--min-latent-cosine", type=float, default=None, help="Slim-vs-dense gate on the trajectory's final latents. [default: 0.8]"),
@@ -154,7 +161,8 @@ def build_config(base, o: dict):
     export = _set(base.export, dtype=o.get("dtype"), opset=o.get("opset"), output_name=o.get("output_name"))
     verify = _set(base.verify, max_eps_error=o.get("max_eps_error"), min_latent_cosine=o.get("min_latent_cosine"),
                   atol=o.get("atol"), rtol=o.get("rtol"))
-    bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"))
+    bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"), target_ci=o.get("bench_target_ci"),
+                 max_seconds=o.get("bench_max_seconds"))
     return _set(base, backend=o.get("backend"), batch=o.get("batch"), height=o.get("height"), width=o.get("width"),
                 engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level")).replace(
         compress=comp, export=export, verify=verify, bench=bench)
@@ -202,6 +210,7 @@ CONFIG_FLAGS = {
     **{("ExportConfig", f): "--" + f.replace("_", "-") for f in ("dtype", "opset", "output_name")},
     **{("VerifyConfig", f): "--" + f.replace("_", "-") for f in ("max_eps_error", "min_latent_cosine", "atol", "rtol")},
     **{("BenchConfig", f): "--" + f for f in ("iterations", "warmup")},
+    ("BenchConfig", "target_ci"): "--bench-target-ci", ("BenchConfig", "max_seconds"): "--bench-max-seconds",
     **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
                                                                   "optimization_level")},
 }

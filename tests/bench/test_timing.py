@@ -58,6 +58,22 @@ def test_compare_speed_fake_engines(interleave):
     assert env["device_name"] and env["cpus_available"] >= 1 and env["versions"]["torch"] == torch.__version__
 
 
+def test_compare_speed_by_budget_stops_on_a_tight_interval_or_the_clock():
+    feeds = make_feeds(SPEC, 2, 8, 8)
+    clear = compare_speed(SleepEngine(6.0), SleepEngine(2.0), feeds, warmup=1, iterations=10, target_ci=0.2, max_seconds=20)
+    lo, hi = clear["speedup_ci95"]
+    assert clear["stopped_by"] == "interval" and (hi - lo) / 2 <= 0.2 * clear["speedup"]
+    assert clear["iterations"] == clear["dense_ms"]["iterations"] >= 10
+    # two equal engines never give a 0.1% interval: the time limit ends it, after more than the first block
+    tied = compare_speed(SleepEngine(2.0), SleepEngine(2.0), feeds, warmup=0, iterations=10, target_ci=0.001, max_seconds=0.3)
+    assert tied["stopped_by"] == "time" and tied["iterations"] > 10 and tied["timed_seconds"] >= 0.3
+    capped = compare_speed(SleepEngine(1.0), SleepEngine(1.0), feeds, warmup=0, iterations=10, target_ci=0.0001,
+                           max_seconds=60, max_iterations=25)
+    assert capped["stopped_by"] == "max_iterations" and capped["iterations"] == 25
+    exact = compare_speed(SleepEngine(1.0), SleepEngine(1.0), feeds, warmup=0, iterations=12)
+    assert exact["stopped_by"] == "iterations" and exact["iterations"] == 12
+
+
 def test_compare_speed_refuses_mixed_backends():
     feeds = make_feeds(SPEC, 2, 8, 8)
     with pytest.raises(UsageError, match="same backend and device"):
