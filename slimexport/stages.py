@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,15 +41,39 @@ def _peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+# A running stage says it is alive this often (an SD1.4 export takes about a minute with no output of its own).
+HEARTBEAT_S = 15.0
+
+
+@contextlib.contextmanager
+def _heartbeat(name: str, t0: float) -> Iterator[None]:
+    """Log ``[name] still running, N s`` every :data:`HEARTBEAT_S` seconds until the block ends."""
+    every = HEARTBEAT_S
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            log.info("[%s] still running, %.0f s", name, time.perf_counter() - t0)
+
+    thread = threading.Thread(target=beat, name=f"slimexport-{name}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def timed(records: dict[str, StageRecord], name: str, cached: bool, device: torch.device = CPU) -> Iterator[None]:
     """Time the stage ``name`` into ``records[name]`` (wall seconds, cache hit, peak GPU or process memory) and log
-    it; nothing is recorded when the stage raises."""
+    it, with a line every :data:`HEARTBEAT_S` seconds while it runs; nothing is recorded when the stage raises."""
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log.info("[%s] %s", name, "cached" if cached else "running")
-    yield
+    with _heartbeat(name, t0):
+        yield
     sec = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     records[name] = StageRecord(seconds=sec, cached=cached, peak_memory_mb=round(peak, 1))

@@ -144,3 +144,17 @@ def test_default_out_names_the_model(tmp_path):
     assert default_out(str(tmp_path / "solo" / "unet"), 0.5) == Path("engines/unet-b0.5")
     assert default_out("CompVis/stable-diffusion-v1-4", 0.73) == Path("engines/CompVis--stable-diffusion-v1-4-b0.73")
     assert default_out("digits", 0.73) == Path("engines/digits-b0.73")
+
+
+def test_a_long_stage_says_it_is_alive(caplog, monkeypatch):
+    import logging
+    import time
+
+    from slimexport import stages
+
+    monkeypatch.setattr(stages, "HEARTBEAT_S", 0.05)
+    records = {}
+    with caplog.at_level(logging.INFO, logger="slimexport"), stages.timed(records, "export_dense", False):
+        time.sleep(0.3)
+    beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert beats and beats[0].startswith("[export_dense] still running") and records["export_dense"].seconds >= 0.3
