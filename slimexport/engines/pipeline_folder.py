@@ -161,7 +161,7 @@ def write_pipeline_folder(bundle, slim_onnx_folder: str | Path, out_dir: str | P
     import transformers
 
     t0 = time.perf_counter()
-    text_encoder, tokenizer, vae = _components(bundle)
+    text_encoder, tokenizer, vae = pipeline_components(bundle)
     export = read_export(slim_onnx_folder, verify=True)
     dtype = export.dtype if dtype is None else dtype
     opset = export.opset if opset is None else opset
@@ -208,13 +208,20 @@ def write_pipeline_folder(bundle, slim_onnx_folder: str | Path, out_dir: str | P
     return result
 
 
-def _components(bundle) -> tuple:
-    """``(text_encoder, tokenizer, vae)`` of the bundle, or a one-line error saying what a pipeline folder needs."""
+def pipeline_components(bundle) -> tuple:
+    """``(text_encoder, tokenizer, vae)`` of the bundle, or a one-line error saying what a pipeline folder needs
+    (cheap: call it before the long stages when a pipeline folder is asked for).
+
+    Raises:
+        UsageError: no VAE, text encoder or tokenizer (``digits``, a UNet-only folder, ``--random-weights``, a hub
+            download without the VAE's weights), or ones of other classes.
+    """
     comps = getattr(bundle, "components", None) or {}
-    missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in comps]
+    names = {"vae": "VAE", "text_encoder": "text encoder", "tokenizer": "tokenizer"}
+    missing = [names[k] for k in names if k not in comps]
     if missing:
-        raise UsageError(f"model '{bundle.name}' has no {' and no '.join(m.replace('_', ' ') for m in missing)}: "
-                         "there is no text-to-image pipeline to write", PIPELINE_FIX)
+        raise UsageError(f"model '{bundle.name}' has no {' and no '.join(missing)}: there is no text-to-image "
+                         "pipeline to write", PIPELINE_FIX)
     text_encoder, tokenizer, vae = comps["text_encoder"], comps["tokenizer"], comps["vae"]
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
