@@ -23,6 +23,22 @@ def plan_weights(bin_weights) -> list[float]:
     return [round(float(x), 6) for x in bin_weights]
 
 
+class _ReadsAsJson(Mapping):
+    """A typed artifact that reads as its JSON form (``obj["key"]``), for code and tools that read the JSON."""
+
+    def to_dict(self) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
 @dataclass(frozen=True)
 class ModulePlan:
     """One planned module: its rank and what the allocation and decomposition know of it.
@@ -56,7 +72,7 @@ class ModulePlan:
 
 
 @dataclass(frozen=True)
-class RankPlan(Mapping):
+class RankPlan(_ReadsAsJson):
     """Ranks per module under one budget (``plan.json``).
 
     Attributes:
@@ -117,19 +133,9 @@ class RankPlan(Mapping):
         m = self.modules.get(name)
         return None if m is None else m.timestep_weights
 
-    # Mapping: the plan reads as its JSON form
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
-
 
 @dataclass(frozen=True)
-class SlimPlan(Mapping):
+class SlimPlan(_ReadsAsJson):
     """What ``slim_plan.json`` holds beside a slim UNet's weights: its shapes per unit (``slimexport.slim.shapes``),
     the weights file and sha256, the parameter count and provenance (the compress run's model, budget and ranks).
 
@@ -156,12 +162,3 @@ class SlimPlan(Mapping):
                        plan=dict(d.get("plan") or {}), slimexport_version=str(d.get("slimexport_version", "")))
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{where} lacks or mistypes {err}", "rebuild the slim UNet (slimexport compress)") from err
-
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
