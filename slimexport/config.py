@@ -320,6 +320,8 @@ class VerifyConfig(_Config):
             ``slimexport.verify.metrics.DEFAULT_TOLERANCES``).
         max_eps_error: slim-vs-dense gate: largest mean relative ε error ``‖ε_s − ε_d‖ / ‖ε_d‖`` over timesteps.
         min_latent_cosine: slim-vs-dense gate: smallest cosine of the final latents of the trajectory.
+            ``None`` (both): the measured defaults for the model (``slimexport.verify.parity.default_gate``: tight
+            for trained weights, loose for random ones).
     """
 
     timesteps: tuple[float, ...] = (999.0, 750.0, 500.0, 250.0, 50.0)
@@ -330,8 +332,8 @@ class VerifyConfig(_Config):
     atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
-    max_eps_error: float = 0.5
-    min_latent_cosine: float = 0.8
+    max_eps_error: float | None = None
+    min_latent_cosine: float | None = None
 
     def __post_init__(self):
         n = type(self).__name__
@@ -349,9 +351,11 @@ class VerifyConfig(_Config):
             _check(n, k, v, v is None or (_is_num(v) and v >= 0), "None or a number >= 0")
         _check(n, "min_cosine", self.min_cosine, self.min_cosine is None or (_is_num(self.min_cosine) and -1 <= self.min_cosine <= 1),
                "None or a number in [-1, 1]")
-        _check(n, "max_eps_error", self.max_eps_error, _is_num(self.max_eps_error) and self.max_eps_error > 0, "a number > 0")
-        _check(n, "min_latent_cosine", self.min_latent_cosine, _is_num(self.min_latent_cosine) and -1 <= self.min_latent_cosine <= 1,
-               "a number in [-1, 1]")
+        _check(n, "max_eps_error", self.max_eps_error,
+               self.max_eps_error is None or (_is_num(self.max_eps_error) and self.max_eps_error > 0), "None or a number > 0")
+        _check(n, "min_latent_cosine", self.min_latent_cosine,
+               self.min_latent_cosine is None or (_is_num(self.min_latent_cosine) and -1 <= self.min_latent_cosine <= 1),
+               "None or a number in [-1, 1]")
 
 
 @dataclass(frozen=True)

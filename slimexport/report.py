@@ -105,7 +105,8 @@ def render_markdown(rep: dict) -> str:
     if svd.get("eps_rel_error"):
         lines += ["", "Relative ε-prediction error of the slim model, per timestep: "
                   + ", ".join(f"t={float(t):g}: {_fmt(e, '.4f')}" for t, e in svd["eps_rel_error"].items())
-                  + f" (mean {_fmt(svd['eps_rel_error_mean'], '.4f')}, gate ≤ {svd['gate']['max_eps_error']:g})."]
+                  + f" (mean {_fmt(svd['eps_rel_error_mean'], '.4f')}, gate ≤ {svd['gate']['max_eps_error']:g}"
+                  + (f"; gates: {svd['gate']['basis']}" if svd["gate"].get("basis") else "") + ")."]
         tr = svd.get("trajectory", {})
         if tr:
             lines.append(f"Final latents of a {tr['steps']}-step fixed-seed DDIM trajectory (CFG {tr['guidance_scale']:g}): "

@@ -184,6 +184,12 @@ class ModelBundle:
             self.fingerprint = h.hexdigest()
         return self.fingerprint
 
+    @property
+    def weights_random(self) -> bool:
+        """Whether the weights are random (``--random-weights``, or the built-in ``tiny`` test model): fidelity to such
+        a model says little about a trained one."""
+        return self.source == "random" or self.name == "tiny"
+
     def encoder_identity(self) -> str:
         """Content hash of the prompt encoder alone (its weights and the tokenizer's vocabulary): what prompt
         embeddings depend on, so a cache of them survives a new UNet."""
