@@ -18,6 +18,7 @@ from slimexport.cli.options import (
     build_options,
     compress_config,
     compress_options,
+    dumped_config,
     load_config_file,
 )
 
@@ -75,9 +76,11 @@ def compress(ctx, out, config_file, dump_config, **opts):
     """Calibrate, decompose and allocate: write a slim UNet folder."""
     from slimexport.config import CompressConfig
 
-    cfg = _with_dist_device(ctx, compress_config(load_config_file(config_file, CompressConfig), opts))
+    base, file_out = load_config_file(config_file, CompressConfig)
+    out = out or file_out  # --out on the command line wins over the file's
+    cfg = _with_dist_device(ctx, compress_config(base, opts))
     if dump_config:
-        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        click.echo(json.dumps(dumped_config(cfg, out), indent=2))
         return
     from slimexport import api
 
@@ -145,10 +148,12 @@ def build(ctx, out, config_file, dump_config, **opts):
     """Compress, export to ONNX, build engines, verify parity and measure the speed-up, in one run."""
     from slimexport.config import BuildConfig
 
-    cfg = build_config(load_config_file(config_file, BuildConfig), opts)
+    base, file_out = load_config_file(config_file, BuildConfig)
+    out = out or file_out  # --out on the command line wins over the file's
+    cfg = build_config(base, opts)
     cfg = cfg.replace(compress=_with_dist_device(ctx, cfg.compress))
     if dump_config:
-        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        click.echo(json.dumps(dumped_config(cfg, out), indent=2))
         return
     from slimexport import api
 

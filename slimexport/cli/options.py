@@ -139,6 +139,9 @@ build_options = _compose(
     click.option("--width", callback=parse_triple, default=None, help="Image width in pixels, N or MIN,OPT,MAX."),
     click.option("--engine-device", default=None, help="auto, cpu or cuda. [default: auto]"),
     click.option("--optimization-level", type=int, default=None, help="TensorRT builder optimization level. [default: 3]"),
+    click.option("--pipeline/--no-pipeline", "pipeline", default=None,
+                 help="Write pipeline/: the whole pipeline as ONNX (text encoder, slim UNet, VAE) for diffusers' and "
+                      "Optimum's ONNX pipelines. [default: when the model is a pipeline folder or hub model]"),
     click.option("--iterations", type=int, default=None,
                  help="Timed iterations per model, exactly. [default: timed by a budget: at least 100 on GPU, 20 on CPU, "
                       "then until --bench-target-ci or --bench-max-seconds]"),
@@ -164,13 +167,24 @@ def build_config(base, o: dict):
     bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"), target_ci=o.get("bench_target_ci"),
                  max_seconds=o.get("bench_max_seconds"))
     return _set(base, backend=o.get("backend"), batch=o.get("batch"), height=o.get("height"), width=o.get("width"),
-                engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level")).replace(
+                engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level"),
+                pipeline=o.get("pipeline")).replace(
         compress=comp, export=export, verify=verify, bench=bench)
 
 
+# The key --dump-config records the output folder under (it is an argument of compress/build, not a config field).
+OUT_KEY = "out"
+
+
+def dumped_config(cfg, out: str | None) -> dict:
+    """What ``--dump-config`` prints: the resolved config, and ``--out`` (absolute) when one was given."""
+    return {**cfg.to_dict(), **({OUT_KEY: str(Path(out).expanduser().resolve())} if out else {})}
+
+
 def load_config_file(path: str | None, cls):
+    """``(config, out)`` from a ``--dump-config`` file (``out``: its recorded output folder, or ``None``)."""
     if path is None:
-        return cls()
+        return cls(), None
     from slimexport.errors import UsageError
 
     p = Path(path)
@@ -186,7 +200,10 @@ def load_config_file(path: str | None, cls):
         raise UsageError(f"cannot read config file {p} ({err.strerror})", "check its permissions") from err
     if not isinstance(data, dict):
         raise UsageError(f"config file {p} does not hold a JSON object", "write one with --dump-config")
-    return cls.from_dict(data)
+    out = data.pop(OUT_KEY, None)
+    if out is not None and not isinstance(out, str):
+        raise UsageError(f"config file {p}: '{OUT_KEY}' is {out!r}, not a folder path", "write one with --dump-config")
+    return cls.from_dict(data), out
 
 
 def _set(obj, **changes):
@@ -212,7 +229,7 @@ CONFIG_FLAGS = {
     **{("BenchConfig", f): "--" + f for f in ("iterations", "warmup")},
     ("BenchConfig", "target_ci"): "--bench-target-ci", ("BenchConfig", "max_seconds"): "--bench-max-seconds",
     **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
-                                                                  "optimization_level")},
+                                                                  "optimization_level", "pipeline")},
 }
 
 # A setting as the Python API's errors name it: Class.field, or Class.field=value (a quoted repr or a bare word).

@@ -141,3 +141,17 @@ def test_config_errors_name_the_flag(capsys):
                        (["compress", "--model", "tiny", "--calib-steps", "4", "--calib-bins", "9"], "(flag --calib-bins)")):
         assert main(args) == 2
         assert line in capsys.readouterr().err
+
+
+def test_dump_config_records_out_and_the_file_gives_it_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "--model", "tiny", "--out", "rel/folder", "--dump-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["out"] == str(tmp_path / "rel" / "folder")  # absolute: the file works from any folder
+    (tmp_path / "b.json").write_text(json.dumps(cfg))
+    assert main(["build", "--config", "b.json", "--dump-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == cfg["out"]
+    assert main(["build", "--config", "b.json", "--out", "other", "--dump-config"]) == 0  # the flag wins
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "other")
+    assert main(["compress", "--model", "tiny", "--dump-config"]) == 0
+    assert "out" not in json.loads(capsys.readouterr().out)  # none given: none recorded
