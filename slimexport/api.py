@@ -31,6 +31,12 @@ from slimexport.config import BuildConfig, CompressConfig
 from slimexport.decompose.api import Factorisations, slim_unet
 from slimexport.distributed import broadcast, dist_backend, dist_info
 from slimexport.engines.onnx_export import export_unet_onnx, read_export
+from slimexport.engines.pipeline_folder import (
+    PIPELINE_FORMAT,
+    pipeline_components,
+    read_pipeline_folder,
+    write_pipeline_folder,
+)
 from slimexport.engines.select import (
     check_backend_available,
     check_engine_dtype,
@@ -263,6 +269,9 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
         bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights,
                                         config_of=cfg.compress.config_of)
     profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
+    pipeline = cfg.pipeline if cfg.pipeline is not None else _is_pipeline_source(bundle)
+    if pipeline:
+        pipeline_components(bundle)  # a model without a text encoder or VAE is refused before the long stages
     res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir)
     if res is None:
         return None
@@ -278,6 +287,12 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
         run_stage(manifest, records, f"export_{kind}", keys[kind], [folder],
                   partial(_export, cfg, models[kind], folder, profile, seq_len))
         exports[kind] = read_export(folder)
+    if pipeline:  # the whole pipeline as ONNX, with the slim UNet, for diffusers' and Optimum's ONNX pipelines
+        pipe_dir = out_dir / "pipeline"
+        pipe = run_stage(manifest, records, "pipeline", stage_key("pipeline", PIPELINE_FORMAT, keys["slim"], upstream["dense"]),
+                         [pipe_dir], lambda: write_pipeline_folder(bundle, out_dir / "onnx" / "slim", pipe_dir),
+                         load=lambda: read_pipeline_folder(pipe_dir))
+        manifest.set("pipeline", {"path": "pipeline", **pipe.to_dict()})
     ekey = engine_key(keys["dense"], keys["slim"], cfg, device)
     make = partial(make_engines, cfg, exports, models, device, profile, out_dir)  # built, or loaded from their files
     engines = run_stage(manifest, records, "engine", ekey, lambda e: [f for x in e.values() for f in x.files], make,
@@ -310,6 +325,11 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
     finish_manifest(manifest, out_dir, cfg, res.plan, profile, exports, device, report)
     write_report(out_dir, report)
     return BuildResult(out_dir=out_dir, report=report, passed=report["passed"])
+
+
+def _is_pipeline_source(bundle) -> bool:
+    """Whether a build writes ``pipeline/`` by default: a trained model read from a pipeline folder or the hub."""
+    return not bundle.weights_random and {"text_encoder", "vae", "tokenizer"} <= set(bundle.components)
 
 
 def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None:

@@ -407,6 +407,9 @@ class BuildConfig(_Config):
         height, width: ``(min, opt, max)`` image size in pixels; ``None``: half, one and one and a half times the
             model's default size (rounded to what the UNet accepts).
         optimization_level: TensorRT builder optimization level.
+        pipeline: write ``pipeline/``, the whole pipeline as ONNX in the layout diffusers' and Optimum's ONNX
+            pipelines load, with the slim UNet; ``None``: where the model was read from a pipeline folder or the hub
+            (trained weights with a text encoder and a VAE).
     """
 
     _nested: ClassVar[dict[str, type]] = {"compress": CompressConfig, "export": ExportConfig, "verify": VerifyConfig,
@@ -422,10 +425,12 @@ class BuildConfig(_Config):
     height: tuple[int, int, int] | None = None
     width: tuple[int, int, int] | None = None
     optimization_level: int = 3
+    pipeline: bool | None = None
 
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "backend", self.backend, self.backend in BACKENDS, " or ".join(BACKENDS))
+        _check(n, "pipeline", self.pipeline, self.pipeline in (None, True, False), "None, True or False")
         _check(n, "engine_device", self.engine_device, _is_device(self.engine_device),
                "auto, cpu or cuda[:N]")
         for k, lo in (("batch", 1), ("height", 8), ("width", 8)):

@@ -13,7 +13,7 @@ from slimexport.config import AllocConfig, BenchConfig, BuildConfig, CalibConfig
 
 CFG = BuildConfig(compress=CompressConfig(model="tiny", calib=CalibConfig(num_prompts=4, num_steps=4, num_bins=2, batch_size=4),
                                           alloc=AllocConfig(budget=0.73)),
-                  bench=BenchConfig(max_seconds=3.0))  # timed by a budget (a short one: tests)
+                  bench=BenchConfig(max_seconds=3.0), pipeline=True)  # a short bench budget: tests
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,9 @@ def test_layout_and_report_keys(built):
     assert all((out / f).read_bytes().startswith(b"\x89PNG") for f in rep["figures"].values())
     assert md.count("](figures/") == 5 and "figures" in manifest["stages"]
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+    # pipeline/: the ONNX pipeline folder with the slim UNet (generation is tested in tests/engines/test_pipeline_folder.py)
+    assert (out / "pipeline" / "model_index.json").exists() and (out / "pipeline" / "unet" / "model.onnx").exists()
+    assert manifest["pipeline"]["path"] == "pipeline" and "pipeline" in manifest["stages"]
 
 
 def test_second_run_is_a_cache_hit(built):
@@ -128,6 +131,12 @@ def test_corrupted_slim_weight_fails_verify_naming_the_comparison(built, tmp_pat
     text = err.out + err.err
     assert "slim_export" in text and "integrity" in text
     assert "dense_export" in text and "FAIL" in text
+
+
+def test_pipeline_of_a_model_without_vae_is_refused_up_front(tmp_path, capsys):
+    code = main(["build", "--model", "digits", "--pipeline", "--out", str(tmp_path / "d")])
+    assert code == 2 and "pipeline folder needs a text-to-image pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "calib").exists()  # refused before calibration
 
 
 def test_tensorrt_without_tensorrt_is_a_usage_error(tmp_path, capsys):
