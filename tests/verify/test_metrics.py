@@ -141,3 +141,8 @@ def test_relative_l2_by_hand_on_arrays_and_tensors():
     assert math.isnan(relative_l2(np.array([np.nan, 1.0]), np.array([1.0, 1.0])))
     with pytest.raises(UsageError, match="same shape"):
         relative_l2(a, b.ravel())
+
+
+def test_compare_fails_on_empty_outputs():
+    m = compare(np.zeros(0), np.zeros(0), "fp32")
+    assert not m["passed"] and m["failed"] == ["empty"] and "empty" in m["reason"]
