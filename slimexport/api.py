@@ -56,6 +56,7 @@ from slimexport.folder import (
     verify_folder,
 )
 from slimexport.models import load as model_load
+from slimexport.models.arch import context_dim
 from slimexport.models.bundle import move
 from slimexport.models.macs import count_macs
 from slimexport.plan import RankPlan
@@ -337,7 +338,7 @@ def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None
     dtype = "fp32" if cfg.export.dtype == "bf16" else cfg.export.dtype  # bf16: an fp32 graph OpenVINO runs in bf16
     export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=dtype, output_name=cfg.export.output_name,
                      sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width),
-                     context_shape=(profile.opt_batch, seq_len, int(unet.config.cross_attention_dim)))
+                     context_shape=(profile.opt_batch, seq_len, context_dim(unet)))
 
 
 def _written(path: Path, obj):

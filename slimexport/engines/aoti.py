@@ -60,6 +60,7 @@ from slimexport.engines.base import (
 )
 from slimexport.engines.torch_runner import exact_fp32
 from slimexport.errors import ArtifactError, IncompatibleArtifactError, UsageError
+from slimexport.models import arch
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     t0 = time.perf_counter()
     with heartbeat(label + " (export)"):
         exported, dynamic, fallback = export_unet(model, profile, in_channels=int(cfg.in_channels),
-                                                  context_dim=int(cfg.cross_attention_dim),
+                                                  context_dim=arch.context_dim(cfg),
                                                   dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len)
     export_seconds = time.perf_counter() - t0
     print(f"{label}: exported in {export_seconds:.0f} s; compiling with AOTInductor (minutes)", file=sys.stderr, flush=True)
@@ -595,7 +596,7 @@ class AotiEngine(Engine):
 def default_profile(unet: nn.Module) -> EngineProfile:
     """Shapes for a package when the config gives none: batch 1..8, heights and widths from one downsampling
     step to twice the model's ``sample_size``, optimal at ``sample_size``."""
-    m = 2 ** (len(unet.config.block_out_channels) - 1)
+    m = arch.latent_multiple(unet)
     size = int(unet.config.sample_size) if isinstance(unet.config.sample_size, int) else int(unet.config.sample_size[0])
     size = max(m, size // m * m)
     return EngineProfile(1, 2, 8, m, size, 2 * size, m, size, 2 * size, latent_multiple=m)

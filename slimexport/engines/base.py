@@ -79,9 +79,11 @@ def unet_io_spec(*, dtype: str, output_name: str, in_channels: int, out_channels
 def io_spec_for_unet(unet, *, dtype: str = "fp32", output_name: str = "latent", seq_len: int = 77,
                      broadcast_timestep: bool = False, timestep_dtype: str = "float32") -> dict:
     """:func:`unet_io_spec` read off a diffusers ``UNet2DConditionModel``'s config."""
+    from slimexport.models.arch import context_dim  # torch: not at import time (the lean-import rule)
+
     cfg = unet.config
     return unet_io_spec(dtype=dtype, output_name=output_name, in_channels=int(cfg.in_channels),
-                        out_channels=int(cfg.out_channels), seq_len=seq_len, context_dim=int(cfg.cross_attention_dim),
+                        out_channels=int(cfg.out_channels), seq_len=seq_len, context_dim=context_dim(cfg),
                         broadcast_timestep=broadcast_timestep, timestep_dtype=timestep_dtype)
 
 
@@ -179,7 +181,7 @@ class EngineProfile(_Config):
         min_batch, opt_batch, max_batch: the ``2B`` axis (UNet rows: two per prompt with CFG).
         min_height, opt_height, max_height, min_width, opt_width, max_width: latent cells.
         latent_multiple: heights and widths must be multiples of this: the UNet's total downsampling factor
-            (``2 ** (len(block_out_channels) - 1)``: 8 for SD1.x/2.x), so skip connections line up.
+            (``slimexport.models.arch.latent_multiple``: 8 for SD1.x/2.x), so skip connections line up.
     """
 
     min_batch: int = 1

@@ -50,6 +50,7 @@ from slimexport.engines.base import (
     io_spec_for_unet,
 )
 from slimexport.errors import ArtifactError, UsageError
+from slimexport.models.arch import context_dim, latent_multiple
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,14 @@ def _default_shapes(unet, sample_shape, context_shape) -> tuple[tuple[int, ...],
     cfg = unet.config
     size = int(cfg.sample_size) if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
     sample_shape = tuple(sample_shape or (2, int(cfg.in_channels), size, size))
-    context_shape = tuple(context_shape or (sample_shape[0], TRACE_SEQ_LEN, int(cfg.cross_attention_dim)))
-    down = 2 ** (len(cfg.block_out_channels) - 1)
+    context_shape = tuple(context_shape or (sample_shape[0], TRACE_SEQ_LEN, context_dim(cfg)))
+    down = latent_multiple(cfg)
     if len(sample_shape) != 4 or sample_shape[1] != cfg.in_channels or any(s % down for s in sample_shape[2:]):
         raise UsageError(f"sample_shape={list(sample_shape)} does not fit the UNet",
                          f"use (batch, {cfg.in_channels}, h, w) with h and w multiples of {down}")
-    if len(context_shape) != 3 or context_shape[0] != sample_shape[0] or context_shape[2] != cfg.cross_attention_dim:
+    if len(context_shape) != 3 or context_shape[0] != sample_shape[0] or context_shape[2] != context_dim(cfg):
         raise UsageError(f"context_shape={list(context_shape)} does not fit sample_shape={list(sample_shape)}",
-                         f"use ({sample_shape[0]}, 77, {cfg.cross_attention_dim})")
+                         f"use ({sample_shape[0]}, 77, {context_dim(cfg)})")
     return sample_shape, context_shape
 
 

@@ -15,6 +15,7 @@ from slimexport.engines import base
 from slimexport.engines.aoti import check_compiler
 from slimexport.engines.base import CONTEXT, EngineConfig, EngineProfile
 from slimexport.errors import MissingExtraError, SettingError
+from slimexport.models.arch import latent_multiple
 
 log = logging.getLogger("slimexport")
 
@@ -22,11 +23,6 @@ log = logging.getLogger("slimexport")
 MODEL_BACKENDS = ("torch", "aoti", "torch-compile")
 # Backends whose build compiles files into the folder, and those files' suffix: verify and bench load them as built.
 COMPILED_SUFFIX = {"aoti": ".pt2", "tensorrt": ".plan"}
-
-
-def latent_multiple(unet) -> int:
-    """What latent heights and widths must be multiples of: one halving per down block after the first."""
-    return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def engine_profile(cfg, bundle) -> EngineProfile:

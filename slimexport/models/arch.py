@@ -24,6 +24,18 @@ import torch.nn as nn
 from slimexport.errors import UsageError
 
 
+def latent_multiple(unet) -> int:
+    """What latent heights and widths must be multiples of: one halving per down block after the first (8 for
+    SD1.x/2.x), so skip connections line up. ``unet``: a diffusers UNet or its config."""
+    cfg = getattr(unet, "config", unet)
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
+def context_dim(unet) -> int:
+    """Width of the text tokens the UNet's cross-attention reads (diffusers' ``cross_attention_dim``)."""
+    return int(getattr(unet, "config", unet).cross_attention_dim)
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     """Sizes of one transformer block (from the dense model).
