@@ -39,6 +39,6 @@ def strip_timings(report: dict) -> dict:
     rep = json.loads(json.dumps(report))
     rep.pop("stages", None)
     speed = rep.get("speed") or {}
-    for k in ("dense_ms", "slim_ms", "speedup", "speedup_ci95"):
+    for k in ("dense_ms", "slim_ms", "speedup", "speedup_ci95", "timed_seconds"):
         speed.pop(k, None)
     return rep
