@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None, root: Path | None = None,
     t = time.perf_counter()
     results = run(args, " ".join([command, *argv]))
     results["runtime_seconds"] = round(time.perf_counter() - t, 1)
+    from slimexport.artifacts import write_json
+
+    write_json(args.out / "results.json", results)
     write_report(results, args.out)
     print(json.dumps({"rows": len(results["rows"]), "target": results.get("target")}, indent=1))
     return 0
