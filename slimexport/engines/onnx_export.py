@@ -293,6 +293,33 @@ def _versions() -> dict:
     return out
 
 
+def finish_onnx(raw_dir: Path, out_dir: Path, what: str = "the exported ONNX graph",
+                fix: str = "report this with the model name; the export is not usable"):
+    """A raw trace in ``raw_dir`` → ``out_dir/model.onnx`` with one external data file: weights out of the proto,
+    the graph passes, shape inference, ``onnx.checker`` and the standard-op check; ``raw_dir`` is removed.
+
+    Returns ``(graph without its weights, op counts)``. ``what``/``fix``: the checker failure's wording."""
+    import onnx
+
+    model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=False)
+    # Under 2 GB the exporter keeps the weights inside the proto: put them on disk too, so that the passes
+    # (which copy the model several times) handle only the graph.
+    _write_weights(model, raw_dir, raw_dir, location=RAW_WEIGHTS_FILE, move_external=False)
+    model = _graph_passes(model, raw_dir)
+    _write_weights(model, raw_dir, out_dir)
+    onnx.save_model(model, str(out_dir / MODEL_FILE))
+    del model
+    shutil.rmtree(raw_dir)
+    path = str(out_dir / MODEL_FILE)
+    onnx.shape_inference.infer_shapes_path(path, path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ArtifactError(f"{what} fails onnx.checker ({str(err).splitlines()[0]})", fix) from err
+    graph = onnx.load(path, load_external_data=False)
+    return graph, check_standard_ops(graph)
+
+
 def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str = "fp32", output_name: str = "latent",
                      sample_shape: tuple[int, int, int, int] | None = None,
                      context_shape: tuple[int, int, int] | None = None, timestep_dtype: str = "float32") -> ExportResult:
@@ -320,7 +347,6 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
     Raises:
         UsageError: bad arguments. ArtifactError: the graph fails the checker or holds non-standard ops.
     """
-    import onnx
 
     if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
         raise UsageError(f"opset={opset!r} is not supported", f"use an integer in [{MIN_OPSET}, {MAX_OPSET}] (19 is the default)")
@@ -355,23 +381,7 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
         raw_dir.mkdir()
         _trace_to_onnx(UNetIO(module).eval(), args, raw_dir / MODEL_FILE, opset, output_name, dynamic_axes)
         del module, args
-        model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=False)
-        # Under 2 GB the exporter keeps the weights inside the proto: put them on disk too, so that the passes
-        # (which copy the model several times) handle only the graph.
-        _write_weights(model, raw_dir, raw_dir, location=RAW_WEIGHTS_FILE, move_external=False)
-        model = _graph_passes(model, raw_dir)
-        _write_weights(model, raw_dir, tmp)
-        onnx.save_model(model, str(tmp / MODEL_FILE))
-        del model
-        shutil.rmtree(raw_dir)
-        onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
-        try:
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise ArtifactError(f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]})",
-                                "report this with the model name; the export is not usable") from err
-        graph_only = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
-        ops = check_standard_ops(graph_only)
+        graph_only, ops = finish_onnx(raw_dir, tmp)
         _check_io(graph_only, io_spec)
         del graph_only
         extra = sorted(p.name for p in tmp.iterdir() if p.name not in (MODEL_FILE, DATA_FILE))

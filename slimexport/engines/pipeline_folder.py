@@ -50,11 +50,8 @@ from slimexport.engines.onnx_export import (
     MAX_OPSET,
     MIN_OPSET,
     MODEL_FILE,
-    RAW_WEIGHTS_FILE,
-    _graph_passes,
     _versions,
-    _write_weights,
-    check_standard_ops,
+    finish_onnx,
     read_export,
 )
 from slimexport.errors import ArtifactError, UsageError
@@ -289,7 +286,6 @@ def _export_part(module, args: tuple, out_dir: Path, opset: int, dtype: torch.dt
                  output_names: list, dynamic_axes: dict) -> dict:
     """``module(*args)`` to ``out_dir/model.onnx`` + ``model.onnx_data``, through the UNet export's passes and
     checks; returns ``{"files": {name: sha256}, "inputs": [...], "outputs": [...]}``."""
-    import onnx
 
     from slimexport.engines.torch_runner import converted_copy
 
@@ -300,22 +296,8 @@ def _export_part(module, args: tuple, out_dir: Path, opset: int, dtype: torch.dt
     raw_dir.mkdir()
     _trace(module, args, raw_dir / MODEL_FILE, opset, input_names, output_names, dynamic_axes)
     del module
-    model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=False)
-    _write_weights(model, raw_dir, raw_dir, location=RAW_WEIGHTS_FILE, move_external=False)
-    model = _graph_passes(model, raw_dir)
-    _write_weights(model, raw_dir, out_dir)
-    onnx.save_model(model, str(out_dir / MODEL_FILE))
-    del model
-    shutil.rmtree(raw_dir)
-    path = str(out_dir / MODEL_FILE)
-    onnx.shape_inference.infer_shapes_path(path, path)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise ArtifactError(f"the exported {out_dir.name} fails onnx.checker ({str(err).splitlines()[0]})",
-                            "report this with the model name; the pipeline folder is not usable") from err
-    graph = onnx.load(path, load_external_data=False)
-    check_standard_ops(graph)
+    graph, _ = finish_onnx(raw_dir, out_dir, f"the exported {out_dir.name}",
+                           "report this with the model name; the pipeline folder is not usable")
     io = _graph_io(graph)
     got = [e["name"] for e in io["inputs"]], [e["name"] for e in io["outputs"]]
     if got != (list(input_names), list(output_names)):

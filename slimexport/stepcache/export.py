@@ -21,7 +21,6 @@ can stand in for the UNet in :func:`slimexport.calibrate.runner.denoise` (see :f
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -36,16 +35,13 @@ from slimexport.engines.onnx_export import (
     MAX_OPSET,
     MIN_OPSET,
     MODEL_FILE,
-    RAW_WEIGHTS_FILE,
     RESULT_FILE,
     TRACE_TIMESTEP,
     ExportResult,
     _check_io,
     _default_shapes,
-    _graph_passes,
     _versions,
-    _write_weights,
-    check_standard_ops,
+    finish_onnx,
     read_export,
 )
 from slimexport.errors import ArtifactError, UsageError
@@ -85,7 +81,6 @@ def pair_io_specs(unet, depth: int, *, dtype: str = "fp32", output_name: str = "
 
 def _export_graph(module, args: tuple, io_spec: dict, out_dir: Path, opset: int, dtype: str) -> ExportResult:
     """``module(*args)`` to ``out_dir`` with the steps of ``export_unet_onnx`` (its helpers), under ``io_spec``'s names."""
-    import onnx
 
     t0 = time.perf_counter()
     names_in = [e["name"] for e in io_spec["inputs"]]
@@ -101,21 +96,7 @@ def _export_graph(module, args: tuple, io_spec: dict, out_dir: Path, opset: int,
             torch.onnx.export(module, args, str(raw_dir / MODEL_FILE), dynamo=False, opset_version=opset,
                               do_constant_folding=True, input_names=names_in, output_names=names_out,
                               dynamic_axes=dynamic_axes, export_params=True)
-        model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=False)
-        _write_weights(model, raw_dir, raw_dir, location=RAW_WEIGHTS_FILE, move_external=False)
-        model = _graph_passes(model, raw_dir)
-        _write_weights(model, raw_dir, tmp)
-        onnx.save_model(model, str(tmp / MODEL_FILE))
-        del model
-        shutil.rmtree(raw_dir)
-        onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
-        try:
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise ArtifactError(f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]})",
-                                "report this with the model name; the export is not usable") from err
-        graph_only = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
-        ops = check_standard_ops(graph_only)
+        graph_only, ops = finish_onnx(raw_dir, tmp)
         _check_io(graph_only, io_spec)
         del graph_only
         sizes = (tmp / MODEL_FILE).stat().st_size + (tmp / DATA_FILE).stat().st_size
