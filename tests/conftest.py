@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
+# Before anything imports triton (diffusers does, at collection): triton decorates its own helpers (tl.cdiv, tl.zeros)
+# for the interpreter or the compiler when it is first imported. 1 without CUDA, 0 with; a caller's value wins.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):

@@ -28,6 +28,7 @@ import contextlib
 import enum
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -147,6 +148,15 @@ def triton_available() -> bool:
 def interpreter_enabled() -> bool:
     """Whether Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _interpreter_took_effect() -> bool:
+    """Whether triton was imported with its interpreter on: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates,
+    and triton's library helpers (``tl.cdiv``, ``tl.zeros``) are decorated when triton is first imported."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:  # not imported yet: it will pick the interpreter up
+        return True
+    return type(getattr(standard, "cdiv", None)).__name__ != "JITFunction"
 
 
 def autotune_enabled() -> bool:
@@ -368,6 +378,10 @@ def check_triton_device(where: str, *tensors: torch.Tensor) -> None:
     if device.type == "cuda":
         return
     if device.type == "cpu" and interpreter_enabled():
+        if not _interpreter_took_effect():
+            raise UsageError(f"{where}: TRITON_INTERPRET=1 was set after triton was imported (diffusers imports it), "
+                             "so triton's own helpers are compiled-mode functions the interpreter cannot call",
+                             "set TRITON_INTERPRET=1 in the environment before starting Python")
         return
     raise UsageError(f"{where}: Triton kernels run on CUDA tensors, got {device}",
                      "move the tensors to a CUDA device, use impl='torch', or set TRITON_INTERPRET=1 "

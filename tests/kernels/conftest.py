@@ -1,23 +1,16 @@
 """Kernel tests: Triton's CPU interpreter on CPU tensors here, compiled kernels on CUDA tensors on a GPU machine.
 
-``TRITON_INTERPRET`` must be set before triton decorates a kernel (``triton.jit`` picks interpreted or compiled
-then), and the brief is to set it before anything imports triton (diffusers does). So it is set here, at the top,
-unless the caller set it: ``1`` without CUDA, ``0`` with CUDA. The ``kernel_device`` fixture gives the device the
-odd-shape tests run on (``cpu`` under the interpreter, else ``cuda``) and skips them without triton. Tests marked
-``gpu`` need CUDA and compiled kernels; they are skipped otherwise (bf16 is wrong in the interpreter).
+``TRITON_INTERPRET`` must be set before triton is first imported (diffusers imports it at collection), so the root
+``tests/conftest.py`` sets it, unless the caller did: ``1`` without CUDA, ``0`` with CUDA. The ``kernel_device``
+fixture gives the device the odd-shape tests run on (``cpu`` under the interpreter, else ``cuda``) and skips them
+without triton. Tests marked ``gpu`` need CUDA and compiled kernels; they are skipped otherwise (bf16 is wrong in
+the interpreter).
 """
 
-import os
+import pytest
+import torch
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
-
-    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from slimexport.kernels import dispatch as kd  # noqa: E402
+from slimexport.kernels import dispatch as kd
 
 NO_TRITON = "triton is not installed (pip install 'slimexport[kernels]')"
 

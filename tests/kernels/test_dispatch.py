@@ -1,5 +1,6 @@
 """dispatch: which twin runs where, the SLIMEXPORT_KERNELS override, graph capture, lean imports."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -314,3 +315,23 @@ def test_auto_measures_in_place_ops_on_clones(cuda):
     dispatch("inplace", ref_add, tri_add, acc, mutates=(0,))
     assert torch.equal(acc, torch.ones(64, device=cuda))
 
+
+
+def test_interpreter_switched_on_after_triton_import_is_a_clear_error():
+    """Triton decorates its own helpers when first imported: TRITON_INTERPRET=1 set later cannot take effect."""
+    if not kd.triton_available():
+        pytest.skip("triton is not installed")
+    script = (
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from slimexport.errors import UsageError\n"
+        "from slimexport.kernels.cov_accumulate import cov_accumulate_triton\n"
+        "try:\n"
+        "    cov_accumulate_triton(torch.zeros(8, 8), torch.randn(5, 8))\n"
+        "except UsageError as err:\n"
+        "    print('USAGE', err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "USAGE" in out.stdout, out.stderr[-2000:]
+    assert "before starting Python" in out.stdout
