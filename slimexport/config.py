@@ -394,6 +394,80 @@ class BenchConfig(_Config):
             _check(n, k, v, v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
 
 
+CACHE_MODES = ("auto", "off")
+DEFAULT_CACHE_STEPS = (10, 25, 50)  # step counts whose schedules a build writes (the issue's 10/25/50 DDIM steps)
+
+
+def parse_cache_mode(text: str | int) -> str | int:
+    """``--cache`` as typed (``auto``, ``off`` or an interval ``N``) -> ``CacheConfig.mode``; validation is the config's."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in CACHE_MODES:
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise UsageError(f"--cache {text!r} is not auto, off or an interval", "pass --cache auto, --cache off or --cache N "
+                         "(N >= 1: the full UNet every N-th step)") from None
+
+
+@dataclass(frozen=True)
+class CacheConfig(_Config):
+    """Step caching: which steps reuse the deep UNet features of the last full step.
+
+    Attributes:
+        mode: ``off``; ``auto`` (full steps where the measured feature change calls for them); or an integer
+            interval N >= 1 (the full UNet at every N-th step, the shallow path in between; 1 = every step full).
+        depth: blocks kept at each end of the shallow path, 1..number of down blocks (checked against the UNet
+            when it is split): 1 is the shallowest and fastest.
+        threshold: ``auto``: the largest predicted accumulated relative change of the cached feature a shallow
+            step may reuse (0.3: a 30% drift of the deep feature since the last full step).
+        max_interval: ``auto``: at most this many steps from one full step to the next.
+        steps: the step counts whose schedules ``schedule.json`` lists (any other count is derived at run time).
+        measure_prompts: ``auto``: calibration prompts the feature change is measured on (the first of the SlimSet).
+        eps_error: ``auto``: also measure the one-step cache error of the UNet's output (one shallow pass per depth
+            per measured step; reported, not used by the rule).
+    """
+
+    mode: str | int = "off"
+    depth: int = 1
+    threshold: float = 0.3
+    max_interval: int = 10
+    steps: tuple[int, ...] = DEFAULT_CACHE_STEPS
+    measure_prompts: int = 8
+    eps_error: bool = True
+
+    def __post_init__(self):
+        n = type(self).__name__
+        m = self.mode
+        _check(n, "mode", m, m in CACHE_MODES or (_is_int(m) and m >= 1),
+               "'auto', 'off' or a cache interval N >= 1 (the full UNet every N-th step; 1: every step)")
+        _check(n, "depth", self.depth, _is_int(self.depth) and self.depth >= 1,
+               "an integer >= 1 (blocks kept at each end of the shallow path; at most the UNet's down blocks)")
+        _check(n, "threshold", self.threshold, _is_num(self.threshold) and self.threshold > 0, "a number > 0")
+        _check(n, "max_interval", self.max_interval, _is_int(self.max_interval) and self.max_interval >= 1, "an integer >= 1")
+        _check(n, "steps", self.steps, isinstance(self.steps, tuple) and len(self.steps) >= 1
+               and all(_is_int(s) and s >= 1 for s in self.steps), "a non-empty tuple of step counts >= 1")
+        _check(n, "measure_prompts", self.measure_prompts, _is_int(self.measure_prompts) and self.measure_prompts >= 1,
+               "an integer >= 1")
+        _check(n, "eps_error", self.eps_error, isinstance(self.eps_error, bool), "true or false")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def interval(self) -> int | None:
+        return self.mode if _is_int(self.mode) else None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        rule = f"interval {self.mode}" if self.interval else f"auto (threshold {self.threshold:g}, max interval {self.max_interval})"
+        return f"{rule}, depth {self.depth}"
+
+
 @dataclass(frozen=True)
 class BuildConfig(_Config):
     """``slimexport build``: compress → export → engine → verify → bench.
@@ -410,10 +484,11 @@ class BuildConfig(_Config):
         pipeline: write ``pipeline/``, the whole pipeline as ONNX in the layout diffusers' and Optimum's ONNX
             pipelines load, with the slim UNet; ``None``: where the model was read from a pipeline folder or the hub
             (trained weights with a text encoder and a VAE).
+        cache: step caching (``--cache auto|off|N``): a full/shallow engine pair per UNet and ``schedule.json``.
     """
 
     _nested: ClassVar[dict[str, type]] = {"compress": CompressConfig, "export": ExportConfig, "verify": VerifyConfig,
-                                          "bench": BenchConfig}
+                                          "bench": BenchConfig, "cache": CacheConfig}
 
     compress: CompressConfig = field(default_factory=CompressConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -426,6 +501,7 @@ class BuildConfig(_Config):
     width: tuple[int, int, int] | None = None
     optimization_level: int = 3
     pipeline: bool | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self):
         n = type(self).__name__

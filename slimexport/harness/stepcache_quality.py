@@ -87,12 +87,11 @@ def run(args, command: str = "") -> dict:
     from slimexport.api import compress
     from slimexport.artifacts import load_tensors, save_tensors, sha256_json, write_json
     from slimexport.calibrate.api import select_prompts
-    from slimexport.config import AllocConfig, CalibConfig, CompressConfig
+    from slimexport.config import AllocConfig, CalibConfig, CompressConfig, parse_cache_mode
     from slimexport.harness.eval_quality import generate, judge_scores, machine
     from slimexport.models import load_model
     from slimexport.stepcache import CachedUNet, CachePlan
     from slimexport.stepcache.measure import measure_change
-    from slimexport.stepcache.schedule import parse_mode
     from slimexport.verify.metrics import relative_l2
     from slimexport.verify.quality import DigitsJudge, frechet_distance, sample_trajectory
 
@@ -105,7 +104,7 @@ def run(args, command: str = "") -> dict:
                        out=args.work / f"slimdiff_b{args.slim_budget:g}", bundle=bundle, cache_dir=args.work / ".cache",
                        progress=False)
         unets[f"slim{args.slim_budget:g}"] = res.load_slim().eval()
-    modes = [parse_mode(v) for v in args.variants.split(",") if v]
+    modes = [parse_cache_mode(v) for v in args.variants.split(",") if v]
     plans: dict[tuple[str, object], CachePlan] = {}
     profiles = {}
     if "auto" in modes:

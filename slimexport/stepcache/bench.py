@@ -136,17 +136,17 @@ def _pair(unet, folder: Path, depth: int, size: tuple[int, int], reuse: bool) ->
 
 
 def run(args, command: str = "") -> dict:
+    from slimexport.config import parse_cache_mode
     from slimexport.engines.base import EngineConfig, build_engine
     from slimexport.models import load_model
     from slimexport.stepcache import CacheConfig, CachePlan
     from slimexport.stepcache.export import CACHE, CachedEngineUNet, EngineUNet
     from slimexport.stepcache.measure import ChangeProfile
-    from slimexport.stepcache.schedule import parse_mode
 
     t_start = time.perf_counter()
     steps_list = [int(s) for s in args.steps.split(",") if s]
     wanted = [v for v in args.variants.split(",") if v]
-    mode = parse_mode(args.cache)
+    mode = parse_cache_mode(args.cache)
     plan = CachePlan(CacheConfig(mode=mode, depth=args.depth),
                      ChangeProfile.load(args.profile) if args.profile else None)
     bundle = load_model(args.model, random_weights=args.random_weights)

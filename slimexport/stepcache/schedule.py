@@ -1,6 +1,7 @@
 """Which denoising steps run the full UNet and which the shallow path: the cache config, the rule, the schedule.
 
-- :class:`CacheConfig`: the user's choice (``--cache auto|off|N``, the depth, the threshold), validated.
+- :class:`~slimexport.config.CacheConfig` (in the config module, nested in ``BuildConfig``): the user's choice
+  (``--cache auto|off|N``, the depth, the threshold), validated.
 - :class:`CachePlan`: the rule that decides, step by step, from the config and (for ``auto``) a measured
   :class:`~slimexport.stepcache.measure.ChangeProfile`. It decides by *timestep*, so one plan serves any step
   count and scheduler: ``interval N`` runs the full UNet at steps 0, N, 2N, ... (DeepCache's uniform schedule);
@@ -19,86 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimexport.artifacts import read_json, write_json
-from slimexport.config import _check, _Config, _is_int, _is_num
+from slimexport.config import CacheConfig, _is_int
 from slimexport.errors import ArtifactError, UsageError
 from slimexport.stepcache.measure import ChangeProfile
 
 SCHEDULE_FORMAT = "slimexport.stepcache.schedule/1"
 SCHEDULE_FILE = "schedule.json"
-MODES = ("auto", "off")
-DEFAULT_STEPS = (10, 25, 50)  # step counts whose schedules a build writes (the issue's 10/25/50 DDIM steps)
-
-
-def parse_mode(text: str | int) -> str | int:
-    """``--cache`` as typed (``auto``, ``off`` or an interval ``N``) -> ``CacheConfig.mode``; validation is the config's."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    s = str(text).strip().lower()
-    if s in MODES:
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise UsageError(f"--cache {text!r} is not auto, off or an interval", "pass --cache auto, --cache off or --cache N "
-                         "(N >= 1: the full UNet every N-th step)") from None
-
-
-@dataclass(frozen=True)
-class CacheConfig(_Config):
-    """Step caching: which steps reuse the deep UNet features of the last full step.
-
-    Attributes:
-        mode: ``off``; ``auto`` (full steps where the measured feature change calls for them); or an integer
-            interval N >= 1 (the full UNet at every N-th step, the shallow path in between; 1 = every step full).
-        depth: blocks kept at each end of the shallow path, 1..number of down blocks (checked against the UNet
-            when it is split): 1 is the shallowest and fastest.
-        threshold: ``auto``: the largest predicted accumulated relative change of the cached feature a shallow
-            step may reuse (0.3: a 30% drift of the deep feature since the last full step).
-        max_interval: ``auto``: at most this many steps from one full step to the next.
-        steps: the step counts whose schedules ``schedule.json`` lists (any other count is derived at run time).
-        measure_prompts: ``auto``: calibration prompts the feature change is measured on (the first of the SlimSet).
-        eps_error: ``auto``: also measure the one-step cache error of the UNet's output (one shallow pass per depth
-            per measured step; reported, not used by the rule).
-    """
-
-    mode: str | int = "off"
-    depth: int = 1
-    threshold: float = 0.3
-    max_interval: int = 10
-    steps: tuple[int, ...] = DEFAULT_STEPS
-    measure_prompts: int = 8
-    eps_error: bool = True
-
-    def __post_init__(self):
-        n = type(self).__name__
-        m = self.mode
-        _check(n, "mode", m, m in MODES or (_is_int(m) and m >= 1),
-               "'auto', 'off' or a cache interval N >= 1 (the full UNet every N-th step; 1: every step)")
-        _check(n, "depth", self.depth, _is_int(self.depth) and self.depth >= 1,
-               "an integer >= 1 (blocks kept at each end of the shallow path; at most the UNet's down blocks)")
-        _check(n, "threshold", self.threshold, _is_num(self.threshold) and self.threshold > 0, "a number > 0")
-        _check(n, "max_interval", self.max_interval, _is_int(self.max_interval) and self.max_interval >= 1, "an integer >= 1")
-        _check(n, "steps", self.steps, isinstance(self.steps, tuple) and len(self.steps) >= 1
-               and all(_is_int(s) and s >= 1 for s in self.steps), "a non-empty tuple of step counts >= 1")
-        _check(n, "measure_prompts", self.measure_prompts, _is_int(self.measure_prompts) and self.measure_prompts >= 1,
-               "an integer >= 1")
-        _check(n, "eps_error", self.eps_error, isinstance(self.eps_error, bool), "true or false")
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
-
-    @property
-    def interval(self) -> int | None:
-        return self.mode if _is_int(self.mode) else None
-
-    def describe(self) -> str:
-        if not self.enabled:
-            return "off"
-        rule = f"interval {self.mode}" if self.interval else f"auto (threshold {self.threshold:g}, max interval {self.max_interval})"
-        return f"{rule}, depth {self.depth}"
-
-
 def _check_steps(num_steps) -> int:
     if not _is_int(num_steps) or num_steps < 1:
         raise UsageError(f"a step-cache schedule for {num_steps!r} steps", "pass a number of inference steps >= 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from slimexport.config import parse_cache_mode as parse_mode
 from slimexport.errors import ArtifactError, ConfigError, UsageError
 from slimexport.stepcache.measure import ChangeProfile
 from slimexport.stepcache.schedule import (
@@ -11,7 +12,6 @@ from slimexport.stepcache.schedule import (
     CachePlan,
     Schedule,
     ScheduleCursor,
-    parse_mode,
     read_schedule,
     write_schedules,
 )
