@@ -40,6 +40,7 @@ from slimexport.engines.pipeline_folder import (
 from slimexport.engines.select import (
     check_backend_available,
     check_engine_dtype,
+    engine_config,
     engine_key,
     engine_profile,
     make_engines,
@@ -63,6 +64,9 @@ from slimexport.plan import RankPlan
 from slimexport.report import make_report, write_report
 from slimexport.slim.apply import load_slim_unet, save_slim_unet
 from slimexport.stages import StageRecord, calibration_cached, result_key, run_stage, share_calibration, timed
+from slimexport.stepcache.api import cache_stage, pair_dir
+from slimexport.stepcache.build import CHECK_FILE, check_cache_settings, check_cached
+from slimexport.stepcache.schedule import SCHEDULE_FILE
 from slimexport.verify.run import run_verify
 
 __all__ = ["BuildResult", "CompressResult", "bench_folder", "build", "compress", "verify_folder"]
@@ -270,6 +274,7 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
         bundle = model_load.load_model(cfg.compress.model, random_weights=cfg.compress.random_weights,
                                         config_of=cfg.compress.config_of)
     profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
+    check_cache_settings(cfg, bundle.unet)
     pipeline = cfg.pipeline if cfg.pipeline is not None else _is_pipeline_source(bundle)
     if pipeline:
         pipeline_components(bundle)  # a model without a text encoder or VAE is refused before the long stages
@@ -314,6 +319,21 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
     finally:
         for e in engines.values():
             e.close()
+    cache = None
+    if cfg.cache.enabled:  # step caching: a full/shallow pair per UNet, schedule.json, then their checks and speed
+        ckey = stage_key("stepcache", cfg.cache.to_dict(), keys["dense"], keys["slim"], manifest.stage("calibrate")["key"])
+        pairs = [out_dir / SCHEDULE_FILE, out_dir / "stepcache" / "record.json", *(pair_dir(out_dir, k) for k in models)]
+        cache = run_stage(manifest, records, "stepcache", ckey, pairs, lambda: _written(
+            out_dir / "stepcache" / "record.json", cache_stage(
+                bundle, models, out_dir, cfg.cache, prompts=CalibStats.read_prompts(res.stats_dir), calib=cfg.compress.calib,
+                **_export_args(cfg, models["dense"], profile, seq_len))),
+            load=lambda: read_json(out_dir / "stepcache" / "record.json", "step-cache record"), cached=False if rebuilt else None)
+        check_path = out_dir / CHECK_FILE
+        cache["check"] = run_stage(
+            manifest, records, "stepcache_check", stage_key("stepcache_check", ckey, ekey, cfg.verify.to_dict()), [check_path],
+            lambda: _written(check_path, check_cached(cfg, bundle, models, out_dir, cache, profile,
+                                                      engine_config(cfg, device, profile, seq_len))),
+            load=lambda: read_json(check_path, "step-cache check"), cached=False if rebuilt or not records["stepcache"].cached else None)
     fig_dir = out_dir / FIGURES_DIR
     figs = run_stage(manifest, records, "figures", stage_key("figures", FIGURES_FORMAT, result_key("verify", ekey, cfg),
                                                              result_key("bench", ekey, cfg)), [fig_dir],
@@ -322,7 +342,10 @@ def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True
                      load=lambda: read_json(fig_dir / "index.json", "figure index"), cached=False if rebuilt else None)
     stages = {k: {"seconds": v.seconds, "cached": v.cached} for k, v in records.items()}
     report = make_report(cfg.compress.model, res.plan, parity, speed, stages,
-                         extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict(), "figures": figs})
+                         extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict(), "figures": figs,
+                                **({"stepcache": cache} if cache else {})})
+    if cache:
+        report["passed"] = report["passed"] and cache["check"]["passed"]
     finish_manifest(manifest, out_dir, cfg, res.plan, profile, exports, device, report)
     write_report(out_dir, report)
     return BuildResult(out_dir=out_dir, report=report, passed=report["passed"])
@@ -333,12 +356,17 @@ def _is_pipeline_source(bundle) -> bool:
     return not bundle.weights_random and {"text_encoder", "vae", "tokenizer"} <= set(bundle.components)
 
 
-def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None:
+def _export_args(cfg: BuildConfig, unet, profile, seq_len: int) -> dict:
+    """ONNX export settings of a build (its dense, slim and step-cache graphs alike)."""
     c = int(unet.config.in_channels)
     dtype = "fp32" if cfg.export.dtype == "bf16" else cfg.export.dtype  # bf16: an fp32 graph OpenVINO runs in bf16
-    export_unet_onnx(unet, folder, opset=cfg.export.opset, dtype=dtype, output_name=cfg.export.output_name,
-                     sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width),
-                     context_shape=(profile.opt_batch, seq_len, context_dim(unet)))
+    return {"opset": cfg.export.opset, "dtype": dtype, "output_name": cfg.export.output_name,
+            "sample_shape": (profile.opt_batch, c, profile.opt_height, profile.opt_width),
+            "context_shape": (profile.opt_batch, seq_len, context_dim(unet))}
+
+
+def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None:
+    export_unet_onnx(unet, folder, **_export_args(cfg, unet, profile, seq_len))
 
 
 def _written(path: Path, obj):

@@ -124,6 +124,7 @@ def render_markdown(rep: dict) -> str:
                   f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
                   "", f"Speed-up (p50 dense / p50 slim): **{speedup_text(s)}**"
                   + (", a paired-bootstrap interval over the timed iterations" if s.get("speedup_ci95") else "")]
+    lines += _stepcache_lines(rep.get("stepcache"))
     figs = rep.get("figures") or {}
     if figs:
         lines += ["", "## Figures", ""]
@@ -134,6 +135,31 @@ def render_markdown(rep: dict) -> str:
     for k, v in rep["stages"].items():
         lines.append(f"| {k} | {v['seconds']:.2f} | {'yes' if v['cached'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def _stepcache_lines(c: dict | None) -> list[str]:
+    """The step-caching section: schedule, pair parity, cached-trajectory fidelity, per-image speed-up."""
+    if not c or not c.get("check"):
+        return []
+    chk, per = c["check"], c["check"]["per_image"]
+    lines = ["", "## Step caching", "", f"Cache: {c['describe']}; full (F) and shallow (s) steps at {per['steps']} steps: "
+             + "; ".join(f"`{n}` {u['schedules'].get(str(per['steps']), '?')}" for n, u in c.get("unets", {}).items()) + ".", "",
+             "| pair | graph | max abs | cosine | verdict |", "|---|---|---:|---:|---|"]
+    for name, graphs in chk["parity"].items():
+        for g, v in graphs.items():
+            verdict = "pass" if v.get("passed") else f"**FAIL**: {v.get('reason')}"
+            lines.append(f"| {name} | {g} | {_fmt(v.get('max_abs'))} | {_fmt(v.get('cosine'), '.6f')} | {verdict} |")
+    lines += ["", f"Whole {per['steps']}-step loops (batch 1, CFG {per['guidance']:g}, every engine call; median of "
+              f"{per['rounds']} interleaved rounds), and the final latents against the dense uncached PyTorch UNet "
+              f"(gate: cosine ≥ {chk['gate']['min_latent_cosine']:g}, {chk['gate']['basis']}):", "",
+              "| variant | s per image | speed-up vs dense | final-latent cosine | final-sample error | verdict |",
+              "|---|---:|---:|---:|---:|---|"]
+    for name, v in per["variants"].items():
+        f = chk["fidelity"].get(name)
+        verdict = "" if f is None or not name.startswith("cached") else "pass" if f["passed"] else f"**FAIL**: {f['reason']}"
+        lines.append(f"| {name} | {v['median_s']:.3f} | {per['speedup'][name]:.3f}× | "
+                     f"{_fmt(f['final_cosine'], '.4f') if f else '1 (reference)'} | {_fmt(f['final_rel_l2'], '.4f') if f else '0'} | {verdict} |")
+    return lines
 
 
 FIGURE_CAPTIONS = {

@@ -75,6 +75,11 @@ class CalibStats:
             })
         return out_dir
 
+    @staticmethod
+    def read_prompts(folder: str | Path) -> list[str]:
+        """The calibration prompts of saved statistics, without reading the tensors."""
+        return list(read_json(Path(folder) / META, "calibration statistics")["prompts"])
+
     @classmethod
     def load(cls, folder: str | Path) -> CalibStats:
         folder = Path(folder)

@@ -119,6 +119,11 @@ def _detail(v: dict) -> str:
 def _print_verdict(rep: dict) -> None:
     for key, v in rep["parity"].items():
         click.echo(f"  {'pass' if v.get('passed') else 'FAIL'}  {key:14s} {_detail(v)}")
+    check = (rep.get("stepcache") or {}).get("check")
+    for name, f in (check or {}).get("fidelity", {}).items():
+        if name.startswith("cached"):
+            click.echo(f"  {'pass' if f['passed'] else 'FAIL'}  {name:14s} final-latent cosine {f['final_cosine']:.4f} "
+                       f"(gate >= {f['gate']['min_latent_cosine']:g}) vs dense uncached")
     if rep["parity"]:
         click.echo(f"verdict: {'PASSED' if rep.get('passed') else 'FAILED'}")
     s = rep.get("speed")
@@ -128,6 +133,10 @@ def _print_verdict(rep: dict) -> None:
         click.echo(f"speed ({s['backend']}{' ' + s['dtype'] if s.get('dtype') else ''}, {s.get('device_name') or s['device']}, "
                    f"{s['iterations']} iterations): dense p50 "
                    f"{s['dense_ms']['p50']:.3f} ms, slim p50 {s['slim_ms']['p50']:.3f} ms, speed-up {speedup_text(s, 'x')}")
+    if check:
+        per = check["per_image"]
+        click.echo(f"per image ({per['steps']} steps, CFG, {rep['stepcache']['describe']}): "
+                   + ", ".join(f"{k} {v:.2f}x" for k, v in per["speedup"].items() if k != "dense") + " vs dense")
 
 
 def _verdict_exit(res) -> None:
@@ -135,6 +144,9 @@ def _verdict_exit(res) -> None:
 
     if not res.passed:
         failed = [f"{k} ({', '.join(v.get('failed') or ['failed'])})" for k, v in res.report["parity"].items() if not v.get("passed")]
+        check = (res.report.get("stepcache") or {}).get("check") or {}
+        failed += [f"step cache {n} {g} parity" for n, gs in check.get("parity", {}).items() for g, v in gs.items() if not v["passed"]]
+        failed += [f"{n} ({f['reason']})" for n, f in check.get("fidelity", {}).items() if n.startswith("cached") and not f["passed"]]
         md = res.out_dir / "report.md"
         raise VerificationError(f"verification failed: {'; '.join(failed)}",
                                 f"see {md}" if md.exists() else "rebuild the folder with slimexport build (its report is gone)")

@@ -19,6 +19,7 @@ from slimexport.config import (
     CalibConfig,
     CompressConfig,
     DecomposeConfig,
+    parse_cache_mode,
 )
 
 
@@ -112,6 +113,17 @@ compress_options = _compose(
 )
 
 
+def parse_cache(value: str | None):
+    if value is None:
+        return None
+    from slimexport.errors import UsageError
+
+    try:
+        return parse_cache_mode(value)
+    except UsageError as err:
+        raise click.BadParameter(f"{err.message}; {err.fix}") from None
+
+
 def parse_triple(ctx, param, value: str | None):
     """``"512"`` → (512, 512, 512); ``"256,512,768"`` → min, opt, max."""
     if value is None:
@@ -142,6 +154,13 @@ build_options = _compose(
     click.option("--pipeline/--no-pipeline", "pipeline", default=None,
                  help="Write pipeline/: the whole pipeline as ONNX (text encoder, slim UNet, VAE) for diffusers' and "
                       "Optimum's ONNX pipelines. [default: when the model is a pipeline folder or hub model]"),
+    click.option("--cache", "cache_mode", callback=lambda ctx, param, v: parse_cache(v),
+                 default=None, help="Step caching: auto (full UNet steps where the measured deep-feature change calls for "
+                                    "them), N (the full UNet every N-th step, a shallow path between) or off. [default: off]"),
+    click.option("--cache-depth", type=int, default=None,
+                 help="Blocks kept at each end of the shallow path (1: shallowest, fastest). [default: 1]"),
+    click.option("--cache-threshold", type=float, default=None,
+                 help="--cache auto: the largest predicted drift of the cached feature a shallow step may reuse. [default: 0.3]"),
     click.option("--iterations", type=int, default=None,
                  help="Timed iterations per model, exactly. [default: timed by a budget: at least 100 on GPU, 20 on CPU, "
                       "then until --bench-target-ci or --bench-max-seconds]"),
@@ -166,10 +185,11 @@ def build_config(base, o: dict):
                   atol=o.get("atol"), rtol=o.get("rtol"))
     bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"), target_ci=o.get("bench_target_ci"),
                  max_seconds=o.get("bench_max_seconds"))
+    cache = _set(base.cache, mode=o.get("cache_mode"), depth=o.get("cache_depth"), threshold=o.get("cache_threshold"))
     return _set(base, backend=o.get("backend"), batch=o.get("batch"), height=o.get("height"), width=o.get("width"),
                 engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level"),
                 pipeline=o.get("pipeline")).replace(
-        compress=comp, export=export, verify=verify, bench=bench)
+        compress=comp, export=export, verify=verify, bench=bench, cache=cache)
 
 
 # The key --dump-config records the output folder under (it is an argument of compress/build, not a config field).
@@ -227,6 +247,7 @@ CONFIG_FLAGS = {
     **{("ExportConfig", f): "--" + f.replace("_", "-") for f in ("dtype", "opset", "output_name")},
     **{("VerifyConfig", f): "--" + f.replace("_", "-") for f in ("max_eps_error", "min_latent_cosine", "atol", "rtol")},
     **{("BenchConfig", f): "--" + f for f in ("iterations", "warmup")},
+    ("CacheConfig", "mode"): "--cache", ("CacheConfig", "depth"): "--cache-depth", ("CacheConfig", "threshold"): "--cache-threshold",
     ("BenchConfig", "target_ci"): "--bench-target-ci", ("BenchConfig", "max_seconds"): "--bench-max-seconds",
     **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
                                                                   "optimization_level", "pipeline")},
