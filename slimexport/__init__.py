@@ -6,7 +6,8 @@ initialise CUDA. The public functions below import what they need when called.
 
 from slimexport._version import __version__
 
-__all__ = ["__version__", "bench_folder", "build", "compress", "load_model", "load_slim_unet", "save_slim_unet", "verify_folder"]
+__all__ = ["__version__", "bench_folder", "build", "build_config", "compress", "load_model", "load_slim_unet", "save_slim_unet",
+           "verify_folder"]
 
 
 def __getattr__(name):
@@ -22,6 +23,10 @@ def __getattr__(name):
         from slimexport.slim import apply
 
         return getattr(apply, name)
+    if name == "build_config":
+        from slimexport.flags import build_config
+
+        return build_config
     if name == "load_model":
         from slimexport.models.load import load_model
 

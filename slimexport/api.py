@@ -48,6 +48,7 @@ from slimexport.engines.select import (
 )
 from slimexport.errors import SettingError, UsageError
 from slimexport.figures import FIGURES_DIR, FIGURES_FORMAT, make_figures
+from slimexport.flags import apply_flags
 from slimexport.folder import (
     BuildResult,
     bench_folder,
@@ -143,12 +144,14 @@ def default_out(model: str, budget: float, suffix: str = "") -> Path:
     return DEFAULT_ROOT / f"{name}-b{budget:g}{suffix}"
 
 
-def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, progress: bool = True,
-             cache_dir: str | Path | None = None) -> CompressResult | None:
+def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, bundle=None, progress: bool = True,
+             cache_dir: str | Path | None = None, **flags) -> CompressResult | None:
     """SlimDiff on one model: SlimSet → calibration → scores → rank plan → decompositions → slim UNet folder.
 
     Args:
-        cfg: the whole compressor config.
+        cfg: the whole compressor config (default ``CompressConfig()``).
+        flags: settings by the CLI's flag names, applied on top of ``cfg`` (``slimexport.flags``):
+            ``compress(model="sd14", budget=0.6, allocation="greedy", calib_prompts=64)``.
         out: output folder (default ``engines/<model>-b<budget>``); holds ``calib/``, ``plan.json``,
             ``slim_unet/`` and ``manifest.json``.
         bundle: an already loaded model (else ``load_model(cfg.model, cfg.random_weights)``).
@@ -158,6 +161,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, bundle=None, pr
     Returns:
         :class:`CompressResult` (``None`` on ranks other than 0 under ``torch.distributed``).
     """
+    cfg = apply_flags(cfg if cfg is not None else CompressConfig(), flags)
     out_dir = Path(out) if out is not None else default_out(cfg.model, cfg.alloc.budget)
     cache_root = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_ROOT / ".cache")
     device = resolve_device(cfg.device)
@@ -256,14 +260,18 @@ def _finish_plan(plan: RankPlan, diag: dict, unet, slim, latent_hw: tuple[int, i
     return plan.decomposed(diag["rel_error"], diag["cholesky_fallbacks"], macs)
 
 
-def build(cfg: BuildConfig, out: str | Path | None = None, progress: bool = True,
-          cache_dir: str | Path | None = None) -> BuildResult | None:
+def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progress: bool = True,
+          cache_dir: str | Path | None = None, **flags) -> BuildResult | None:
     """The whole pipeline in one call; every stage cached by a content hash of its inputs.
+
+    ``cfg`` (default ``BuildConfig()``) with ``flags`` applied: settings by the CLI's flag names
+    (``build(model="digits", budget=0.73, calib_prompts=64, cache="auto")``; ``slimexport.flags``).
 
     Writes ``manifest.json``, ``report.json`` and ``report.md`` into the output folder and returns the report.
     A failed parity gate does not raise here: ``BuildResult.passed`` is ``False`` and the report says which
     comparison and metric failed (the CLI turns that into exit code 1).
     """
+    cfg = apply_flags(cfg if cfg is not None else BuildConfig(), flags)
     check_backend_available(cfg.backend)
     device = resolve_engine_device(cfg)
     check_engine_dtype(cfg, device)

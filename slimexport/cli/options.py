@@ -15,12 +15,10 @@ from slimexport.config import (
     QKVO_METHODS,
     TARGETS,
     TIMESTEP_WEIGHTINGS,
-    AllocConfig,
-    CalibConfig,
     CompressConfig,
-    DecomposeConfig,
     parse_cache_mode,
 )
+from slimexport.flags import CONFIG_FLAGS, apply_flags
 
 
 def _absolute(path: str | None) -> str | None:
@@ -106,7 +104,7 @@ compress_options = _compose(
     click.option("--calib-size", type=int, default=None, help="Calibration image size in pixels (square). [default: the model's]"),
     click.option("--calib-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default=None, help="[default: fp16 on GPU, fp32 on CPU]"),
     click.option("--calib-offload", is_flag=True, default=None, help="Keep finished timestep bins in CPU memory."),
-    click.option("--prompts", "prompts_file", type=click.Path(), default=None, help="Prompt pool file, one prompt per line."),
+    click.option("--prompts", type=click.Path(), default=None, help="Prompt pool file, one prompt per line."),
     click.option("--seed", type=int, default=None, help="Seed of the calibration latents. [default: 0]"),
     click.option("--config", "config_file", type=click.Path(), default=None, help="JSON config (from --dump-config); options override it."),
     click.option("--dump-config", is_flag=True, help="Print the resolved config as JSON and exit."),
@@ -154,7 +152,7 @@ build_options = _compose(
     click.option("--pipeline/--no-pipeline", "pipeline", default=None,
                  help="Write pipeline/: the whole pipeline as ONNX (text encoder, slim UNet, VAE) for diffusers' and "
                       "Optimum's ONNX pipelines. [default: when the model is a pipeline folder or hub model]"),
-    click.option("--cache", "cache_mode", callback=lambda ctx, param, v: parse_cache(v),
+    click.option("--cache", callback=lambda ctx, param, v: parse_cache(v),
                  default=None, help="Step caching: auto (full UNet steps where the measured deep-feature change calls for "
                                     "them), N (the full UNet every N-th step, a shallow path between) or off. [default: off]"),
     click.option("--cache-depth", type=int, default=None,
@@ -164,10 +162,10 @@ build_options = _compose(
     click.option("--iterations", type=int, default=None,
                  help="Timed iterations per model, exactly. [default: timed by a budget: at least 100 on GPU, 20 on CPU, "
                       "then until --bench-target-ci or --bench-max-seconds]"),
-    click.option("--bench-target-ci", "bench_target_ci", type=float, default=None,
+    click.option("--bench-target-ci", type=float, default=None,
                  help="Without --iterations: stop timing when the speed-up's 95%% interval is within this fraction of it. "
                       "[default: 0.02]"),
-    click.option("--bench-max-seconds", "bench_max_seconds", type=float, default=None,
+    click.option("--bench-max-seconds", type=float, default=None,
                  help="Without --iterations: the most seconds of timed calls. [default: 30]"),
     click.option("--warmup", type=int, default=None, help="Untimed iterations per model first. [default: 5]"),
     click.option("--max-eps-error", type=float, default=None, help="Slim-vs-dense gate on mean relative ε error. [default: 0.5]"),
@@ -178,18 +176,8 @@ build_options = _compose(
 
 
 def build_config(base, o: dict):
-    """Apply ``build`` options on top of a ``BuildConfig``."""
-    comp = compress_config(base.compress, o)
-    export = _set(base.export, dtype=o.get("dtype"), opset=o.get("opset"), output_name=o.get("output_name"))
-    verify = _set(base.verify, max_eps_error=o.get("max_eps_error"), min_latent_cosine=o.get("min_latent_cosine"),
-                  atol=o.get("atol"), rtol=o.get("rtol"))
-    bench = _set(base.bench, iterations=o.get("iterations"), warmup=o.get("warmup"), target_ci=o.get("bench_target_ci"),
-                 max_seconds=o.get("bench_max_seconds"))
-    cache = _set(base.cache, mode=o.get("cache_mode"), depth=o.get("cache_depth"), threshold=o.get("cache_threshold"))
-    return _set(base, backend=o.get("backend"), batch=o.get("batch"), height=o.get("height"), width=o.get("width"),
-                engine_device=o.get("engine_device"), optimization_level=o.get("optimization_level"),
-                pipeline=o.get("pipeline")).replace(
-        compress=comp, export=export, verify=verify, bench=bench, cache=cache)
+    """Apply ``build`` options (``None`` = not given) on top of a ``BuildConfig``: the API's table, ``slimexport.flags``."""
+    return apply_flags(base, _cli_values(o, base.compress))
 
 
 # The key --dump-config records the output folder under (it is an argument of compress/build, not a config field).
@@ -226,33 +214,6 @@ def load_config_file(path: str | None, cls):
     return cls.from_dict(data), out
 
 
-def _set(obj, **changes):
-    changes = {k: v for k, v in changes.items() if v is not None}
-    return obj.replace(**changes) if changes else obj
-
-
-# The flag that sets each config field (compress_config and build_config below apply them): a ConfigError names it.
-CONFIG_FLAGS = {
-    **{("CompressConfig", f): flag for f, flag in (
-        ("model", "--model"), ("config_of", "--config-of"), ("device", "--device"), ("calib_dtype", "--calib-dtype"))},
-    **{("CalibConfig", f): flag for f, flag in (
-        ("num_prompts", "--calib-prompts"), ("num_steps", "--calib-steps"), ("num_bins", "--calib-bins"),
-        ("batch_size", "--calib-batch"), ("guidance_scale", "--guidance"), ("height", "--calib-size"),
-        ("width", "--calib-size"), ("prompts_file", "--prompts"), ("seed", "--seed"))},
-    **{("DecomposeConfig", f): "--" + f.replace("_", "-") for f in ("timestep_weighting", "ridge", "ffn_selection", "qkvo_method")},
-    **{("AllocConfig", f): flag for f, flag in (
-        ("budget", "--budget"), ("scope", "--budget-scope"), ("metric", "--budget-metric"), ("targets", "--targets"),
-        ("temperature", "--temperature"), ("method", "--allocation"), ("r_min", "--r-min"), ("attn_quantum", "--attn-quantum"),
-        ("ffn_quantum", "--ffn-quantum"))},
-    **{("ExportConfig", f): "--" + f.replace("_", "-") for f in ("dtype", "opset", "output_name")},
-    **{("VerifyConfig", f): "--" + f.replace("_", "-") for f in ("max_eps_error", "min_latent_cosine", "atol", "rtol")},
-    **{("BenchConfig", f): "--" + f for f in ("iterations", "warmup")},
-    ("CacheConfig", "mode"): "--cache", ("CacheConfig", "depth"): "--cache-depth", ("CacheConfig", "threshold"): "--cache-threshold",
-    ("BenchConfig", "target_ci"): "--bench-target-ci", ("BenchConfig", "max_seconds"): "--bench-max-seconds",
-    **{("BuildConfig", f): "--" + f.replace("_", "-") for f in ("backend", "batch", "height", "width", "engine_device",
-                                                                  "optimization_level", "pipeline")},
-}
-
 # A setting as the Python API's errors name it: Class.field, or Class.field=value (a quoted repr or a bare word).
 _SETTING = re.compile(r"\b([A-Z]\w*)\.(\w+)(?:=('[^']*'|[^\s,;()]+))?")
 
@@ -272,22 +233,14 @@ def as_flags(text: str) -> str:
 
 def compress_config(base: CompressConfig, o: dict) -> CompressConfig:
     """Apply CLI options (``None`` = not given) on top of ``base``."""
-    size = o.get("calib_size")
-    bins = o.get("calib_bins")
-    if bins is None and o.get("calib_steps") is not None and o["calib_steps"] >= 1:
-        bins = min(base.calib.num_bins, o["calib_steps"])  # fewer steps than bins: one bin per step
-    calib = _set(base.calib, num_prompts=o.get("calib_prompts"), num_steps=o.get("calib_steps"), num_bins=bins,
-                 batch_size=o.get("calib_batch"), guidance_scale=o.get("guidance"), height=size, width=size,
-                 offload=o.get("calib_offload"), prompts_file=_absolute(o.get("prompts_file")), seed=o.get("seed"))
-    decompose = _set(base.decompose, timestep_weighting=o.get("timestep_weighting"), ridge=o.get("ridge"),
-                     ffn_selection=o.get("ffn_selection"), qkvo_method=o.get("qkvo_method"))
-    alloc = _set(base.alloc, budget=o.get("budget"), targets=o.get("targets"), temperature=o.get("temperature"),
-                 method=o.get("allocation"), r_min=o.get("r_min"), attn_quantum=o.get("attn_quantum"),
-                 ffn_quantum=o.get("ffn_quantum"), propagation=o.get("propagation"), scope=o.get("budget_scope"),
-                 metric=o.get("budget_metric"))
-    random_weights = base.random_weights if o.get("random_weights") is None else o["random_weights"]
-    return _set(base, model=_model_arg(o.get("model"), random_weights), random_weights=o.get("random_weights"), device=o.get("device"),
-                calib_dtype=o.get("calib_dtype"), config_of=o.get("config_of")).replace(calib=calib, decompose=decompose, alloc=alloc)
+    return apply_flags(base, _cli_values(o, base))
 
 
-__all__ = ["AllocConfig", "CalibConfig", "DecomposeConfig", "compress_config", "compress_options", "load_config_file", "model_options"]
+def _cli_values(o: dict, comp: CompressConfig) -> dict:
+    """The options as the flags table takes them, local paths made absolute (the config then works from any folder)."""
+    random_weights = comp.random_weights if o.get("random_weights") is None else o["random_weights"]
+    return {**o, "model": _model_arg(o.get("model"), random_weights), "prompts": _absolute(o.get("prompts"))}
+
+
+__all__ = ["CONFIG_FLAGS", "build_config", "build_options", "compress_config", "compress_options", "load_config_file",
+           "model_options"]
