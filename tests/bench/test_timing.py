@@ -25,6 +25,19 @@ class SleepEngine(Engine):
         return {"latent": feeds["sample"]}
 
 
+class JitterEngine(SleepEngine):
+    """``ms`` milliseconds plus a seeded random 0..``ms`` more: two of them never time alike."""
+
+    def __init__(self, ms: float, seed: int):
+        super().__init__(ms)
+        self.rng = np.random.default_rng(seed)
+
+    def _run(self, feeds):
+        self.calls += 1
+        time.sleep(self.ms * (1 + self.rng.random()) / 1e3)
+        return {"latent": feeds["sample"]}
+
+
 def test_time_callable_percentiles():
     res = time_callable(lambda: time.sleep(0.002), warmup=2, iterations=15)
     assert res["iterations"] == 15 and res["warmup"] == 2 and res["timer"] == "perf_counter"
@@ -64,8 +77,8 @@ def test_compare_speed_by_budget_stops_on_a_tight_interval_or_the_clock():
     lo, hi = clear["speedup_ci95"]
     assert clear["stopped_by"] == "interval" and (hi - lo) / 2 <= 0.2 * clear["speedup"]
     assert clear["iterations"] == clear["dense_ms"]["iterations"] >= 10
-    # two equal engines never give a 0.1% interval: the time limit ends it, after more than the first block
-    tied = compare_speed(SleepEngine(2.0), SleepEngine(2.0), feeds, warmup=0, iterations=10, target_ci=0.001, max_seconds=0.3)
+    # two equal engines with random jitter never give a 0.1% interval: the time limit ends it, after the first block
+    tied = compare_speed(JitterEngine(2.0, 0), JitterEngine(2.0, 1), feeds, warmup=0, iterations=10, target_ci=0.001, max_seconds=0.3)
     assert tied["stopped_by"] == "time" and tied["iterations"] > 10 and tied["timed_seconds"] >= 0.3
     capped = compare_speed(SleepEngine(1.0), SleepEngine(1.0), feeds, warmup=0, iterations=10, target_ci=0.0001,
                            max_seconds=60, max_iterations=25)
