@@ -9,6 +9,8 @@ The uncached baseline runs each UNet's *full* engine at every step: the same gra
 the cache as an extra output (a copy of one feature map per call).
 
     python tools/bench_stepcache.py --model sd14 --random-weights --cache 3 --steps 25,50 --size 256
+    python tools/bench_stepcache.py --model sd14 --random-weights --cache 3 --steps 25,50 --size 512 \
+        --backend torch --device cuda --dtype fp16     # GPU: the PyTorch paths in fp16 with CUDA graphs
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="timed images per variant and step count")
     p.add_argument("--call-iterations", type=int, default=3, help="timed single calls per engine")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: this process's CPUs)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "torch"),
+                   help="engines of the pair: the exported ONNX pair (onnxruntime, openvino) or the PyTorch paths (torch)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda with --backend torch (CUDA graphs, channels_last)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="engine precision (fp16: GPU)")
     p.add_argument("--work", type=Path, default=Path("engines") / "bench-stepcache", help="where the ONNX pairs go")
     p.add_argument("--reuse", action="store_true", help="reuse pairs already exported in --work (same depth)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: print only)")
@@ -137,9 +143,10 @@ def _pair(unet, folder: Path, depth: int, size: tuple[int, int], reuse: bool) ->
 
 def run(args, command: str = "") -> dict:
     from slimexport.config import parse_cache_mode
-    from slimexport.engines.base import EngineConfig, build_engine
+    from slimexport.engines.base import EngineConfig
     from slimexport.models import load_model
     from slimexport.stepcache import CacheConfig, CachePlan
+    from slimexport.stepcache.build import pair_engines
     from slimexport.stepcache.export import CACHE, CachedEngineUNet, EngineUNet
     from slimexport.stepcache.measure import ChangeProfile
 
@@ -164,7 +171,13 @@ def run(args, command: str = "") -> dict:
     pairs, export_s = {}, {}
     for name, unet in unets.items():
         t0 = time.perf_counter()
-        pairs[name] = _pair(unet, args.work / f"{name}-cache", args.depth, (h, w), args.reuse)
+        if args.backend == "torch":  # no export: the PyTorch paths themselves
+            from slimexport.stepcache.unet import cache_channels, cache_scale
+
+            pairs[name] = {"depth": args.depth, "cache_channels": cache_channels(unet, args.depth),
+                           "cache_scale": cache_scale(unet, args.depth)}
+        else:
+            pairs[name] = _pair(unet, args.work / f"{name}-cache", args.depth, (h, w), args.reuse)
         export_s[name] = round(time.perf_counter() - t0, 1)
     macs = {}
     try:
@@ -173,24 +186,27 @@ def run(args, command: str = "") -> dict:
         macs = {n: count_macs(u, batch=1, height=h, width=w)["total"] for n, u in unets.items()}
     except Exception as err:  # MACs are a side figure; the timing does not depend on them
         log.warning("MAC count failed: %s", err)
+    cuda_torch = args.backend == "torch" and args.device.startswith("cuda")
+    act = "float16" if args.dtype == "fp16" else "float32"
+    ecfg = EngineConfig(threads=args.threads, device=args.device, dtype=args.dtype, cuda_graphs=cuda_torch,
+                        channels_last=cuda_torch, seq_len=int(cond.shape[1]))
+    engines = {n: pair_engines(args.backend, unets[n], args.work / f"{n}-cache", args.depth, ecfg) for n in pairs}
     del unets
     bundle.unet = None
-    ecfg = EngineConfig(threads=args.threads) if args.threads else EngineConfig()
-    engines = {n: (build_engine("onnxruntime", args.work / f"{n}-cache" / "full", ecfg),
-                   build_engine("onnxruntime", args.work / f"{n}-cache" / "shallow", ecfg)) for n in pairs}
     variants = {}
     for v in wanted:
         name = "slim" if "slim" in v else "dense"
         if name not in engines:
             continue
         full, shallow = engines[name]
-        variants[v] = CachedEngineUNet(full, shallow, plan) if v.startswith("cached") else EngineUNet(full)
+        variants[v] = (CachedEngineUNet(full, shallow, plan, dtype=act) if v.startswith("cached")
+                       else EngineUNet(full, dtype=act))
     # single calls: CFG batch at this size, timestep [1]; the shallow engine fed the full engine's cache
     rows = 2 if uncond is not None else 1
     rng = np.random.default_rng(0)
-    feeds = {"x": {"sample": rng.standard_normal((rows, latents.shape[1], h, w)).astype("float32"),
+    feeds = {"x": {"sample": rng.standard_normal((rows, latents.shape[1], h, w)).astype(act),
                    "timestep": np.array([500.0], dtype="float32"),
-                   "encoder_hidden_states": np.concatenate([cond.numpy()] * rows).astype("float32")}}
+                   "encoder_hidden_states": np.concatenate([cond.numpy()] * rows).astype(act)}}
     calls = {}
     for n, (full, shallow) in engines.items():
         feeds[f"{n}-cache"] = {**feeds["x"], CACHE: full.run(feeds["x"])[CACHE]}

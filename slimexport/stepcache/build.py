@@ -29,8 +29,9 @@ from slimexport.stepcache.unet import SplitUNet, check_depth
 
 log = logging.getLogger(__name__)
 
-# Backends whose engines take the pair's extra ``cache`` input today (TensorRT, torch and AOTI runners: not yet).
-PAIR_BACKENDS = ("onnxruntime", "openvino")
+# Backends that run the pair today: the ONNX pair on ONNX Runtime or OpenVINO, the PyTorch paths on torch
+# (TensorRT and AOTI: not yet).
+PAIR_BACKENDS = ("onnxruntime", "openvino", "torch")
 RECORD_FILE = "stepcache/record.json"
 CHECK_FILE = "stepcache/check.json"
 TIMING_ROUNDS = 2  # whole loops per variant (the first variant of the rotation changes every round)
@@ -42,11 +43,27 @@ def check_cache_settings(cfg, unet) -> None:
         return
     if cfg.backend not in PAIR_BACKENDS:
         raise UsageError(f"--cache runs its full/shallow engine pair on {' or '.join(PAIR_BACKENDS)} so far, not "
-                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino), or --cache off")
+                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino, torch), or --cache off")
     try:
         check_depth(unet, cfg.cache.depth)
     except UsageError as err:
         raise UsageError(f"--cache-depth: {err.message}", err.fix) from None
+
+
+def pair_engines(backend: str, unet, folder: Path, depth: int, ecfg) -> tuple:
+    """``(full, shallow)`` engines of one UNet's pair: its exported graphs in ``folder``, or its PyTorch paths."""
+    from slimexport.engines.base import build_engine
+
+    if backend == "torch":
+        from slimexport.stepcache.torch_pair import torch_pair
+
+        return torch_pair(unet, depth, ecfg)
+    full = build_engine(backend, folder / FULL_DIR, ecfg)
+    try:
+        return full, build_engine(backend, folder / SHALLOW_DIR, ecfg)
+    except BaseException:
+        full.close()
+        raise
 
 
 def timing_steps(steps: tuple[int, ...]) -> int:
@@ -97,10 +114,10 @@ def check_cached(cfg, bundle, models: dict, out_dir: Path, record: dict, profile
     engines: dict = {}
     try:
         for name, entry in record["unets"].items():
-            folder = out_dir / entry["pair"]["path"]
-            engines[name] = (build_engine(cfg.backend, folder / FULL_DIR, ecfg), build_engine(cfg.backend, folder / SHALLOW_DIR, ecfg))
+            engines[name] = pair_engines(cfg.backend, models[name], out_dir / entry["pair"]["path"], entry["pair"]["depth"], ecfg)
         for name in ("dense", "slim"):
-            engines[f"{name}-uncached"] = build_engine(cfg.backend, out_dir / "onnx" / name, ecfg)
+            source = models[name] if cfg.backend == "torch" else out_dir / "onnx" / name
+            engines[f"{name}-uncached"] = build_engine(cfg.backend, source, ecfg)
         parity = {name: pair_parity(models[name], entry["pair"]["depth"], *engines[name], inputs, tol)
                   for name, entry in record["unets"].items()}
         variants = {"dense": EngineUNet(engines["dense-uncached"]), "slim": EngineUNet(engines["slim-uncached"])}

@@ -67,3 +67,15 @@ def test_quality_target_and_report(tmp_path):
     write_report(results, tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "`FssF`" in text and "**fail**" in text and "| 10 | dense | off |" in text
+
+
+def test_bench_runs_the_pytorch_pair_without_exporting(tmp_path):
+    """``--backend torch``: the PyTorch paths as engines (what a GPU run uses with CUDA graphs), nothing exported."""
+    from slimexport.stepcache.bench import parse_args, run
+
+    res = run(parse_args(["--model", "tiny", "--random-weights", "--cache", "2", "--steps", "6", "--size", "64",
+                          "--backend", "torch", "--variants", "dense,cached", "--work", str(tmp_path / "w")]))
+    assert not (tmp_path / "w").exists()
+    assert res["backend"]["backend"] == "torch" and res["schedules"] == {"6": "FsFsFs"}
+    assert res["per_image"]["6"]["cached"]["pattern"] == "FsFsFs" and res["per_image_speedup"]["6"]["dense"] == 1.0
+    assert res["per_call_ms"]["dense/shallow"]["median_ms"] > 0

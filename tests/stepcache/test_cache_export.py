@@ -23,11 +23,20 @@ ATOL = 1e-4  # fp32 export parity tolerance (README: atol = rtol = 1e-4)
 
 
 @pytest.fixture(scope="module")
-def pair(tiny, tmp_path_factory):
+def exported(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pair")
-    rec = export_cache_pair(tiny.unet, folder, depth=1)
-    full, shallow = build_engine("onnxruntime", folder / "full"), build_engine("onnxruntime", folder / "shallow")
-    return folder, rec, full, shallow
+    return folder, export_cache_pair(tiny.unet, folder, depth=1)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def pair(tiny, exported, request):
+    """The exported pair on ONNX Runtime, or the PyTorch paths as engines (``--backend torch``): same I/O."""
+    folder, rec = exported
+    if request.param == "torch":
+        from slimexport.stepcache.torch_pair import torch_pair
+
+        return (folder, rec, *torch_pair(tiny.unet, 1))
+    return folder, rec, build_engine("onnxruntime", folder / "full"), build_engine("onnxruntime", folder / "shallow")
 
 
 def _feeds(batch=2, h=16, w=24, t=(750.0,), seed=0):
