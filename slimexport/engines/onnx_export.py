@@ -41,11 +41,7 @@ import torch
 
 from slimexport.artifacts import atomic_dir, read_json, sha256_file, write_json
 from slimexport.engines.base import (
-    CONTEXT,
-    INPUT_NAMES,
     OUTPUT_NAMES,
-    SAMPLE,
-    TIMESTEP,
     TIMESTEP_DTYPES,
     io_spec_for_unet,
 )
@@ -140,7 +136,7 @@ def read_export(folder: str | Path, verify: bool = False) -> ExportResult:
     return res
 
 
-def _default_shapes(unet, sample_shape, context_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def default_shapes(unet, sample_shape, context_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
     cfg = unet.config
     size = int(cfg.sample_size) if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
     sample_shape = tuple(sample_shape or (2, int(cfg.in_channels), size, size))
@@ -170,15 +166,18 @@ def check_standard_ops(model) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-def _trace_to_onnx(module, args, path: Path, opset: int, output_name: str, dynamic_axes: dict) -> None:
-    """TorchScript export of ``module(*args)`` to ``path`` (weights over 2 GB go to files beside it)."""
+def _trace_to_onnx(module, args, path: Path, opset: int, io_spec: dict) -> None:
+    """TorchScript export of ``module(*args)`` to ``path`` with ``io_spec``'s names and dynamic axes (weights over
+    2 GB go to files beside it)."""
+    dynamic_axes = {name: {axis: label for label, axis in axes.items()} for name, axes in io_spec["dynamic_axes"].items()}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=list(INPUT_NAMES), output_names=[output_name], dynamic_axes=dynamic_axes, export_params=True,
+            input_names=[e["name"] for e in io_spec["inputs"]], output_names=[e["name"] for e in io_spec["outputs"]],
+            dynamic_axes=dynamic_axes, export_params=True,
         )
 
 
@@ -281,7 +280,7 @@ def _write_weights(model, src_dir: Path, dst_dir: Path, location: str = DATA_FIL
         tensor.ClearField("raw_data")
 
 
-def _versions() -> dict:
+def export_versions() -> dict:
     import onnx
 
     out = {"torch": torch.__version__, "onnx": onnx.__version__}
@@ -357,7 +356,7 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
     if timestep_dtype not in TIMESTEP_DTYPES:
         raise UsageError(f"timestep_dtype={timestep_dtype!r} is not supported", f"use one of {', '.join(TIMESTEP_DTYPES)}")
     t0 = time.perf_counter()
-    sample_shape, context_shape = _default_shapes(unet, sample_shape, context_shape)
+    sample_shape, context_shape = default_shapes(unet, sample_shape, context_shape)
     io_spec = io_spec_for_unet(unet, dtype=dtype, output_name=output_name, seq_len=context_shape[1],
                                broadcast_timestep=True, timestep_dtype=timestep_dtype)
 
@@ -373,14 +372,23 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
                    device=device),
         torch.randn(context_shape, generator=gen).to(device, torch_dtype),
     )
-    dynamic_axes = {name: {axis: label for label, axis in axes.items()} for name, axes in io_spec["dynamic_axes"].items()}
+    result = export_traced(UNetIO(module).eval(), args, io_spec, out_dir, opset, dtype, t0)
+    del module, args
+    log.info("exported %s (%s, %.1f MB) in %.1f s", out_dir, dtype, result.size_bytes / 1e6, result.export_seconds)
+    return result
 
+
+def export_traced(module, args: tuple, io_spec: dict, out_dir: str | Path, opset: int, dtype: str,
+                  t0: float | None = None) -> ExportResult:
+    """``module(*args)`` traced to ``out_dir`` under ``io_spec``'s names, then the steps every export takes: graph
+    cleanup and constant folding (:func:`finish_onnx`), one external-data file, the I/O check, ``export.json``;
+    written atomically. ``t0``: when the export started (its ``export_seconds``), default now."""
+    t0 = time.perf_counter() if t0 is None else t0
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         raw_dir = tmp / "raw"
         raw_dir.mkdir()
-        _trace_to_onnx(UNetIO(module).eval(), args, raw_dir / MODEL_FILE, opset, output_name, dynamic_axes)
-        del module, args
+        _trace_to_onnx(module, args, raw_dir / MODEL_FILE, opset, io_spec)
         graph_only, ops = finish_onnx(raw_dir, tmp)
         _check_io(graph_only, io_spec)
         del graph_only
@@ -392,11 +400,10 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
             onnx_path=out_dir / MODEL_FILE, data_path=out_dir / DATA_FILE,
             onnx_sha256=sha256_file(tmp / MODEL_FILE), data_sha256=sha256_file(tmp / DATA_FILE),
             io_spec=io_spec, opset=opset, dtype=dtype, export_seconds=round(time.perf_counter() - t0, 3), size_bytes=sizes,
-            op_counts=dict(sorted(ops.items())), versions=_versions(),
-            trace_shapes={SAMPLE: list(sample_shape), TIMESTEP: [sample_shape[0]], CONTEXT: list(context_shape)},
+            op_counts=dict(sorted(ops.items())), versions=export_versions(),
+            trace_shapes={e["name"]: list(a.shape) for e, a in zip(io_spec["inputs"], args)},
         )
         write_json(tmp / RESULT_FILE, result.to_dict())
-    log.info("exported %s (%s, %.1f MB) in %.1f s", out_dir, dtype, sizes / 1e6, result.export_seconds)
     return result
 
 

@@ -50,7 +50,7 @@ from slimexport.engines.onnx_export import (
     MAX_OPSET,
     MIN_OPSET,
     MODEL_FILE,
-    _versions,
+    export_versions,
     finish_onnx,
     read_export,
 )
@@ -198,7 +198,7 @@ def write_pipeline_folder(bundle, slim_onnx_folder: str | Path, out_dir: str | P
         result = PipelineFolderResult(
             folder=out_dir, model=bundle.name, source=bundle.source, dtype=dtype, opset=opset,
             scheduler=type(scheduler).__name__, parts=parts, seconds=round(time.perf_counter() - t0, 3),
-            versions={**_versions(), "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+            versions={**export_versions(), "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         )
         write_json(tmp / RECORD_FILE, result.to_dict())
     log.info("wrote pipeline folder %s (%s) in %.1f s", out_dir, dtype, result.seconds)

@@ -21,27 +21,19 @@ can stand in for the UNet in :func:`slimexport.calibrate.runner.denoise` (see :f
 from __future__ import annotations
 
 import logging
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from slimexport.artifacts import atomic_dir, read_json, sha256_file, write_json
+from slimexport.artifacts import read_json, write_json
 from slimexport.engines.base import BATCH_AXIS, CONTEXT, SAMPLE, TIMESTEP, io_spec_for_unet
 from slimexport.engines.onnx_export import (
-    DATA_FILE,
     MAX_OPSET,
     MIN_OPSET,
-    MODEL_FILE,
-    RESULT_FILE,
     TRACE_TIMESTEP,
-    ExportResult,
-    _check_io,
-    _default_shapes,
-    _versions,
-    finish_onnx,
+    default_shapes,
+    export_traced,
     read_export,
 )
 from slimexport.errors import ArtifactError, UsageError
@@ -79,38 +71,6 @@ def pair_io_specs(unet, depth: int, *, dtype: str = "fp32", output_name: str = "
     return full, shallow
 
 
-def _export_graph(module, args: tuple, io_spec: dict, out_dir: Path, opset: int, dtype: str) -> ExportResult:
-    """``module(*args)`` to ``out_dir`` with the steps of ``export_unet_onnx`` (its helpers), under ``io_spec``'s names."""
-
-    t0 = time.perf_counter()
-    names_in = [e["name"] for e in io_spec["inputs"]]
-    names_out = [e["name"] for e in io_spec["outputs"]]
-    dynamic_axes = {name: {axis: label for label, axis in axes.items()} for name, axes in io_spec["dynamic_axes"].items()}
-    with atomic_dir(out_dir) as tmp:
-        raw_dir = tmp / "raw"
-        raw_dir.mkdir()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(module, args, str(raw_dir / MODEL_FILE), dynamo=False, opset_version=opset,
-                              do_constant_folding=True, input_names=names_in, output_names=names_out,
-                              dynamic_axes=dynamic_axes, export_params=True)
-        graph_only, ops = finish_onnx(raw_dir, tmp)
-        _check_io(graph_only, io_spec)
-        del graph_only
-        sizes = (tmp / MODEL_FILE).stat().st_size + (tmp / DATA_FILE).stat().st_size
-        result = ExportResult(
-            onnx_path=out_dir / MODEL_FILE, data_path=out_dir / DATA_FILE,
-            onnx_sha256=sha256_file(tmp / MODEL_FILE), data_sha256=sha256_file(tmp / DATA_FILE),
-            io_spec=io_spec, opset=opset, dtype=dtype, export_seconds=round(time.perf_counter() - t0, 3), size_bytes=sizes,
-            op_counts=dict(sorted(ops.items())), versions=_versions(),
-            trace_shapes={n: list(a.shape) for n, a in zip(names_in, args)},
-        )
-        write_json(tmp / RESULT_FILE, result.to_dict())
-    return result
-
-
 def export_cache_pair(unet, out_dir: str | Path, depth: int, *, opset: int = 19, dtype: str = "fp32",
                       output_name: str = "latent", sample_shape: tuple[int, int, int, int] | None = None,
                       context_shape: tuple[int, int, int] | None = None, timestep_dtype: str = "float32") -> dict:
@@ -132,7 +92,7 @@ def export_cache_pair(unet, out_dir: str | Path, depth: int, *, opset: int = 19,
     if dtype not in ("fp32", "fp16"):
         raise UsageError(f"dtype={dtype!r} is not supported for ONNX export", "use fp32 or fp16")
     check_depth(unet, depth)
-    sample_shape, context_shape = _default_shapes(unet, sample_shape, context_shape)
+    sample_shape, context_shape = default_shapes(unet, sample_shape, context_shape)
     full_spec, shallow_spec = pair_io_specs(unet, depth, dtype=dtype, output_name=output_name, seq_len=context_shape[1],
                                             timestep_dtype=timestep_dtype)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
@@ -148,8 +108,8 @@ def export_cache_pair(unet, out_dir: str | Path, depth: int, *, opset: int = 19,
         _, cache = split.full(sample, t, context)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = _export_graph(FullPath(split).eval(), (sample, t, context), full_spec, out_dir / FULL_DIR, opset, dtype)
-    shallow = _export_graph(ShallowPath(split).eval(), (sample, t, context, cache), shallow_spec, out_dir / SHALLOW_DIR,
+    full = export_traced(FullPath(split).eval(), (sample, t, context), full_spec, out_dir / FULL_DIR, opset, dtype)
+    shallow = export_traced(ShallowPath(split).eval(), (sample, t, context, cache), shallow_spec, out_dir / SHALLOW_DIR,
                             opset, dtype)
     record = {"format": PAIR_FORMAT, "depth": depth, "cache_channels": cache_channels(unet, depth),
               "cache_scale": cache_scale(unet, depth), "full": full.to_dict(), "shallow": shallow.to_dict()}

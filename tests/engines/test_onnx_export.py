@@ -227,10 +227,9 @@ def test_large_model_path_streams_external_weights(dense_unet, tmp_path, torch_r
     from slimexport.engines.torch_runner import UNetIO
 
     spec = io_spec_for_unet(dense_unet)
-    axes = {n: {i: label for label, i in a.items()} for n, a in spec["dynamic_axes"].items()}
     args = (torch.randn(2, 4, 16, 16), torch.full((2,), 999.0), torch.randn(2, 77, 32))
     (tmp_path / "t").mkdir()
-    onnx_export._trace_to_onnx(UNetIO(dense_unet), args, tmp_path / "t" / MODEL_FILE, 19, "latent", axes)
+    onnx_export._trace_to_onnx(UNetIO(dense_unet), args, tmp_path / "t" / MODEL_FILE, 19, spec)
     raw = tmp_path / "raw"
     raw.mkdir()
     onnx.save_model(onnx.load(str(tmp_path / "t" / MODEL_FILE)), str(raw / MODEL_FILE), save_as_external_data=True,
