@@ -115,6 +115,14 @@ FLAGS: dict[str, Flag] = {
     "rtol": _f("verify.rtol"),
 }
 
+# Named bundles of settings (``--preset NAME``, ``preset=NAME``), applied before the other flags (which override them).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The SlimDiff paper's method exactly: attention + FFN under a parameter budget, spectral-influence softmax allocation.
+    "paper": {"targets": "attn,ffn", "allocation": "softmax", "temperature": 1.0, "budget_metric": "params",
+              "budget_scope": "targeted", "timestep_weighting": "spectral", "ffn_selection": "cpqr", "qkvo_method": "whiten",
+              "propagation": False, "calib_prompts": 500, "calib_steps": 25, "calib_bins": 5, "guidance": 7.5},
+}
+
 _CLASSES = {"": BuildConfig, "compress": CompressConfig, "compress.alloc": AllocConfig, "compress.calib": CalibConfig,
             "compress.decompose": DecomposeConfig, "export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig,
             "cache": CacheConfig}
@@ -152,6 +160,7 @@ def _unknown(keyword: str, allowed: list[str], build_only: bool) -> UsageError:
 def apply_flags(cfg: BuildConfig | CompressConfig, flags: dict[str, Any]) -> BuildConfig | CompressConfig:
     """``cfg`` with each flag-named setting of ``flags`` applied (``None``: not given, left as in ``cfg``).
 
+    ``preset`` (a name in :data:`PRESETS`) applies its settings first; the other keywords override them.
     ``calib_steps`` below the number of bins, with ``calib_bins`` not given, lowers the bins to one per step.
 
     Raises:
@@ -161,13 +170,18 @@ def apply_flags(cfg: BuildConfig | CompressConfig, flags: dict[str, Any]) -> Bui
     compress_only = isinstance(cfg, CompressConfig)
     allowed = [k for k, f in FLAGS.items() if not (compress_only and f.build_only)]
     given = {k: v for k, v in flags.items() if v is not None}
+    preset = given.pop("preset", None)
     for k in given:
         if k not in allowed:
             raise _unknown(k, allowed, compress_only and k in FLAGS)
     comp = cfg if compress_only else cfg.compress
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
+        given = {**PRESETS[preset], **given}
     steps = given.get("calib_steps")
-    if "calib_bins" not in given and isinstance(steps, int) and steps >= 1:
-        given["calib_bins"] = min(comp.calib.num_bins, steps)  # fewer steps than bins: one bin per step
+    if flags.get("calib_bins") is None and isinstance(steps, int) and steps >= 1:  # fewer steps than bins: one per step
+        given["calib_bins"] = min(given.get("calib_bins", comp.calib.num_bins), steps)
     if not given:
         return cfg
     data = (BuildConfig(compress=cfg) if compress_only else cfg).to_dict()

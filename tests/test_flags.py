@@ -24,11 +24,11 @@ def _dests(command) -> dict[str, str]:
 
 def test_every_build_option_is_a_keyword_of_the_same_name_and_back():
     dests = _dests(build_command)
-    assert set(dests) == set(FLAGS)
+    assert set(dests) == set(FLAGS) | {"preset"}  # preset: a named set of the others
     for name, opt in dests.items():
         assert opt == flag_name(name)
     compress_keys = {k for k, f in FLAGS.items() if not f.build_only}
-    assert set(_dests(compress_command)) == compress_keys
+    assert set(_dests(compress_command)) == compress_keys | {"preset"}
 
 
 def test_keywords_and_flags_give_the_same_config():
@@ -90,3 +90,22 @@ def test_every_config_field_a_flag_sets_is_named_once():
             flags[path] = key
     assert CONFIG_FLAGS[("AllocConfig", "method")] == "--allocation"
     assert CONFIG_FLAGS[("CalibConfig", "height")] == CONFIG_FLAGS[("CalibConfig", "width")] == "--calib-size"
+
+
+def test_the_paper_preset_sets_the_papers_method_and_flags_override_it():
+    from slimexport.flags import PRESETS
+
+    cfg = build_config(allocation="greedy", targets="attn,ffn,resnet", budget_metric="macs", calib_prompts=8)
+    paper = apply_flags(cfg, {"preset": "paper"})
+    a = paper.compress.alloc
+    assert (a.method, a.targets, a.metric, a.temperature) == ("softmax", ("attn", "ffn"), "params", 1.0)
+    assert paper.compress.calib.num_prompts == 500 and paper.compress.calib.num_steps == 25
+    mixed = build_config(preset="paper", allocation="greedy", calib_steps=2)
+    assert mixed.compress.alloc.method == "greedy" and mixed.compress.alloc.targets == ("attn", "ffn")
+    assert mixed.compress.calib.num_bins == 2  # the preset's 5 bins lowered to one per step
+    with pytest.raises(UsageError, match="unknown preset 'fast'; use one of paper"):
+        build_config(preset="fast")
+    out = CliRunner().invoke(cli, ["compress", "--preset", "paper", "--budget", "0.5", "--dump-config"])
+    assert out.exit_code == 0, out.output
+    dumped = CompressConfig.from_dict(json.loads(out.output))
+    assert dumped.alloc.budget == 0.5 and dumped.alloc.method == PRESETS["paper"]["allocation"]

@@ -18,7 +18,7 @@ from slimexport.config import (
     CompressConfig,
     parse_cache_mode,
 )
-from slimexport.flags import CONFIG_FLAGS, apply_flags
+from slimexport.flags import CONFIG_FLAGS, PRESETS, apply_flags
 
 
 def _absolute(path: str | None) -> str | None:
@@ -106,6 +106,9 @@ compress_options = _compose(
     click.option("--calib-offload", is_flag=True, default=None, help="Keep finished timestep bins in CPU memory."),
     click.option("--prompts", type=click.Path(), default=None, help="Prompt pool file, one prompt per line."),
     click.option("--seed", type=int, default=None, help="Seed of the calibration latents. [default: 0]"),
+    click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                 help="A named set of settings, the other options override it: paper = the SlimDiff paper's method "
+                      "(attn,ffn, softmax allocation, parameter budget, 500 prompts x 25 steps)."),
     click.option("--config", "config_file", type=click.Path(), default=None, help="JSON config (from --dump-config); options override it."),
     click.option("--dump-config", is_flag=True, help="Print the resolved config as JSON and exit."),
 )
