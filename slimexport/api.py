@@ -133,15 +133,16 @@ def check_out_dir(out_dir: Path) -> None:
                              f"{', …' if len(foreign) > 3 else ''}) and no readable manifest.json", "pass a new or empty --out folder")
 
 
-def default_out(model: str, budget: float, suffix: str = "") -> Path:
-    """``engines/<name>-b<budget><suffix>``: a folder's name (its pipeline's for a ``unet/`` folder), else the id."""
+def default_out(model: str, budget: float, suffix: str = "", tag: str | None = None) -> Path:
+    """``engines/<name>-b<budget><suffix>`` (``tag`` in place of ``b<budget>``): a folder's name (its pipeline's for a
+    ``unet/`` folder), else the id."""
     path = Path(model).expanduser().resolve()
     if path.exists():
         name = path.parent.name if path.name == "unet" and (path.parent / "model_index.json").exists() else path.name
         name = path.stem if path.is_file() and path.suffix == ".safetensors" else name  # a single-file checkpoint
     else:
         name = model.replace("/", "--")
-    return DEFAULT_ROOT / f"{name}-b{budget:g}{suffix}"
+    return DEFAULT_ROOT / f"{name}-{tag or f'b{budget:g}'}{suffix}"
 
 
 def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, bundle=None, progress: bool = True,
@@ -261,17 +262,25 @@ def _finish_plan(plan: RankPlan, diag: dict, unet, slim, latent_hw: tuple[int, i
 
 
 def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progress: bool = True,
-          cache_dir: str | Path | None = None, **flags) -> BuildResult | None:
+          cache_dir: str | Path | None = None, speedup: float | None = None, **flags) -> BuildResult | None:
     """The whole pipeline in one call; every stage cached by a content hash of its inputs.
 
     ``cfg`` (default ``BuildConfig()``) with ``flags`` applied: settings by the CLI's flag names
     (``build(model="digits", budget=0.73, calib_prompts=64, cache="auto")``; ``slimexport.flags``).
+    ``speedup``: build at the largest budget whose measured speed-up reaches it (:mod:`slimexport.search`;
+    ``--speedup``), raising ``TargetNotReachedError`` when no budget does.
 
     Writes ``manifest.json``, ``report.json`` and ``report.md`` into the output folder and returns the report.
     A failed parity gate does not raise here: ``BuildResult.passed`` is ``False`` and the report says which
     comparison and metric failed (the CLI turns that into exit code 1).
     """
     cfg = apply_flags(cfg if cfg is not None else BuildConfig(), flags)
+    if speedup is not None:
+        from slimexport.search import check_target, speedup_search
+
+        tag = f"s{check_target(speedup):g}"
+        out = Path(out) if out is not None else default_out(cfg.compress.model, 0, f"-{cfg.backend}", tag=tag)
+        return speedup_search(cfg, speedup, out, progress=progress, cache_dir=cache_dir)
     check_backend_available(cfg.backend)
     device = resolve_engine_device(cfg)
     check_engine_dtype(cfg, device)

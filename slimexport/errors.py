@@ -81,6 +81,12 @@ class VerificationError(SlimExportError):
     exit_code = 1
 
 
+class TargetNotReachedError(SlimExportError):
+    """A speed target (``--speedup``) no budget reached (exit code 1); the folder holds the fastest build."""
+
+    exit_code = 1
+
+
 class ResourceError(SlimExportError):
     """Out of memory or disk, with the options that help."""
 

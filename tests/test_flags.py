@@ -15,7 +15,7 @@ from slimexport.config import BuildConfig, CompressConfig
 from slimexport.errors import ConfigError, UsageError
 from slimexport.flags import CONFIG_FLAGS, FLAGS, apply_flags, build_config, flag_name
 
-NOT_SETTINGS = {"config_file", "dump_config", "out"}  # arguments of the commands, not config fields
+NOT_SETTINGS = {"config_file", "dump_config", "out", "speedup"}  # arguments of the commands, not config fields
 
 
 def _dests(command) -> dict[str, str]:

@@ -156,7 +156,7 @@ def _verdict_exit(res) -> None:
 @build_options
 @click.option("--out", "-o", type=click.Path(), default=None, help="Output folder. [default: engines/<model>-b<budget>-<backend>]")
 @click.pass_context
-def build(ctx, out, config_file, dump_config, **opts):
+def build(ctx, out, config_file, dump_config, speedup, **opts):
     """Compress, export to ONNX, build engines, verify parity and measure the speed-up, in one run."""
     from slimexport.config import BuildConfig
 
@@ -169,10 +169,16 @@ def build(ctx, out, config_file, dump_config, **opts):
         return
     from slimexport import api
 
-    res = api.build(cfg, out=out, progress=ctx.obj["progress"])
+    res = api.build(cfg, out=out, progress=ctx.obj["progress"], speedup=speedup)
     if res is None:
         return
     rep = res.report
+    st = rep.get("speed_target")
+    if st:
+        click.echo(f"speed target {st['target']:g}x: budget {st['chosen_budget']:g} chosen after "
+                   + ", ".join(f"{t['budget']:g} -> {t['speedup']:.3f}x" if "speedup" in t else f"{t['budget']:g} refused"
+                               for t in st["trials"])
+                   + (f"; the folder re-timed: {st['final']['speedup']:.3f}x" if st.get("final", {}).get("speedup") else ""))
     p = rep["params"]
     click.echo(f"build folder: {res.out_dir}  (report: {res.out_dir / 'report.md'})")
     click.echo(f"parameters: targeted {p['targeted_dense']:,} -> {p['targeted_slim']:,}, UNet {p['dense_total']:,} -> {p['slim_total']:,}")
@@ -200,6 +206,53 @@ def bench(folder, iterations):
 
     res = api.bench_folder(folder, iterations=iterations)
     _print_verdict({"parity": {}, "speed": res.report["speed"]})
+
+
+def _build_options_except(*names: str):
+    """``build``'s options less ``names`` (those a sweep sets per point, or does not run), for ``sweep``."""
+    from slimexport.cli.options import build_options
+
+    probe = build_options(lambda: None)
+    kept = [p for p in probe.__click_params__ if p.name not in names]
+
+    def wrap(f):
+        f.__click_params__ = [*getattr(f, "__click_params__", []), *kept]
+        return f
+
+    return wrap
+
+
+@cli.command()
+@_build_options_except("budget", "targets", "allocation", "speedup", "config_file", "pipeline", "cache", "cache_depth",
+                       "cache_threshold")
+@click.option("--budgets", required=True, help="Budgets, comma-separated, each in (0, 1] (of --budget-metric, --budget-scope), "
+                                               "e.g. 0.9,0.8,0.73,0.6.")
+@click.option("--targets", "target_sets", multiple=True, help="A target set, e.g. attn,ffn; repeat for more "
+                                                             "(--targets attn,ffn --targets attn,ffn,resnet). [default: attn,ffn]")
+@click.option("--allocations", default="softmax", show_default=True, help="Allocations, comma-separated, of softmax,uniform,greedy.")
+@click.option("--judge-samples", type=int, default=None,
+              help="digits: generated samples per point scored by the judge (accuracy, Fréchet distance); 0: off. [default: 200 on digits]")
+@click.option("--out", "-o", type=click.Path(), required=True, help="Sweep folder: points/<id>/, frontier.json, frontier.md, frontier.png.")
+@click.pass_context
+def sweep(ctx, out, dump_config, budgets, target_sets, allocations, judge_samples, **opts):
+    """The speed-quality frontier: one calibration, one dense export and engine, then every budget x targets x allocation
+    point built, verified and timed; writes frontier.json, frontier.md and frontier.png."""
+    from slimexport.cli.options import build_config
+    from slimexport.config import BuildConfig
+    from slimexport.sweep import SweepConfig, parse_allocations, parse_budgets, parse_target_sets
+
+    base = build_config(BuildConfig(), opts)
+    cfg = SweepConfig(build=base, budgets=parse_budgets(budgets), allocations=parse_allocations(allocations),
+                      targets=parse_target_sets(target_sets) if target_sets else SweepConfig().targets, judge_samples=judge_samples)
+    if dump_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from slimexport.sweep import sweep as run_sweep
+
+    res = run_sweep(cfg, out=out, progress=ctx.obj["progress"], command=" ".join(["slimexport", *sys.argv[1:]]))
+    fr = res.frontier
+    click.echo(f"sweep folder: {res.out_dir}  (frontier: {res.out_dir / 'frontier.md'})")
+    click.echo(f"{len(fr['points'])} points ({sum(res.reused.values())} reused), Pareto-optimal: {', '.join(fr['pareto'])}")
 
 
 @cli.command("models")

@@ -155,6 +155,9 @@ build_options = _compose(
     click.option("--pipeline/--no-pipeline", "pipeline", default=None,
                  help="Write pipeline/: the whole pipeline as ONNX (text encoder, slim UNet, VAE) for diffusers' and "
                       "Optimum's ONNX pipelines. [default: when the model is a pipeline folder or hub model]"),
+    click.option("--speedup", type=float, default=None,
+                 help="Build at the largest budget whose measured speed-up on the engine reaches this (trial builds in "
+                      "the same folder, starting at budget 1/S; the targets, metric and allocation say what it cuts)."),
     click.option("--cache", callback=lambda ctx, param, v: parse_cache(v),
                  default=None, help="Step caching: auto (full UNet steps where the measured deep-feature change calls for "
                                     "them), N (the full UNet every N-th step, a shallow path between) or off. [default: off]"),
