@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from slimexport.allocate.api import plan_ranks
+from slimexport.allocate.api import plan_ranks, reuses_curves
 from slimexport.artifacts import (
     check_writable_dir,
     ensure_dir,
@@ -207,7 +207,8 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
     unet = move(bundle.unet, device, torch.float32)
     latent_hw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
     plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
-    factors = Factorisations() if cfg.alloc.method == "greedy" else None  # the greedy allocation's, for decomposing
+    # the greedy allocation's factorisations, for decomposing (when the decomposition is the one its curves describe)
+    factors = Factorisations() if cfg.alloc.method == "greedy" and reuses_curves(cfg.decompose) else None
 
     def allocated():
         plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=latent_hw, factors=factors)

@@ -84,6 +84,17 @@ def _missing_stats(unet, target: str, unit) -> UsageError:
                       "recalibrate with this slimexport version (delete the calib/ folder)")
 
 
+def reuses_curves(dcfg: DecomposeConfig) -> bool:
+    """Whether the decomposition is the one the greedy allocation's error curves describe (its factorisations are
+    then reused): whitened SVD for attention, CPQR or leverage selection for the FFN."""
+    return dcfg.qkvo_method == "whiten" and dcfg.ffn_selection in ("cpqr", "leverage")
+
+
+def curve_config(dcfg: DecomposeConfig) -> DecomposeConfig:
+    """The decomposition settings the greedy allocation's error curves are computed with."""
+    return dcfg if reuses_curves(dcfg) else dcfg.replace(qkvo_method="whiten", ffn_selection="cpqr")
+
+
 def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig) -> dict[str, dict]:
     """Per targeted module: kind, unit info, score, timestep weights (method §5), units in table order."""
     kinds = targeted_kinds(acfg.targets)
@@ -110,9 +121,6 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     their factorisations for the decomposition.
     """
     greedy = acfg.method == "greedy"
-    if greedy and (dcfg.qkvo_method != "whiten" or dcfg.ffn_selection not in ("cpqr", "leverage")):
-        raise UsageError("--allocation greedy reads the whitened decompositions' error curves",
-                         "use it with --qkvo-method whiten and --ffn-selection cpqr or leverage")
     scored = score_modules(unet, stats, dcfg, acfg.replace(propagation=True) if greedy else acfg)
     tokens = None
     if acfg.metric == "macs":
@@ -137,7 +145,9 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     if greedy:
         from slimexport.decompose.api import module_curves
 
-        curves = module_curves(unet, stats, scored, dcfg, factors=factors)
+        # the whitened decompositions' error curves: of the decomposition itself, or (random selection, plain SVD:
+        # baselines) of the closed forms at the same ranks, whose factorisations the decomposition then cannot reuse
+        curves = module_curves(unet, stats, scored, curve_config(dcfg), factors=factors if reuses_curves(dcfg) else None)
         weights = {n: s["ms"].propagation ** 2 for n, s in scored.items()}  # output energy / residual-stream energy
         ranks = allocate_greedy(modules, budget, curves, weights)
         temperature = math.inf  # pi below: uniform, unused

@@ -87,7 +87,7 @@ compress_options = _compose(
                  help="What the budget counts: parameters (the paper) or MACs at the calibration size. [default: params]"),
     click.option("--targets", callback=parse_targets, default=None, help="Module types compressed, a subset of attn,ffn,resnet,proj (resnet: ResNet inner channels; proj: factored transformer proj_in/proj_out). [default: attn,ffn]"),
     click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
-    click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="softmax (score-driven, the paper), uniform, or greedy (error-aware, beyond the paper). [default: softmax]"),
+    click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="greedy (error-aware, beyond the paper), softmax (score-driven, the paper's: --preset paper) or uniform. [default: greedy]"),
     click.option("--r-min", type=int, default=None, help="Smallest per-head rank / FFN width. [default: 8]"),
     click.option("--attn-quantum", type=int, default=None, help="Per-head rank step. [default: 8 at SD size]"),
     click.option("--ffn-quantum", type=int, default=None, help="FFN width step. [default: 64 at SD size]"),

@@ -112,9 +112,13 @@ def test_greedy_beats_softmax_and_uniform_on_its_objective(tiny, tiny_stats, tar
         assert objective(greedy) <= objective(other)
 
 
-def test_greedy_refuses_baseline_decompositions(tiny, tiny_stats):
-    from slimexport.allocate.api import plan_ranks
-    from slimexport.errors import UsageError
+def test_greedy_allocates_baselines_by_the_whitened_curves(tiny, tiny_stats):
+    """A baseline decomposition (plain weight SVD, random selection) gets the ranks the whitened curves choose, so a
+    negative control at the default allocation compares selections at the same ranks."""
+    from slimexport.allocate.api import curve_config, plan_ranks, reuses_curves
 
-    with pytest.raises(UsageError, match="whiten"):
-        plan_ranks(tiny.unet, tiny_stats, DecomposeConfig(qkvo_method="weight"), AllocConfig(budget=0.6, method="greedy"))
+    base = DecomposeConfig(qkvo_method="weight", ffn_selection="random")
+    assert not reuses_curves(base) and reuses_curves(DecomposeConfig())
+    assert curve_config(base) == base.replace(qkvo_method="whiten", ffn_selection="cpqr")
+    acfg = AllocConfig(budget=0.6, method="greedy")
+    assert plan_ranks(tiny.unet, tiny_stats, base, acfg)["ranks"] == plan_ranks(tiny.unet, tiny_stats, DecomposeConfig(), acfg)["ranks"]
