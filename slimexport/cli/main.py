@@ -249,7 +249,7 @@ def sweep(ctx, out, dump_config, budgets, target_sets, allocations, judge_sample
         return
     from slimexport.sweep import sweep as run_sweep
 
-    res = run_sweep(cfg, out=out, progress=ctx.obj["progress"], command=" ".join(["slimexport", *sys.argv[1:]]))
+    res = run_sweep(cfg, out=out, progress=ctx.obj["progress"], command=" ".join(["slimexport", *ctx.obj.get("argv", sys.argv[1:])]))
     fr = res.frontier
     click.echo(f"sweep folder: {res.out_dir}  (frontier: {res.out_dir / 'frontier.md'})")
     click.echo(f"{len(fr['points'])} points ({sum(res.reused.values())} reused), Pareto-optimal: {', '.join(fr['pareto'])}")
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="slimexport", standalone_mode=False)
+        cli.main(args=args, prog_name="slimexport", standalone_mode=False, obj={"argv": args})  # argv: what sweep records
     except SlimExportError as err:
         if debug:
             raise
