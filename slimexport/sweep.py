@@ -109,8 +109,8 @@ class SweepConfig(_Config):
         build: every other setting (model, calibration, budget metric and scope, engine, verify gates, bench); its
             own budget, targets and allocation are replaced by each point's.
         budgets: fractions kept, each in (0, 1] (of what: ``build.compress.alloc.metric`` and ``scope``).
-        targets: target sets, each a non-empty subset of ``attn,ffn,resnet,proj``.
-        allocations: of ``softmax``, ``uniform``, ``greedy``.
+        targets: target sets, each a non-empty subset of ``attn,ffn,resnet,proj``; ``None``: the build's targets.
+        allocations: of ``softmax``, ``uniform``, ``greedy``; ``None``: the build's allocation.
         judge_samples: ``digits`` only: generated digits per point scored by the judge (accuracy, Fréchet
             distance); 0 turns the judge off; ``None``: 200 on ``digits`` (the quality harness's default), else 0.
     """
@@ -119,16 +119,19 @@ class SweepConfig(_Config):
 
     build: BuildConfig = field(default_factory=BuildConfig)
     budgets: tuple[float, ...] = (0.9, 0.8, 0.73, 0.6)
-    targets: tuple[tuple[str, ...], ...] = (("attn", "ffn"),)
-    allocations: tuple[str, ...] = ("softmax",)
+    targets: tuple[tuple[str, ...], ...] | None = None
+    allocations: tuple[str, ...] | None = None
     judge_samples: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.build, BuildConfig):
             raise UsageError(f"SweepConfig.build is {type(self.build).__name__}, not a BuildConfig", "pass a BuildConfig")
+        alloc = self.build.compress.alloc
         budgets = tuple(self.budgets) if isinstance(self.budgets, (list, tuple)) else (self.budgets,)
-        sets = tuple(tuple(t) for t in self.targets) if isinstance(self.targets, (list, tuple)) else ()
-        allocs = tuple(self.allocations) if isinstance(self.allocations, (list, tuple)) else (self.allocations,)
+        targets = (alloc.targets,) if self.targets is None else self.targets
+        sets = tuple(tuple(t) for t in targets) if isinstance(targets, (list, tuple)) else ()
+        allocations = (alloc.method,) if self.allocations is None else self.allocations
+        allocs = tuple(allocations) if isinstance(allocations, (list, tuple)) else (allocations,)
         for name, items, example in (("--budgets", budgets, "--budgets 0.9,0.8,0.73"), ("--targets", sets, "--targets attn,ffn"),
                                      ("--allocations", allocs, "--allocations softmax,greedy")):
             if not items:
@@ -430,7 +433,7 @@ class _Run:
         from slimexport.engines.onnx_export import read_export
         from slimexport.engines.select import engine_key
         from slimexport.folder import relative_paths
-        from slimexport.stages import result_key, run_stage
+        from slimexport.stages import result_key, run_stage, timed
         from slimexport.verify.run import run_verify
 
         res = self.compress(p.cfg.compress, out=pdir, bundle=self.bundle, progress=self.progress, cache_dir=self.cache_dir)
@@ -463,7 +466,11 @@ class _Run:
         finally:
             if "slim" in made:
                 made["slim"].close()
-        judge = self._judge_point(slim) if self.judge_n else None
+        judge = None
+        if self.judge_n:
+            self._judge_dense()
+            with timed(records, "judge", False):
+                judge = self._judge_point(slim)
         return point_record(p, res.plan, parity, speed, judge,
                             {k: {"seconds": round(v.seconds, 2), "cached": v.cached} for k, v in records.items()})
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimexport.cli.main import main
+from slimexport.config import BuildConfig
 from slimexport.errors import UsageError
 from slimexport.sweep import SweepConfig, pareto_front, point_id, sweep
 
@@ -137,3 +138,5 @@ def test_config_round_trip():
     assert again == cfg and len(again.points()) == 4
     assert [p.budget for p in again.points()] == [0.9, 0.9, 0.6, 0.6]
     assert again.points()[0].cfg.compress.alloc.method == "greedy" and not math.isnan(again.budgets[0])
+    base = BuildConfig().compress.alloc  # no --targets or --allocations: the build's own
+    assert SweepConfig(budgets=(0.8,)).targets == (base.targets,) and SweepConfig(budgets=(0.8,)).allocations == (base.method,)

@@ -228,8 +228,8 @@ def _build_options_except(*names: str):
 @click.option("--budgets", required=True, help="Budgets, comma-separated, each in (0, 1] (of --budget-metric, --budget-scope), "
                                                "e.g. 0.9,0.8,0.73,0.6.")
 @click.option("--targets", "target_sets", multiple=True, help="A target set, e.g. attn,ffn; repeat for more "
-                                                             "(--targets attn,ffn --targets attn,ffn,resnet). [default: attn,ffn]")
-@click.option("--allocations", default="softmax", show_default=True, help="Allocations, comma-separated, of softmax,uniform,greedy.")
+                                                             "(--targets attn,ffn --targets attn,ffn,resnet). [default: the build's]")
+@click.option("--allocations", default=None, help="Allocations, comma-separated, of softmax,uniform,greedy. [default: the build's]")
 @click.option("--judge-samples", type=int, default=None,
               help="digits: generated samples per point scored by the judge (accuracy, Fréchet distance); 0: off. [default: 200 on digits]")
 @click.option("--out", "-o", type=click.Path(), required=True, help="Sweep folder: points/<id>/, frontier.json, frontier.md, frontier.png.")
@@ -242,8 +242,9 @@ def sweep(ctx, out, dump_config, budgets, target_sets, allocations, judge_sample
     from slimexport.sweep import SweepConfig, parse_allocations, parse_budgets, parse_target_sets
 
     base = build_config(BuildConfig(), opts)
-    cfg = SweepConfig(build=base, budgets=parse_budgets(budgets), allocations=parse_allocations(allocations),
-                      targets=parse_target_sets(target_sets) if target_sets else SweepConfig().targets, judge_samples=judge_samples)
+    cfg = SweepConfig(build=base, budgets=parse_budgets(budgets), judge_samples=judge_samples,
+                      allocations=parse_allocations(allocations) if allocations is not None else None,
+                      targets=parse_target_sets(target_sets) if target_sets else None)
     if dump_config:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
