@@ -263,16 +263,24 @@ def check_compatible(built: Mapping[str, Any], here: DeviceInfo, plan: str | Pat
                         "across GPUs or TensorRT versions")
 
 
+CACHE_H_AXIS, CACHE_W_AXIS = "Hc", "Wc"  # the step-cache tensor's spatial axes (slimexport.stepcache.export)
+
+
 def profile_shapes(profile: EngineProfile, io_spec: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{input name: (min shape, opt shape, max shape)}`` for ``polygraphy.backend.trt.Profile.add``.
 
-    The timestep's own axis ``Bt`` (1 or 2B) spans 1 to the largest batch, so one engine takes both."""
+    The timestep's own axis ``Bt`` (1 or 2B) spans 1 to the largest batch, so one engine takes both. An input with a
+    ``scale`` (a step-cache pair's ``cache``, :func:`slimexport.stepcache.export.pair_io_specs`) has its own spatial
+    axes ``Hc``/``Wc``: the latent size over that scale, rounded up."""
     out = {}
     for entry in io_spec["inputs"]:
         shapes = []
+        scale = int(entry.get("scale", 1))
         for k in ("min", "opt", "max"):
-            dims = {BATCH_AXIS: getattr(profile, f"{k}_batch"), HEIGHT_AXIS: getattr(profile, f"{k}_height"),
-                    WIDTH_AXIS: getattr(profile, f"{k}_width"), TIMESTEP_AXIS: 1 if k == "min" else getattr(profile, f"{k}_batch")}
+            h, w = getattr(profile, f"{k}_height"), getattr(profile, f"{k}_width")
+            dims = {BATCH_AXIS: getattr(profile, f"{k}_batch"), HEIGHT_AXIS: h, WIDTH_AXIS: w,
+                    TIMESTEP_AXIS: 1 if k == "min" else getattr(profile, f"{k}_batch"),
+                    **({CACHE_H_AXIS: -(-h // scale), CACHE_W_AXIS: -(-w // scale)} if "scale" in entry else {})}
             shape = []
             for d in entry["shape"]:
                 if isinstance(d, str) and d not in dims:

@@ -29,9 +29,9 @@ from slimexport.stepcache.unet import SplitUNet, check_depth
 
 log = logging.getLogger(__name__)
 
-# Backends that run the pair today: the ONNX pair on ONNX Runtime or OpenVINO, the PyTorch paths on torch
-# (TensorRT and AOTI: not yet).
-PAIR_BACKENDS = ("onnxruntime", "openvino", "torch")
+# Backends that run the pair: the ONNX pair on ONNX Runtime, OpenVINO or TensorRT (its profile covers the cache's
+# Hc/Wc axes), the PyTorch paths on torch (AOTI: not yet).
+PAIR_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
 RECORD_FILE = "stepcache/record.json"
 CHECK_FILE = "stepcache/check.json"
 TIMING_ROUNDS = 2  # whole loops per variant (the first variant of the rotation changes every round)
@@ -43,7 +43,7 @@ def check_cache_settings(cfg, unet) -> None:
         return
     if cfg.backend not in PAIR_BACKENDS:
         raise UsageError(f"--cache runs its full/shallow engine pair on {' or '.join(PAIR_BACKENDS)} so far, not "
-                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino, torch), or --cache off")
+                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino, tensorrt, torch), or --cache off")
     try:
         check_depth(unet, cfg.cache.depth)
     except UsageError as err:

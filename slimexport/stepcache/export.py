@@ -62,7 +62,8 @@ def pair_io_specs(unet, depth: int, *, dtype: str = "fp32", output_name: str = "
     base = io_spec_for_unet(unet, dtype=dtype, output_name=output_name, seq_len=seq_len, broadcast_timestep=True,
                             timestep_dtype=timestep_dtype)
     act = next(e["dtype"] for e in base["inputs"] if e["name"] == SAMPLE)
-    cache = {"name": CACHE, "dtype": act, "shape": [BATCH_AXIS, cache_channels(unet, depth), CACHE_H, CACHE_W]}
+    cache = {"name": CACHE, "dtype": act, "shape": [BATCH_AXIS, cache_channels(unet, depth), CACHE_H, CACHE_W],
+             "scale": cache_scale(unet, depth)}  # Hc = ceil(H / scale): what an engine's shape profile needs
     axes = {BATCH_AXIS: 0, CACHE_H: 2, CACHE_W: 3}
     full = {"inputs": base["inputs"], "outputs": base["outputs"] + [cache],
             "dynamic_axes": {**base["dynamic_axes"], CACHE: axes}}

@@ -88,6 +88,19 @@ def test_profile_shapes():
         profile_shapes(p, bad)
 
 
+def test_profile_shapes_of_a_step_cache_pair(tiny):
+    """The shallow graph's ``cache`` input: its Hc/Wc axes are the latent size over the pair's scale, rounded up."""
+    from slimexport.stepcache.export import pair_io_specs
+
+    p = EngineProfile(2, 2, 4, 32, 64, 96, 32, 64, 128)
+    _, shallow = pair_io_specs(tiny.unet, 2)  # tiny: two levels, depth 2 skips only the mid block (scale 2)
+    cache = next(e for e in shallow["inputs"] if e["name"] == "cache")
+    assert cache["scale"] == 2 and cache["shape"][2:] == ["Hc", "Wc"]
+    shapes = profile_shapes(p, shallow)
+    assert shapes["cache"] == ((2, cache["shape"][1], 16, 16), (2, cache["shape"][1], 32, 32), (4, cache["shape"][1], 48, 64))
+    assert shapes["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
+
+
 def test_reusable():
     p = EngineProfile.static(2, 64, 64)
     data = {DATA_FILE: "def"}
