@@ -281,10 +281,10 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
                      i, len(points), p.id, _speedup_short(rec), rec["fidelity"]["eps_rel_error_mean"],
                      rec["fidelity"]["latent_cosine"], "pass" if rec["passed"] else "FAIL", time.perf_counter() - t0,
                      ", reused" if reused[p.id] else "", time.perf_counter() - t_start)
+            frontier = make_frontier(cfg, records, run.header(command))  # after every point: a partial frontier to read
+            write_frontier(out_dir, frontier)
     finally:
         run.close()
-    frontier = make_frontier(cfg, records, run.header(command))
-    write_frontier(out_dir, frontier)
     return SweepResult(out_dir=out_dir, frontier=frontier, reused=reused)
 
 
@@ -569,15 +569,16 @@ def point_record(p: Point, plan, parity: dict, speed: dict, judge: dict | None, 
 
 
 def make_frontier(cfg: SweepConfig, records: list[dict], header: dict) -> dict:
-    """``frontier.json``'s content: the header, every point (grid order) with its ``pareto`` flag, and the Pareto
-    point ids by speed-up."""
+    """``frontier.json``'s content: the header, every point done so far (grid order) with its ``pareto`` flag, the
+    Pareto point ids by speed-up, and ``complete`` (every grid point is in)."""
     front = pareto_front([(r["speedup"], r["fidelity"]["eps_rel_error_mean"]) for r in records])
     points = [{**r, "pareto": on} for r, on in zip(records, front, strict=True)]
     ids = [r["id"] for r in sorted((r for r in points if r["pareto"]), key=lambda r: -r["speedup"])]
     env = next((r["environment"] for r in records if r.get("environment")), None)
     return {"format": FRONTIER_FORMAT, **header, "environment": env, "grid": {"budgets": list(cfg.budgets), "targets": [list(t) for t in cfg.targets],
                                                           "allocations": list(cfg.allocations)},
-            "pareto_objective": "higher measured speed-up, lower mean ε error", "pareto": ids, "points": points}
+            "pareto_objective": "higher measured speed-up, lower mean ε error", "pareto": ids,
+            "complete": len(points) == len(cfg.points()), "planned_points": len(cfg.points()), "points": points}
 
 
 def write_frontier(out_dir: Path, frontier: dict) -> None:
@@ -600,7 +601,9 @@ def render_frontier_md(fr: dict) -> str:
     judge = fr.get("judge")
     lines = [f"# Speed–quality frontier: `{fr['model']}`{' (random weights)' if fr['random_weights'] else ''} on "
              f"{fr['backend']} {fr['dtype']}", "",
-             f"{len(fr['points'])} points, {fr['date']}, {env.get('device_name') or fr['device']}"
+             f"{len(fr['points'])} points" + ("" if fr.get("complete", True) else f" of {fr['planned_points']} (the sweep is "
+                                              "running or was interrupted: rerun it to finish)")
+             + f", {fr['date']}, {env.get('device_name') or fr['device']}"
              + (f", {env['cpus_available']} CPU threads available" if env.get("cpus_available") else "") + ".",
              f"Engine profile: batch {prof['opt_batch']} rows (CFG), {prof['opt_height']}×{prof['opt_width']} latents. "
              f"Budget: a fraction of the {fr['budget_scope']} {'MACs' if fr['budget_metric'] == 'macs' else fr['budget_metric']}.",

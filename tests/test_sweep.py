@@ -56,7 +56,7 @@ def test_sweep_writes_the_frontier(swept):
     _, out = swept
     fr = json.loads((out / "frontier.json").read_text())
     assert fr["format"] == "slimexport.frontier/1" and fr["model"] == "tiny" and fr["backend"] == "onnxruntime"
-    assert [p["id"] for p in fr["points"]] == IDS
+    assert [p["id"] for p in fr["points"]] == IDS and fr["complete"] and fr["planned_points"] == 4
     assert fr["command"].startswith("slimexport -q sweep --model tiny") and "--budgets 1,0.6" in fr["command"] and fr["environment"]["device_name"]
     for p in fr["points"]:
         assert p["speedup"] > 0 and p["dense_ms_p50"] > 0 and p["iterations"] == 10
