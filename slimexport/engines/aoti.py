@@ -365,25 +365,46 @@ def _example_inputs(in_channels: int, context_dim: int, sizes: Mapping[str, int]
     return sample, timestep, context
 
 
-def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool]) -> dict:
+def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool], cache_scale: int | None = None) -> dict:
+    """``dynamic_shapes`` for ``torch.export``; ``cache_scale``: also a step-cache ``cache`` input of height and width
+    the sample's over that scale (the same symbols: ``(multiple / scale) · cells``)."""
     from torch.export import Dim
 
     m = profile.latent_multiple
     batch = Dim("batch", min=profile.min_batch, max=profile.max_batch) if dynamic["batch"] else None
     # Heights/widths as multiples of the downsampling factor: the upsampling blocks' size checks then hold symbolically.
-    hw = {}
-    for axis in ("height", "width"):
-        if dynamic[axis]:
-            hw[axis] = m * Dim(f"{axis}_cells", min=getattr(profile, f"min_{axis}") // m,
-                               max=getattr(profile, f"max_{axis}") // m)
+    cells = {axis: Dim(f"{axis}_cells", min=getattr(profile, f"min_{axis}") // m, max=getattr(profile, f"max_{axis}") // m)
+             for axis in ("height", "width") if dynamic[axis]}
+    hw = {axis: m * d for axis, d in cells.items()}
     sample = {k: v for k, v in ((0, batch), (2, hw.get("height")), (3, hw.get("width"))) if v is not None}
-    return {SAMPLE: sample or None, TIMESTEP: {0: batch} if batch is not None else None,
-            CONTEXT: {0: batch} if batch is not None else None}
+    out = {SAMPLE: sample or None, TIMESTEP: {0: batch} if batch is not None else None,
+           CONTEXT: {0: batch} if batch is not None else None}
+    if cache_scale is not None:
+        per = m // cache_scale
+        dims = ((0, batch), *((i, per * cells[a] if per > 1 else cells[a]) for i, a in ((2, "height"), (3, "width"))
+                              if a in cells))
+        out["cache"] = {k: v for k, v in dims if v is not None} or None
+    return out
+
+
+def _part_module(model: nn.Module, part: tuple[str, int] | None) -> nn.Module:
+    """What a package computes: the UNet with the engines' I/O, or one path of a step-cache pair ``(full|shallow, depth)``."""
+    if part is None:
+        from slimexport.engines.torch_runner import UNetIO
+
+        return UNetIO(model).eval()
+    from slimexport.stepcache.unet import FullPath, ShallowPath, SplitUNet
+
+    which, depth = part
+    split = SplitUNet(model, depth)
+    return (FullPath(split) if which == "full" else ShallowPath(split)).eval()
 
 
 def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, context_dim: int, dtype: torch.dtype,
-                device: torch.device, seq_len: int = SEQ_AXIS_STATIC):
-    """``torch.export`` of ``UNetIO(model)`` with the profile's dynamic axes.
+                device: torch.device, seq_len: int = SEQ_AXIS_STATIC, part: tuple[str, int] | None = None):
+    """``torch.export`` of ``UNetIO(model)`` (or, with ``part``, one path of its step-cache pair: the shallow one
+    takes the ``cache`` input, whose height and width are the sample's over the cache scale) with the profile's
+    dynamic axes.
 
     Returns:
         ``(exported_program, dynamic, fallback_reason)``: ``dynamic`` says which axes are dynamic; when the model
@@ -392,14 +413,23 @@ def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, c
     from torch._dynamo.exc import UserError
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-    from slimexport.engines.torch_runner import UNetIO
-
-    wrapped = UNetIO(model).eval()
+    wrapped = _part_module(model, part)
     args = _example_inputs(in_channels, context_dim, trace_sizes(profile), dtype, device, seq_len)
+    scale = None
+    if part is not None and part[0] == "shallow":
+        from slimexport.stepcache.unet import cache_scale
+
+        scale = cache_scale(model, part[1])
+        with torch.no_grad():
+            args = (*args, wrapped.split.full(*args)[1])  # a cache of the traced size
     dynamic = dynamic_plan(profile)
+
+    def shapes(dyn):
+        return _dynamic_shapes(profile, dyn, scale)
+
     try:
         with torch.no_grad():
-            return torch.export.export(wrapped, args, dynamic_shapes=_dynamic_shapes(profile, dynamic)), dynamic, None
+            return torch.export.export(wrapped, args, dynamic_shapes=shapes(dynamic)), dynamic, None
     except (UserError, ConstraintViolationError) as err:
         if not (dynamic["height"] or dynamic["width"]):
             raise
@@ -408,7 +438,7 @@ def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, c
         log.warning("%s; compiling for %dx%d latent cells only", reason, sizes["height"], sizes["width"])
         dynamic = {**dynamic, "height": False, "width": False}
         with torch.no_grad():
-            return torch.export.export(wrapped, args, dynamic_shapes=_dynamic_shapes(profile, dynamic)), dynamic, reason
+            return torch.export.export(wrapped, args, dynamic_shapes=shapes(dynamic)), dynamic, reason
 
 
 @dataclass(frozen=True)
@@ -437,7 +467,7 @@ def _compile_package(exported, package: Path, label: str) -> float:
 
 def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: EngineProfile, *, dtype: str = "fp32",
                        device: str = "cpu", stem: str = PACKAGE_STEM, rebuild: bool = False,
-                       seq_len: int = SEQ_AXIS_STATIC) -> AotiBuildResult:
+                       seq_len: int = SEQ_AXIS_STATIC, part: tuple[str, int] | None = None) -> AotiBuildResult:
     """Compile (or reuse) an AOTInductor package of ``unet`` for ``profile`` on ``device``.
 
     Args:
@@ -449,6 +479,8 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
         dtype: ``fp32`` or ``fp16`` weights and activations (timestep stays fp32).
         rebuild: compile even if a matching package exists.
         seq_len: text tokens of ``encoder_hidden_states`` (a static axis of the package).
+        part: ``("full" | "shallow", depth)``: one path of the UNet's step-cache pair
+            (:mod:`slimexport.stepcache`; its I/O as :func:`~slimexport.stepcache.export.pair_io_specs`).
 
     Returns:
         :class:`AotiBuildResult` (``reused`` is True when nothing was compiled).
@@ -464,6 +496,9 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     here = current_target(dev)
     t0 = time.perf_counter()
     source_sha = model_digest(unet)
+    if part is not None:
+        source_sha = hashlib.sha256(f"{source_sha}|stepcache-{part[0]}-{int(part[1])}".encode()).hexdigest()
+        stem = f"{stem}-{part[0]}{int(part[1])}"
     digest_seconds = time.perf_counter() - t0
     code_sha = code_digest()
     folder = Path(out_dir) if out_dir is not None else default_cache_dir(source_sha)
@@ -479,7 +514,12 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     log.info("compiling %s: %s", package, "rebuild asked for" if decision else why)
     check_compiler()
     ensure_dir(folder)
-    io_spec = io_spec_for_unet(unet, dtype=dtype, seq_len=seq_len)
+    if part is None:
+        io_spec = io_spec_for_unet(unet, dtype=dtype, seq_len=seq_len)
+    else:
+        from slimexport.stepcache.export import pair_io_specs
+
+        io_spec = pair_io_specs(unet, int(part[1]), dtype=dtype, seq_len=seq_len)[0 if part[0] == "full" else 1]
     model = converted_copy(unet.eval(), device=dev, dtype=TORCH_DTYPES[dtype])
     cfg = unet.config
     label = f"[aoti] compiling {folder.name}/{package.name} ({here.device_type})"
@@ -488,7 +528,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     with heartbeat(label + " (export)"):
         exported, dynamic, fallback = export_unet(model, profile, in_channels=int(cfg.in_channels),
                                                   context_dim=arch.context_dim(cfg),
-                                                  dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len)
+                                                  dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len, part=part)
     export_seconds = time.perf_counter() - t0
     print(f"{label}: exported in {export_seconds:.0f} s; compiling with AOTInductor (minutes)", file=sys.stderr, flush=True)
     compile_seconds = _compile_package(exported, package, label)
@@ -501,6 +541,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
         "accepts": accepts.to_dict(), "traced_sizes": trace_sizes(profile), "dynamic_fallback": fallback,
         "inductor_configs": dict(INDUCTOR_CONFIGS), "io_spec": io_spec, "digest_seconds": round(digest_seconds, 2),
         "export_seconds": round(export_seconds, 1), "compile_seconds": round(compile_seconds, 1),
+        "stepcache_part": list(part) if part is not None else None,
     }
     write_json(side, sidecar)
     return AotiBuildResult(package, sidecar, False)
@@ -549,7 +590,7 @@ class AotiEngine(Engine):
         self.exact = dev.type == "cuda" and self.sidecar["dtype"] == "fp32"
         self.output_name = cfg.output_name
         spec = self.sidecar["io_spec"]
-        out = [{**e, "name": cfg.output_name} for e in spec["outputs"]]
+        out = [{**e, "name": cfg.output_name} if i == 0 else e for i, e in enumerate(spec["outputs"])]  # latent[, cache]
         self.io_spec = {"inputs": spec["inputs"], "outputs": out,
                         "dynamic_axes": {**{k: v for k, v in spec["dynamic_axes"].items() if k != spec["outputs"][0]["name"]},
                                          cfg.output_name: spec["dynamic_axes"][spec["outputs"][0]["name"]]}}
@@ -560,17 +601,18 @@ class AotiEngine(Engine):
             torch.set_num_threads(cfg.threads)  # process-wide: the package's OpenMP kernels use it
         self.runner = torch._inductor.aoti_load_package(str(package), device_index=dev.index if dev.type == "cuda" else -1)
 
-    def _to_device(self, feeds: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in (SAMPLE, TIMESTEP, CONTEXT))
+    def _to_device(self, feeds: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """The inputs in the package's order (sample, timestep, encoder_hidden_states[, cache])."""
+        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[e["name"]])).to(self.device) for e in self.io_spec["inputs"])
 
-    def _call(self, args) -> torch.Tensor:
+    def _call(self, args) -> list[torch.Tensor]:
         with torch.inference_mode(), exact_fp32(self.exact):  # fp32 packages on a GPU: no TF32 in cuDNN/cuBLAS calls
             out = self.runner(*args)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._call(self._to_device(feeds))
-        return {self.output_name: out.detach().to("cpu").contiguous().numpy().copy()}
+        outs = self._call(self._to_device(feeds))
+        return {e["name"]: t.detach().to("cpu").contiguous().numpy().copy() for e, t in zip(self.io_spec["outputs"], outs)}
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         """Inputs are copied to the device once; the returned call leaves its output on the device."""
@@ -615,3 +657,20 @@ def create(source, cfg: EngineConfig) -> AotiEngine:
     profile = cfg.profile or default_profile(source)
     res = build_aoti_package(source, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device, seq_len=cfg.seq_len)
     return AotiEngine(res.package, cfg, reused=res.reused)
+
+
+def create_pair(unet: nn.Module, depth: int, cfg: EngineConfig) -> tuple[AotiEngine, AotiEngine]:
+    """``(full, shallow)`` engines of ``unet``'s step-cache pair at ``depth``: two packages compiled into (or reused
+    from) ``cfg.cache_dir``."""
+    profile = cfg.profile or default_profile(unet)
+    engines = []
+    try:
+        for which in ("full", "shallow"):
+            res = build_aoti_package(unet, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device, seq_len=cfg.seq_len,
+                                     part=(which, depth))
+            engines.append(AotiEngine(res.package, cfg, reused=res.reused))
+    except BaseException:
+        for e in engines:
+            e.close()
+        raise
+    return engines[0], engines[1]

@@ -30,8 +30,8 @@ from slimexport.stepcache.unet import SplitUNet, check_depth
 log = logging.getLogger(__name__)
 
 # Backends that run the pair: the ONNX pair on ONNX Runtime, OpenVINO or TensorRT (its profile covers the cache's
-# Hc/Wc axes), the PyTorch paths on torch (AOTI: not yet).
-PAIR_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
+# Hc/Wc axes), the PyTorch paths on torch or compiled by AOTInductor (aoti).
+PAIR_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch", "aoti")
 RECORD_FILE = "stepcache/record.json"
 CHECK_FILE = "stepcache/check.json"
 TIMING_ROUNDS = 2  # whole loops per variant (the first variant of the rotation changes every round)
@@ -43,7 +43,7 @@ def check_cache_settings(cfg, unet) -> None:
         return
     if cfg.backend not in PAIR_BACKENDS:
         raise UsageError(f"--cache runs its full/shallow engine pair on {' or '.join(PAIR_BACKENDS)} so far, not "
-                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino, tensorrt, torch), or --cache off")
+                         f"--backend {cfg.backend}", "use --backend onnxruntime (or openvino, tensorrt, torch, aoti), or --cache off")
     try:
         check_depth(unet, cfg.cache.depth)
     except UsageError as err:
@@ -58,6 +58,11 @@ def pair_engines(backend: str, unet, folder: Path, depth: int, ecfg) -> tuple:
         from slimexport.stepcache.torch_pair import torch_pair
 
         return torch_pair(unet, depth, ecfg)
+    if backend == "aoti":  # two packages in <build>/aoti/<name>-cache, reused like the build's own
+        from slimexport.engines.aoti import create_pair
+
+        cache = folder.parent.parent / "aoti" / folder.name
+        return create_pair(unet, depth, ecfg.replace(cache_dir=str(cache)))
     full = build_engine(backend, folder / FULL_DIR, ecfg)
     try:
         return full, build_engine(backend, folder / SHALLOW_DIR, ecfg)

@@ -56,9 +56,10 @@ def test_bad_cache_settings_are_refused_before_work():
     with pytest.raises(UsageError, match="--cache-depth.*outside 1..2"):
         check_cache_settings(CFG.replace(cache=CacheConfig(mode=2, depth=3)), unet)
     with pytest.raises(UsageError, match="--backend onnxruntime"):
-        check_cache_settings(CFG.replace(backend="aoti"), unet)
-    check_cache_settings(CFG.replace(backend="torch"), unet)  # the PyTorch paths run the pair
-    check_cache_settings(CFG.replace(backend="aoti", cache=CacheConfig()), unet)  # off: anything goes
+        check_cache_settings(CFG.replace(backend="torch-compile"), unet)
+    for backend in ("torch", "aoti", "tensorrt", "openvino"):
+        check_cache_settings(CFG.replace(backend=backend), unet)
+    check_cache_settings(CFG.replace(backend="torch-compile", cache=CacheConfig()), unet)  # off: anything goes
 
 
 def test_timing_uses_the_middle_step_count():
