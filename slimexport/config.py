@@ -25,7 +25,7 @@ ALLOCATIONS = ("softmax", "uniform", "greedy")
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti", "torch-compile", "openvino")
 BUDGET_SCOPES = ("targeted", "unet")
-BUDGET_METRICS = ("params", "macs")
+BUDGET_METRICS = ("params", "macs", "latency")
 
 
 def _check(cls: str, name: str, value, ok: bool, allowed: str) -> None:
@@ -198,8 +198,10 @@ class AllocConfig(_Config):
         propagation: multiply scores by each module's relative output energy (the method's optional g_m).
         scope: what ``budget`` is a fraction of: ``targeted`` parameters (the paper's reading) or the whole
             ``unet`` (the targeted modules then absorb the whole cut).
-        metric: what the budget counts: ``params`` (the paper) or ``macs`` (multiply-accumulates of one forward
-            at the calibration size: a cost closer to latency).
+        metric: what the budget counts: ``params`` (the paper), ``macs`` (multiply-accumulates of one forward
+            at the calibration size: a cost closer to latency) or ``latency`` (engine time measured per module and
+            rank level on the build's backend and shape, ``slimexport.latency``: the budget is then a fraction of
+            the dense UNet's engine latency, whatever ``scope`` says; the targeted modules absorb the whole cut).
     """
 
     budget: float = 0.73

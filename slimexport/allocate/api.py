@@ -2,14 +2,18 @@
 
 The plan is a :class:`~slimexport.plan.RankPlan`: ranks per module, per-module diagnostics, and parameter counts of
 the targeted modules and of the whole UNet before and after. What each kind costs, its maximum rank and its rank
-step come from the kinds table (``slimexport.models.kinds``).
+step come from the kinds table (``slimexport.models.kinds``); with ``metric="latency"`` the costs are engine time
+measured per rank level (a :class:`~slimexport.latency.LatencyTable`), and the budget is a fraction of the dense
+UNet's engine latency.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from slimexport.allocate.budget import (
+    LevelCostTable,
     ModuleCost,
     allocate_greedy,
     allocate_ranks,
@@ -18,7 +22,7 @@ from slimexport.allocate.budget import (
 )
 from slimexport.allocate.scores import module_score
 from slimexport.calibrate.stats import CalibStats
-from slimexport.config import AllocConfig, DecomposeConfig
+from slimexport.config import TARGETS, AllocConfig, DecomposeConfig
 from slimexport.errors import UsageError
 from slimexport.models.kinds import KINDS, UNITS, Info, targeted_kinds
 from slimexport.plan import ModulePlan, RankPlan, plan_weights
@@ -69,6 +73,37 @@ def targeted_budget(acfg: AllocConfig, targeted_dense: int, unet_dense: int) -> 
     return b
 
 
+def latency_budget(budget: float, table: LevelCostTable, modules: list[ModuleCost], targets) -> float:
+    """A budget in whole-UNet engine latency (``metric=latency``) as a fraction of the targeted modules' latency cost.
+
+    The time no targeted rank controls (``dense_ms − Σ_m C_m(d_m)``) is fixed, so the targeted modules absorb the
+    whole cut: ``(B · dense_ms − fixed) / Σ_m C_m(d_m)``.
+
+    Raises:
+        UsageError: the budget is below the smallest feasible one (every module at its lowest level), which the
+            message names in whole-UNet latency.
+    """
+    more = [t for t in TARGETS if t not in targets]
+    targeted = sum(m.dense_cost for m in modules)
+    fixed = table.dense_ms - targeted
+    floor_ms = fixed + sum(m.level_costs()[0] for m in modules)
+    floor = floor_ms / table.dense_ms
+    if budget < floor - 1e-12:
+        raise UsageError(
+            f"a latency budget of {budget:g} is below the smallest feasible budget {floor:.4f} of the dense engine latency "
+            f"({','.join(targets)} at their rank floors: predicted {floor_ms:.1f} ms of {table.dense_ms:.1f} ms, "
+            f"{table.dense_ms / floor_ms:.3f}x at most)",
+            f"use --budget >= {math.ceil(floor * 1000) / 1000:g} or lower --r-min"
+            + (f", or add targets (--targets {','.join((*targets, *more[:1]))})" if more else ""),
+        )
+    return min((budget * table.dense_ms - fixed) / targeted, 1.0)
+
+
+def latency_costs(table: LevelCostTable, modules: list[ModuleCost]) -> list[ModuleCost]:
+    """The modules with their measured latency cost at every rank level (``ModuleCost.costs``, ms)."""
+    return [replace(m, costs=tuple(table.level_costs(m.name, m.rank_levels()))) for m in modules]
+
+
 def _missing_stats(unet, target: str, unit) -> UsageError:
     """The error for a target whose unit the statistics lack: the model has none that can be slimmed, or the
     statistics predate it."""
@@ -113,13 +148,23 @@ def score_modules(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocCon
 
 
 def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig,
-               latent_hw: tuple[int, int] | None = None, factors=None) -> RankPlan:
+               latent_hw: tuple[int, int] | None = None, factors=None, latency: LevelCostTable | None = None) -> RankPlan:
     """The rank plan (its JSON form: ``{"ranks": {module: rank}, "modules": {...}, "params": {...}, ...}``).
 
     ``latent_hw`` (default: the UNet's sample size) sets the token counts of the ``macs`` metric. ``factors``
     (a :class:`~slimexport.decompose.methods.Factorisations`): where the greedy allocation's error curves leave
-    their factorisations for the decomposition.
+    their factorisations for the decomposition. ``latency``: a :class:`~slimexport.latency.LatencyTable` measured
+    on the engine; needed by ``acfg.metric == "latency"`` (the budget is then a fraction of its ``dense_ms``, the
+    whole UNet's engine latency, whatever ``acfg.scope``), and with any metric the plan's ``allocation["latency"]``
+    records its prediction (dense ms, predicted slim ms, predicted speed-up) when it covers the planned modules.
+
+    Raises:
+        UsageError: the budget is below what the rank floors reach; ``metric="latency"`` without a table, or with
+            one lacking a planned module.
     """
+    if acfg.metric == "latency" and latency is None:
+        raise UsageError("--budget-metric latency needs a latency table measured on the engine",
+                         "pass latency=slimexport.latency.measure_table(...) to plan_ranks (slimexport build measures it)")
     greedy = acfg.method == "greedy"
     scored = score_modules(unet, stats, dcfg, acfg.replace(propagation=True) if greedy else acfg)
     tokens = None
@@ -138,9 +183,17 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
         cost = param_cost[name] if tokens is None else unit_macs(block, kind, tokens[block.path])
         modules.append(ModuleCost(name=name, kind=kind, max_rank=d, unit_cost=cost, r_min=r_min, quantum=q, score=s["ms"].score))
     temperature = math.inf if acfg.method == "uniform" else acfg.temperature
-    targeted_cost = sum(m.dense_params for m in modules)
     unet_dense = sum(p.numel() for p in unet.parameters())
-    budget = targeted_budget(acfg, targeted_cost, unet_dense if tokens is None else unet_macs)
+    if acfg.metric == "latency":
+        if not latency.covers(m.name for m in modules):
+            missing = next(m.name for m in modules if not latency.covers([m.name]))
+            raise UsageError(f"the latency table has no entry for {missing} (measured for other targets or another UNet)",
+                             f"measure the table with --targets {','.join(acfg.targets)} on this UNet")
+        modules = latency_costs(latency, modules)
+        budget = latency_budget(acfg.budget, latency, modules, acfg.targets)
+    else:
+        budget = targeted_budget(acfg, sum(m.dense_params for m in modules), unet_dense if tokens is None else unet_macs)
+    targeted_cost = sum(m.dense_cost for m in modules)
     curves, weights = {}, {}
     if greedy:
         from slimexport.decompose.api import module_curves
@@ -156,21 +209,36 @@ def plan_ranks(unet, stats: CalibStats, dcfg: DecomposeConfig, acfg: AllocConfig
     pi = softmax_weights([m.score for m in modules], temperature)
     targeted_dense = sum(m.max_rank * param_cost[m.name] for m in modules)
     targeted_slim = sum(ranks[m.name] * param_cost[m.name] for m in modules)
+    by_params = acfg.metric == "params"
+    allocation = {"method": acfg.method, "metric": acfg.metric, "targeted_budget": budget, "target": budget * targeted_cost,
+                  "kept": sum(_kept_cost(m, ranks[m.name]) for m in modules), "max_step": max_step_cost(modules)}
+    if latency is not None and latency.covers(ranks):
+        allocation["latency"] = latency.prediction(ranks)
     return RankPlan(
         budget=acfg.budget, scope=acfg.scope, metric=acfg.metric, targeted_budget=budget, targets=list(acfg.targets),
         ranks=ranks,
         modules={
             m.name: ModulePlan(kind=m.kind, rank=ranks[m.name], max_rank=m.max_rank, keep=ranks[m.name] / m.max_rank,
-                               unit_cost=param_cost[m.name], alloc_cost=m.unit_cost, quantum=m.quantum, r_min=m.r_min,
+                               unit_cost=param_cost[m.name], alloc_cost=_alloc_cost(m), quantum=m.quantum, r_min=m.r_min,
                                score=m.score, softmax=p, timestep_weights=plan_weights(scored[m.name]["ms"].bin_weights),
                                **({"rel_error": float(curves[m.name][ranks[m.name]]), "weight": weights[m.name]} if greedy else {}))
             for m, p in zip(modules, pi)
         },
         params={
             "targeted_dense": targeted_dense, "targeted_slim": targeted_slim,
-            "target": budget * targeted_dense if tokens is None else None, "max_step": max_step_cost(modules) if tokens is None else None,
+            "target": budget * targeted_dense if by_params else None, "max_step": max_step_cost(modules) if by_params else None,
             "dense_total": unet_dense, "slim_total": unet_dense - targeted_dense + targeted_slim,
         },
-        allocation={"method": acfg.method, "metric": acfg.metric, "targeted_budget": budget, "target": budget * targeted_cost,
-                    "kept": sum(ranks[m.name] * m.unit_cost for m in modules), "max_step": max_step_cost(modules)},
+        allocation=allocation,
     )
+
+
+def _kept_cost(m: ModuleCost, rank: int):
+    """The module's cost at a rank the allocation chose (one of its levels)."""
+    return m.level_costs()[m.levels().index(rank)]
+
+
+def _alloc_cost(m: ModuleCost):
+    """The cost per unit of rank the budget counted: ``unit_cost``, or with level costs (latency, ms) their mean
+    per unit at full rank."""
+    return m.unit_cost if m.costs is None else round(m.dense_cost / m.max_rank, 6)
