@@ -1,0 +1,96 @@
+"""Measuring the latency table: groups and widths, the probes' slim forms, one real measurement on ``tiny`` with ONNX
+Runtime, and the cache (a second call measures nothing; another key measures again)."""
+
+import pytest
+import torch
+
+from slimexport.engines.base import EngineProfile
+from slimexport.errors import UsageError
+from slimexport.latency import measure
+from slimexport.latency.table import Group
+from slimexport.models.kinds import KINDS, UNITS
+
+PROFILE = EngineProfile.static(2, 16, 16, latent_multiple=2)  # tiny: 32 px images, 16x16 latents, UNet batch 2
+
+
+def test_widths_span_the_levels():
+    levels = [8, *range(64, 1281, 64)]
+    assert measure.spread_widths(levels, 5) == (8, 320, 640, 960, 1280)
+    assert measure.spread_widths([8, 16, 24], 5) == (8, 16, 24)
+    assert measure.spread_widths(levels, 2) == (8, 1280)
+
+
+def test_unit_resolution():
+    assert measure.unit_resolution(64, 32, 32) == (8, 8, 4)
+    assert measure.unit_resolution(32, 8, 16) == (4, 8, 2)
+    with pytest.raises(UsageError, match="downsampled"):
+        measure.unit_resolution(30, 32, 32)
+
+
+def test_groups_share_one_shape_and_resolution(tiny):
+    plans = measure.plan_groups(tiny.unet, ("attn", "ffn", "resnet"), 16, 16)
+    members = [m for p in plans.values() for m in p.members]
+    assert len(members) == len(set(members))
+    blocks = UNITS["block"].find(tiny.unet)
+    assert {f"{b.path}.ff" for b in blocks} <= set(members)
+    for p in plans.values():
+        assert p.widths[-1] == p.max_rank and p.h * p.factor == 16
+        assert all(m.endswith("." + p.kind.name) for m in p.members)
+
+
+def test_probe_modules_are_the_slim_forms(tiny):
+    blk = UNITS["block"].find(tiny.unet)[0]
+    ff = measure.slim_module(tiny.unet, KINDS["ff"], blk, 8)
+    assert ff.net[2].in_features == 8 and ff.net[0].proj.out_features == 16
+    a1 = measure.slim_module(tiny.unet, KINDS["attn1.vo"], blk, 4)
+    assert a1.to_v.out_features == 4 * a1.heads and a1.to_q.out_features == blk.width  # QK untouched
+    assert type(a1.processor).__name__ == "SlimAttnProcessor"
+    res = UNITS["resnet"].find(tiny.unet)
+    r = next(i for i in res if i.in_channels != i.out_channels)
+    block = measure.slim_module(tiny.unet, KINDS["resnet"], r, 2)
+    assert block.conv1.out_channels == 2 * r.group_size
+    chain = measure.ProbeChain([block, measure.slim_module(tiny.unet, KINDS["resnet"], r, 2, seed=1)], "resnet", False, chain=False)
+    out = chain(torch.randn(2, r.in_channels, 8, 8), torch.randn(2, r.temb_dim))
+    assert out.shape == (2, r.out_channels, 8, 8) and torch.isfinite(out).all()
+    assert tiny.unet.get_submodule(r.path).conv1.out_channels == r.inner  # the model is untouched
+
+
+def test_per_module_times_subtract_the_fixed_call_time():
+    # 3 copies; module time 2 ms at width 8, 5 ms at the dense width; 1 ms fixed per call
+    chain = [[1 + 3 * 2.0] * 4, [1 + 3 * 5.0] * 4]
+    med, iqr = measure.per_module_times(chain, [1 + 5.0] * 4, copies=3)
+    assert med == pytest.approx([2.0, 5.0]) and iqr == pytest.approx([0.0, 0.0])
+
+
+def test_a_backend_without_probes_is_refused(tiny):
+    with pytest.raises(UsageError, match="ONNX engines"):
+        measure.measure_table(tiny.unet, ("ffn",), PROFILE, "torch", dense_ms=1.0)
+
+
+def test_measure_on_onnxruntime_then_reuse_the_cache(tiny, tmp_path, monkeypatch):
+    kw = dict(cache_dir=tmp_path / "cache", dense_ms=10.0, copies=2, n_widths=2, rounds=2, warmup=0, threads=1,
+              progress=False, work_dir=tmp_path / "work")
+    table = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", **kw)
+    blocks = UNITS["block"].find(tiny.unet)
+    assert table.covers(f"{b.path}.ff" for b in blocks) and not table.covers([f"{blocks[0].path}.attn1.qk"])
+    for g in table.groups.values():
+        assert len(g.widths) == 2 and all(t == t and abs(t) < 1e4 for t in g.times_ms)  # measured, finite
+    assert table.key.backend == "onnxruntime" and table.key.threads == 1 and table.dense_ms == 10.0
+    assert len(list((tmp_path / "cache").glob("latency-*.json"))) == 1
+    assert not any((tmp_path / "work").iterdir())  # probe exports removed
+
+    calls = []
+
+    def fake(unet, plan, *a, **k):
+        calls.append(plan.gid)
+        return Group(kind=plan.kind.name, max_rank=plan.max_rank, signature=plan.signature, widths=plan.widths,
+                     times_ms=tuple(float(w) for w in plan.widths))
+
+    monkeypatch.setattr(measure, "measure_group", fake)
+    again = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", **kw)
+    assert calls == [] and again.groups == table.groups  # loaded, nothing measured
+    more = measure.measure_table(tiny.unet, ("attn", "ffn"), PROFILE, "onnxruntime", **kw)
+    assert calls and all(g.startswith("attn") for g in calls) and more.covers([f"{blocks[0].path}.attn1.qk"])
+    calls.clear()
+    other = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", **{**kw, "threads": 2})
+    assert len(calls) == len(other.groups) and other.key.digest != table.key.digest  # another key: measured again
