@@ -146,7 +146,7 @@ def default_out(model: str, budget: float, suffix: str = "", tag: str | None = N
 
 
 def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, bundle=None, progress: bool = True,
-             cache_dir: str | Path | None = None, **flags) -> CompressResult | None:
+             cache_dir: str | Path | None = None, latency=None, **flags) -> CompressResult | None:
     """SlimDiff on one model: SlimSet → calibration → scores → rank plan → decompositions → slim UNet folder.
 
     Args:
@@ -158,13 +158,19 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
         bundle: an already loaded model (else ``load_model(cfg.model, cfg.random_weights)``).
         cache_dir: where calibration statistics are shared between output folders (default ``engines/.cache``),
             so a new budget reuses them.
+        latency: a :class:`~slimexport.latency.LatencyTable` of the engine the slim UNet is for: needed by
+            ``--budget-metric latency`` (``build`` measures it), and with any metric the plan records its prediction.
 
     Returns:
         :class:`CompressResult` (``None`` on ranks other than 0 under ``torch.distributed``).
     """
     cfg = apply_flags(cfg if cfg is not None else CompressConfig(), flags)
+    if cfg.alloc.metric == "latency" and latency is None:
+        raise UsageError("--budget-metric latency needs the engine's latency table, which compress has no engine to "
+                         "measure", "use slimexport build --budget-metric latency (it measures the table on --backend), "
+                         "or pass latency= a slimexport.latency.measure_table(...) result")
     out_dir = Path(out) if out is not None else default_out(cfg.model, cfg.alloc.budget)
-    cache_root = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_ROOT / ".cache")
+    cache_root = shared_cache(cache_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.calib_dtype, device)
     check_out_dir(out_dir)
@@ -206,12 +212,13 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
     home = (p0.device, p0.dtype)
     unet = move(bundle.unet, device, torch.float32)
     latent_hw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
-    plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict())
+    plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict(),
+                         *([sha256_json(latency.to_dict())] if latency is not None else []))
     # the greedy allocation's factorisations, for decomposing (when the decomposition is the one its curves describe)
     factors = Factorisations() if cfg.alloc.method == "greedy" and reuses_curves(cfg.decompose) else None
 
     def allocated():
-        plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=latent_hw, factors=factors)
+        plan = plan_ranks(unet, stats, cfg.decompose, cfg.alloc, latent_hw=latent_hw, factors=factors, latency=latency)
         write_json(plan_path, plan.to_dict())
         return plan
 
@@ -240,6 +247,12 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
     manifest.set("params", plan["params"])
     manifest.save()
     return CompressResult(out_dir=out_dir, slim_dir=slim_dir, stats_dir=stats_dir, plan=plan, stages=records, bundle=bundle)
+
+
+def shared_cache(cache_dir: str | Path | None = None) -> Path:
+    """Where builds share calibration statistics, prompt embeddings and latency tables: ``cache_dir``, else
+    ``$SLIMEXPORT_CACHE_DIR``, else ``engines/.cache``."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_ROOT / ".cache")
 
 
 def _open_manifest(out_dir: Path, cfg: CompressConfig, bundle) -> Manifest:
@@ -293,10 +306,25 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
                                         config_of=cfg.compress.config_of)
     profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
     check_cache_settings(cfg, bundle.unet)
+    if cfg.compress.alloc.metric == "latency":
+        from slimexport.latency.measure import PROBE_BACKENDS
+
+        if cfg.backend not in PROBE_BACKENDS:
+            raise UsageError(f"--budget-metric latency measures the engine per module, on {' or '.join(PROBE_BACKENDS)} "
+                             f"(ONNX engines), not --backend {cfg.backend}", "use --backend onnxruntime or openvino, or "
+                             "--budget-metric macs")
     pipeline = cfg.pipeline if cfg.pipeline is not None else _is_pipeline_source(bundle)
     if pipeline:
         pipeline_components(bundle)  # a model without a text encoder or VAE is refused before the long stages
-    res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir)
+    latency = None
+    if cfg.compress.alloc.metric == "latency":  # engine time per module and rank, measured (or cached) first
+        from slimexport.latency import measure_table
+
+        with timed(records, "latency", False):
+            latency = measure_table(bundle.unet, cfg.compress.alloc.targets, profile, cfg.backend, cfg.export.dtype,
+                                    cache_dir=shared_cache(cache_dir) / "latency", device=device,
+                                    alloc=cfg.compress.alloc, progress=progress)
+    res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir, latency=latency)
     if res is None:
         return None
     records.update(res.stages)

@@ -45,6 +45,7 @@ def make_report(model: str, plan: dict, parity: dict, speed: dict | None, stages
         "budget_kept": budget_kept(plan),
         "params": {k: p[k] for k in ("dense_total", "slim_total", "targeted_dense", "targeted_slim")},
         "macs": plan.get("macs"),
+        "latency_prediction": (plan.get("allocation") or {}).get("latency"),
         "parity": parity,
         "passed": all(v.get("passed", False) for v in parity.values()),
         "speed": speed,
@@ -124,6 +125,11 @@ def render_markdown(rep: dict) -> str:
                   f"| slim | {s['slim_ms']['p50']:.3f} | {s['slim_ms']['p90']:.3f} | {s['slim_ms']['p99']:.3f} |",
                   "", f"Speed-up (p50 dense / p50 slim): **{speedup_text(s)}**"
                   + (", a paired-bootstrap interval over the timed iterations" if s.get("speedup_ci95") else "")]
+        lp = rep.get("latency_prediction")
+        if lp and lp.get("predicted_speedup"):
+            lines += ["", f"The latency table ({lp.get('backend')}, measured per module and rank) predicted "
+                      f"{lp['predicted_ms']:.3f} ms of {lp['dense_ms']:.3f} ms dense: {lp['predicted_speedup']:.3f}× "
+                      f"(measured {s['speedup']:.3f}×)."]
     lines += _stepcache_lines(rep.get("stepcache"))
     figs = rep.get("figures") or {}
     if figs:

@@ -83,8 +83,9 @@ compress_options = _compose(
     click.option("--budget", "-b", type=float, default=None, help="Fraction of the targeted parameters kept, in (0, 1]. [default: 0.73]"),
     click.option("--budget-scope", type=click.Choice(["targeted", "unet"]), default=None,
                  help="budget is a fraction of the targeted parameters or of the whole UNet. [default: targeted]"),
-    click.option("--budget-metric", type=click.Choice(["params", "macs"]), default=None,
-                 help="What the budget counts: parameters (the paper) or MACs at the calibration size. [default: params]"),
+    click.option("--budget-metric", type=click.Choice(["params", "macs", "latency"]), default=None,
+                 help="What the budget counts: parameters (the paper), MACs at the calibration size, or (build) the "
+                      "dense engine's latency, measured per module and rank on --backend. [default: params]"),
     click.option("--targets", callback=parse_targets, default=None, help="Module types compressed, a subset of attn,ffn,resnet,proj (resnet: ResNet inner channels; proj: factored transformer proj_in/proj_out). [default: attn,ffn]"),
     click.option("--temperature", callback=parse_temperature, default=None, help="Allocation softmax temperature (inf = uniform). [default: 1]"),
     click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None, help="greedy (error-aware, beyond the paper), softmax (score-driven, the paper's: --preset paper) or uniform. [default: greedy]"),
