@@ -2,7 +2,10 @@
 
 A *group* is the modules of one kind with one shape signature (SD1.4 repeats its transformer and ResNet shapes
 at each resolution level); each group holds the measured engine time of one module of it at a few ranks
-(``widths``), in ms. Between measured ranks the time is linear; below the lowest it continues the lowest segment.
+(``widths``), in ms. The table reads them through their closest non-decreasing fit (least squares, pool-adjacent-
+violators): at the aligned rank steps the allocation uses a narrower module is not slower, and on a shared CPU a
+median that says so is noise. Between measured ranks the time is linear; below the lowest it continues the lowest
+segment.
 
 Costs. ``t_m(r)`` is module m's probe time at rank r. Part of it does not depend on the rank (an attention's
 softmax over N×N scores, the residual of a probe): ``base_m``, the lowest segment extrapolated to rank 0
@@ -69,6 +72,18 @@ class TableKey:
         return sha256_json(self.to_dict())[:24]
 
 
+def monotone_fit(values) -> tuple[float, ...]:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, n2 = blocks.pop()
+            m1, n1 = blocks[-1]
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return tuple(m for m, n in blocks for _ in range(int(n)))
+
+
 @dataclass(frozen=True)
 class Group:
     """Modules of one kind and one shape signature, and their measured times.
@@ -77,7 +92,8 @@ class Group:
         kind: the kind (``slimexport.models.kinds.KINDS``); max_rank: the rank that keeps it dense.
         signature: the sizes that make the group (widths, heads, tokens, spatial size ...).
         widths: ranks measured, ascending (the largest is ``max_rank``).
-        times_ms: per-module engine time at each width (probe chain time minus the fixed per-call time, / copies).
+        times_ms: per-module engine time at each width as measured (probe chain time minus the fixed per-call time,
+            / copies); the table reads :attr:`fit_ms`.
         spread_ms: at each width, the interquartile range of the per-module time over the timed rounds (noise).
     """
 
@@ -100,9 +116,15 @@ class Group:
             raise UsageError(f"latency group {self.kind} is measured up to rank {w[-1]}, not its dense rank {self.max_rank}",
                              "re-measure the table")
 
+    @property
+    def fit_ms(self) -> tuple[float, ...]:
+        """The measured times' closest non-decreasing fit (module docstring)."""
+        return monotone_fit(self.times_ms)
+
     def time_at(self, rank: float) -> float:
-        """Interpolated time in ms at ``rank`` (linear between widths; the end segments continue outside)."""
-        w, t = self.widths, self.times_ms
+        """Interpolated time in ms at ``rank`` (of :attr:`fit_ms`: linear between widths; the end segments continue
+        outside)."""
+        w, t = self.widths, self.fit_ms
         if len(w) == 1:
             return t[0] * rank / w[0]  # one width: time proportional to rank
         i = min(max(bisect.bisect_right(w, rank) - 1, 0), len(w) - 2)
@@ -112,7 +134,7 @@ class Group:
     @property
     def base_ms(self) -> float:
         """The rank-independent part: the time extrapolated to rank 0, within ``[0, time at the lowest width]``."""
-        return min(max(self.time_at(0), 0.0), self.times_ms[0])
+        return min(max(self.time_at(0), 0.0), self.fit_ms[0])
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "max_rank": self.max_rank, "signature": dict(self.signature), "widths": list(self.widths),

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slimexport.errors import IncompatibleArtifactError, UsageError
-from slimexport.latency.table import Group, LatencyTable, TableKey, table_path
+from slimexport.latency.table import Group, LatencyTable, TableKey, monotone_fit, table_path
 
 
 def _key(**kw) -> TableKey:
@@ -34,7 +34,16 @@ def test_base_is_clipped_between_zero_and_the_lowest_time():
     steep = Group(kind="ff", max_rank=16, signature={}, widths=(8, 16), times_ms=(1.0, 10.0))  # line hits 0 above rank 0
     assert steep.base_ms == 0.0
     falling = Group(kind="ff", max_rank=16, signature={}, widths=(8, 16), times_ms=(5.0, 4.0))  # noise: slower when narrower
-    assert falling.base_ms == 5.0
+    assert falling.base_ms == 4.5  # read flat (the monotone fit), so the whole time is the base
+
+
+def test_times_are_read_through_their_non_decreasing_fit():
+    assert monotone_fit([1.0, 3.0, 2.0, 4.0]) == (1.0, 2.5, 2.5, 4.0)
+    assert monotone_fit([5.0, 1.0, 1.0, 2.0]) == (2.25,) * 4
+    assert monotone_fit([1.0, 2.0]) == (1.0, 2.0)
+    g = Group(kind="ff", max_rank=32, signature={}, widths=(8, 16, 24, 32), times_ms=(1.0, 3.0, 2.0, 4.0))
+    assert g.times_ms == (1.0, 3.0, 2.0, 4.0)  # kept as measured
+    assert g.time_at(16) == g.time_at(24) == 2.5 and g.time_at(28) == pytest.approx(3.25)
 
 
 def test_level_costs_are_the_rank_dependent_time():
