@@ -594,6 +594,12 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _window(points: list[dict]) -> str | None:
+    """``first – last`` of the points' ``measured_at`` (a rerun that reuses them keeps their dates)."""
+    at = sorted(p["measured_at"] for p in points if p.get("measured_at"))
+    return None if not at else at[0] if at[0] == at[-1] else f"{at[0]} – {at[-1]}"
+
+
 def render_frontier_md(fr: dict) -> str:
     """The frontier as a Markdown table sorted by measured speed-up, Pareto-optimal points marked ★."""
     env = fr.get("environment") or {}
@@ -603,7 +609,7 @@ def render_frontier_md(fr: dict) -> str:
              f"{fr['backend']} {fr['dtype']}", "",
              f"{len(fr['points'])} points" + ("" if fr.get("complete", True) else f" of {fr['planned_points']} (the sweep is "
                                               "running or was interrupted: rerun it to finish)")
-             + f", {fr['date']}, {env.get('device_name') or fr['device']}"
+             + f", measured {_window(fr['points']) or fr['date']}, {env.get('device_name') or fr['device']}"
              + (f", {env['cpus_available']} CPU threads available" if env.get("cpus_available") else "") + ".",
              f"Engine profile: batch {prof['opt_batch']} rows (CFG), {prof['opt_height']}×{prof['opt_width']} latents. "
              f"Budget: a fraction of the {fr['budget_scope']} {'MACs' if fr['budget_metric'] == 'macs' else fr['budget_metric']}.",
