@@ -357,8 +357,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def architecture_digest(unet) -> str:
-    """Digest of a UNet's architecture: its config and every parameter's shape (a slim UNet differs), not its weights."""
-    return sha256_json({"config": dict(unet.config), "shapes": [(n, list(p.shape)) for n, p in unet.named_parameters()]})[:24]
+    """Digest of a UNet's architecture: its config and every parameter's shape (a slim UNet differs), not its weights.
+
+    diffusers' bookkeeping keys (``_use_default_values``: a list in set order, different in every process;
+    ``_name_or_path``) are left out."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return sha256_json({"config": config, "shapes": [(n, list(p.shape)) for n, p in unet.named_parameters()]})[:24]
 
 
 def table_key(unet, backend: str, profile: EngineProfile, dtype: str = "fp32", device: str = "cpu",

@@ -55,6 +55,26 @@ def test_probe_modules_are_the_slim_forms(tiny):
     assert tiny.unet.get_submodule(r.path).conv1.out_channels == r.inner  # the model is untouched
 
 
+def test_architecture_digest_ignores_diffusers_bookkeeping(tiny):
+    class Stub:
+        def __init__(self, order):
+            self.config = {**dict(tiny.unet.config), "_use_default_values": order, "_name_or_path": str(order)}
+
+        def named_parameters(self):
+            return tiny.unet.named_parameters()
+
+    assert measure.architecture_digest(Stub(["a", "b"])) == measure.architecture_digest(Stub(["b", "a"]))
+    assert measure.architecture_digest(Stub([])) == measure.architecture_digest(tiny.unet)
+    blk = UNITS["block"].find(tiny.unet)[0]
+    slim = measure.slim_module(tiny.unet, KINDS["ff"], blk, 8)
+
+    class Narrow(Stub):
+        def named_parameters(self):
+            return [("x.weight", slim.net[2].weight)]
+
+    assert measure.architecture_digest(Narrow([])) != measure.architecture_digest(Stub([]))
+
+
 def test_per_module_times_subtract_the_fixed_call_time():
     # 3 copies; module time 2 ms at width 8, 5 ms at the dense width; 1 ms fixed per call
     chain = [[1 + 3 * 2.0] * 4, [1 + 3 * 5.0] * 4]
