@@ -294,7 +294,7 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
 
         tag = f"s{check_target(speedup):g}"
         out = Path(out) if out is not None else default_out(cfg.compress.model, 0, f"-{cfg.backend}", tag=tag)
-        return speedup_search(cfg, speedup, out, progress=progress, cache_dir=cache_dir)
+        return speedup_search(cfg, speedup, out, build, progress=progress, cache_dir=cache_dir)
     check_backend_available(cfg.backend)
     device = resolve_engine_device(cfg)
     check_engine_dtype(cfg, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from slimexport.artifacts import write_json
@@ -61,9 +62,11 @@ def check_target(speedup) -> float:
     return float(speedup)
 
 
-def speedup_search(cfg, target: float, out: str | Path, *, progress: bool = True, cache_dir=None,
+def speedup_search(cfg, target: float, out: str | Path, build: Callable, *, progress: bool = True, cache_dir=None,
                    max_trials: int = DEFAULT_TRIALS, tolerance: float = DEFAULT_TOLERANCE):
     """Builds at budgets chosen to reach ``target`` (measured p50 speed-up); returns the final ``BuildResult``.
+
+    ``build``: :func:`slimexport.api.build` (called as ``build(cfg, out=..., budget=...)``).
 
     The first budget is ``1 / target`` (the cost fraction that would give the target if time were proportional to
     it; ``cfg``'s own budget is not used). Trials that fail their parity gate still count for speed; the
@@ -73,8 +76,6 @@ def speedup_search(cfg, target: float, out: str | Path, *, progress: bool = True
         TargetNotReachedError: no budget reached ``target``; the folder holds the fastest build, ``search.json``
             every trial, and the message the best measured speed-up and what to change.
     """
-    from slimexport import api
-
     target = check_target(target)
     out = Path(out)
     floor = 0.0
@@ -85,7 +86,7 @@ def speedup_search(cfg, target: float, out: str | Path, *, progress: bool = True
     while len(trials) < max_trials:
         log.info("speed target %.3gx: trial %d at budget %g", target, len(trials) + 1, budget)
         try:
-            res = api.build(cfg, out=out, progress=progress, cache_dir=cache_dir, budget=budget)
+            res = build(cfg, out=out, progress=progress, cache_dir=cache_dir, budget=budget)
         except UsageError as err:
             below = FLOOR.search(err.message)
             if below is None:
@@ -113,18 +114,17 @@ def speedup_search(cfg, target: float, out: str | Path, *, progress: bool = True
         if nxt in results or any(t["budget"] == nxt for t in trials):
             break
         budget = nxt
-    return _finish(cfg, target, out, trials, results, reached, progress, cache_dir)
+    return _finish(cfg, target, out, trials, results, reached, lambda b: build(cfg, out=out, progress=progress,
+                                                                           cache_dir=cache_dir, budget=b))
 
 
-def _finish(cfg, target, out: Path, trials: list[dict], results: dict, reached, progress, cache_dir):
-    from slimexport import api
-
+def _finish(cfg, target, out: Path, trials: list[dict], results: dict, reached, rebuild: Callable):
     measured = [t for t in trials if "speedup" in t]
     best = max(measured, key=lambda t: t["speedup"]) if measured else None
     chosen = reached if reached is not None else (best["budget"] if best else None)
     res = results.get(chosen)
     if res is not None and trials and [t for t in trials if "speedup" in t][-1]["budget"] != chosen:
-        res = api.build(cfg, out=out, progress=progress, cache_dir=cache_dir, budget=chosen)  # the folder ends at it
+        res = rebuild(chosen)  # the folder ends at it
     record = {"format": SEARCH_FORMAT, "target": target, "reached": reached is not None, "chosen_budget": chosen,
               "trials": trials}
     if res is not None:  # what the folder's own bench says (re-timed when the chosen build was rebuilt)

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimexport import api
 from slimexport.config import BuildConfig
 from slimexport.errors import TargetNotReachedError, UsageError
 from slimexport.search import SEARCH_FILE, check_target, next_budget, speedup_search
@@ -31,7 +30,7 @@ def test_check_target():
             check_target(bad)
 
 
-def _fake_build(monkeypatch, speed_of, floor=None):
+def _fake_build(speed_of, floor=None):
     """``api.build`` answering with ``speed_of(budget)`` (and refusing budgets below ``floor`` as the allocation does)."""
     calls = []
 
@@ -44,13 +43,12 @@ def _fake_build(monkeypatch, speed_of, floor=None):
         s = speed_of(budget)
         return SimpleNamespace(out_dir=out, passed=True, report={"passed": True, "speed": {"speedup": s, "speedup_ci95": [s, s]}})
 
-    monkeypatch.setattr(api, "build", fake)
-    return calls
+    return calls, fake
 
 
-def test_search_finds_the_largest_budget_that_reaches_the_target(monkeypatch, tmp_path):
-    calls = _fake_build(monkeypatch, lambda b: 1.0 / (0.3 + 0.7 * b))  # fixed 30 % of the time, the rest scales
-    res = speedup_search(BuildConfig(), 1.3, tmp_path / "out", tolerance=0.01, max_trials=8)
+def test_search_finds_the_largest_budget_that_reaches_the_target(tmp_path):
+    calls, fake = _fake_build(lambda b: 1.0 / (0.3 + 0.7 * b))  # fixed 30 % of the time, the rest scales
+    res = speedup_search(BuildConfig(), 1.3, tmp_path / "out", fake, tolerance=0.01, max_trials=8)
     rec = json.loads((tmp_path / "out" / SEARCH_FILE).read_text())
     best = (1 / 1.3 - 0.3) / 0.7  # 0.670: the exact largest budget reaching 1.3
     assert rec["reached"] and best - 0.02 <= rec["chosen_budget"] <= best + 1e-9
@@ -60,30 +58,39 @@ def test_search_finds_the_largest_budget_that_reaches_the_target(monkeypatch, tm
     assert all(t["reached"] == (t["speedup"] >= 1.3) for t in rec["trials"])
 
 
-def test_unreachable_target_stops_at_the_floor_and_says_the_best(monkeypatch, tmp_path):
-    calls = _fake_build(monkeypatch, lambda b: 1.0 / (0.6 + 0.4 * b), floor=0.3)  # at most 1.39x at the floor
+def test_unreachable_target_stops_at_the_floor_and_says_the_best(tmp_path):
+    calls, fake = _fake_build(lambda b: 1.0 / (0.6 + 0.4 * b), floor=0.3)  # at most 1.39x at the floor
     with pytest.raises(TargetNotReachedError, match=r"--speedup 2 not reached .* best measured 1\.389x at budget 0\.3"):
-        speedup_search(BuildConfig(), 2.0, tmp_path / "out")
+        speedup_search(BuildConfig(), 2.0, tmp_path / "out", fake)
     rec = json.loads((tmp_path / "out" / SEARCH_FILE).read_text())
     assert not rec["reached"] and rec["chosen_budget"] == 0.3
     assert calls[0] == 0.5 and len(calls) <= 5  # (one guess fell below the floor and was refused)
     assert calls[-1] == 0.3  # the fastest build is what the folder holds
 
 
-def test_a_target_below_the_floor_from_the_start_retries_at_the_floor(monkeypatch, tmp_path):
-    calls = _fake_build(monkeypatch, lambda b: 1.0 / b, floor=0.4)
-    res = speedup_search(BuildConfig(), 2.2, tmp_path / "out")  # 1/2.2 = 0.4545: feasible
+def test_a_target_below_the_floor_from_the_start_retries_at_the_floor(tmp_path):
+    calls, fake = _fake_build(lambda b: 1.0 / b, floor=0.4)
+    res = speedup_search(BuildConfig(), 2.2, tmp_path / "out", fake)  # 1/2.2 = 0.4545: feasible
     assert res.report["speed_target"]["reached"]
-    calls = _fake_build(monkeypatch, lambda b: 1.0 / b, floor=0.6)
+    calls, fake = _fake_build(lambda b: 1.0 / b, floor=0.6)
     with pytest.raises(TargetNotReachedError, match="best measured 1.667x at budget 0.6"):
-        speedup_search(BuildConfig(), 2.2, tmp_path / "out2")
+        speedup_search(BuildConfig(), 2.2, tmp_path / "out2", fake)
     assert calls == [0.4545, 0.6]
 
 
-def test_other_usage_errors_are_not_taken_for_the_floor(monkeypatch, tmp_path):
+def test_other_usage_errors_are_not_taken_for_the_floor(tmp_path):
     def fake(*a, **k):
         raise UsageError("--targets includes resnet but the model has no ResNet modules to slim", "drop 'resnet'")
 
-    monkeypatch.setattr(api, "build", fake)
     with pytest.raises(UsageError, match="no ResNet modules"):
-        speedup_search(BuildConfig(), 1.5, tmp_path / "out")
+        speedup_search(BuildConfig(), 1.5, tmp_path / "out", fake)
+
+
+def test_build_hands_the_search_itself(monkeypatch, tmp_path):
+    """``api.build(speedup=S)`` runs the search with ``api.build`` as its trial builder."""
+    from slimexport import api, search
+
+    seen = {}
+    monkeypatch.setattr(search, "speedup_search", lambda cfg, s, out, build, **kw: seen.update(s=s, out=out, build=build))
+    api.build(model="tiny", speedup=1.4, out=tmp_path / "o")
+    assert seen == {"s": 1.4, "out": tmp_path / "o", "build": api.build}

@@ -365,9 +365,9 @@ def _example_inputs(in_channels: int, context_dim: int, sizes: Mapping[str, int]
     return sample, timestep, context
 
 
-def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool], cache_scale: int | None = None) -> dict:
-    """``dynamic_shapes`` for ``torch.export``; ``cache_scale``: also a step-cache ``cache`` input of height and width
-    the sample's over that scale (the same symbols: ``(multiple / scale) · cells``)."""
+def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool], scaled: Mapping[str, int] | None = None) -> dict:
+    """``dynamic_shapes`` for ``torch.export``; ``scaled``: further inputs (name -> scale) of height and width the
+    sample's over that scale (the same symbols: ``(multiple / scale) · cells``), e.g. a step-cache ``cache``."""
     from torch.export import Dim
 
     m = profile.latent_multiple
@@ -379,32 +379,22 @@ def _dynamic_shapes(profile: EngineProfile, dynamic: Mapping[str, bool], cache_s
     sample = {k: v for k, v in ((0, batch), (2, hw.get("height")), (3, hw.get("width"))) if v is not None}
     out = {SAMPLE: sample or None, TIMESTEP: {0: batch} if batch is not None else None,
            CONTEXT: {0: batch} if batch is not None else None}
-    if cache_scale is not None:
-        per = m // cache_scale
+    for name, scale in (scaled or {}).items():
+        per = m // scale
         dims = ((0, batch), *((i, per * cells[a] if per > 1 else cells[a]) for i, a in ((2, "height"), (3, "width"))
                               if a in cells))
-        out["cache"] = {k: v for k, v in dims if v is not None} or None
+        out[name] = {k: v for k, v in dims if v is not None} or None
     return out
 
 
-def _part_module(model: nn.Module, part: tuple[str, int] | None) -> nn.Module:
-    """What a package computes: the UNet with the engines' I/O, or one path of a step-cache pair ``(full|shallow, depth)``."""
-    if part is None:
-        from slimexport.engines.torch_runner import UNetIO
-
-        return UNetIO(model).eval()
-    from slimexport.stepcache.unet import FullPath, ShallowPath, SplitUNet
-
-    which, depth = part
-    split = SplitUNet(model, depth)
-    return (FullPath(split) if which == "full" else ShallowPath(split)).eval()
-
-
 def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, context_dim: int, dtype: torch.dtype,
-                device: torch.device, seq_len: int = SEQ_AXIS_STATIC, part: tuple[str, int] | None = None):
-    """``torch.export`` of ``UNetIO(model)`` (or, with ``part``, one path of its step-cache pair: the shallow one
-    takes the ``cache`` input, whose height and width are the sample's over the cache scale) with the profile's
-    dynamic axes.
+                device: torch.device, seq_len: int = SEQ_AXIS_STATIC, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                extra: Callable[[nn.Module, tuple], tuple] | None = None, scaled: Mapping[str, int] | None = None):
+    """``torch.export`` of ``UNetIO(model)`` with the profile's dynamic axes.
+
+    ``wrap``: export ``wrap(model)`` instead (same first three inputs, e.g. a step-cache path); ``extra(wrapped,
+    args)``: example tensors of its further inputs; ``scaled``: those inputs' names and spatial scales (their height
+    and width are the sample's over it, with the same symbols).
 
     Returns:
         ``(exported_program, dynamic, fallback_reason)``: ``dynamic`` says which axes are dynamic; when the model
@@ -413,19 +403,17 @@ def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, c
     from torch._dynamo.exc import UserError
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-    wrapped = _part_module(model, part)
-    args = _example_inputs(in_channels, context_dim, trace_sizes(profile), dtype, device, seq_len)
-    scale = None
-    if part is not None and part[0] == "shallow":
-        from slimexport.stepcache.unet import cache_scale
+    from slimexport.engines.torch_runner import UNetIO
 
-        scale = cache_scale(model, part[1])
+    wrapped = (wrap(model) if wrap is not None else UNetIO(model)).eval()
+    args = _example_inputs(in_channels, context_dim, trace_sizes(profile), dtype, device, seq_len)
+    if extra is not None:
         with torch.no_grad():
-            args = (*args, wrapped.split.full(*args)[1])  # a cache of the traced size
+            args = (*args, *extra(wrapped, args))
     dynamic = dynamic_plan(profile)
 
     def shapes(dyn):
-        return _dynamic_shapes(profile, dyn, scale)
+        return _dynamic_shapes(profile, dyn, scaled)
 
     try:
         with torch.no_grad():
@@ -439,6 +427,25 @@ def export_unet(model: nn.Module, profile: EngineProfile, *, in_channels: int, c
         dynamic = {**dynamic, "height": False, "width": False}
         with torch.no_grad():
             return torch.export.export(wrapped, args, dynamic_shapes=shapes(dynamic)), dynamic, reason
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A module made from the UNet to compile in its place (same first inputs: sample, timestep, context).
+
+    Attributes:
+        tag: names it (package stem, cache key); io_spec: its inputs and outputs; wrap: builds it from the UNet;
+        extra: example tensors of its further inputs from ``(wrapped, args)``; scaled: those inputs' spatial scales.
+    """
+
+    tag: str
+    io_spec: dict
+    wrap: Callable[[nn.Module], nn.Module]
+    extra: Callable[[nn.Module, tuple], tuple] | None = None
+    scaled: Mapping[str, int] | None = None
+
+    def export_args(self) -> dict:
+        return {"wrap": self.wrap, "extra": self.extra, "scaled": self.scaled}
 
 
 @dataclass(frozen=True)
@@ -467,7 +474,7 @@ def _compile_package(exported, package: Path, label: str) -> float:
 
 def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: EngineProfile, *, dtype: str = "fp32",
                        device: str = "cpu", stem: str = PACKAGE_STEM, rebuild: bool = False,
-                       seq_len: int = SEQ_AXIS_STATIC, part: tuple[str, int] | None = None) -> AotiBuildResult:
+                       seq_len: int = SEQ_AXIS_STATIC, variant: Variant | None = None) -> AotiBuildResult:
     """Compile (or reuse) an AOTInductor package of ``unet`` for ``profile`` on ``device``.
 
     Args:
@@ -479,8 +486,8 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
         dtype: ``fp32`` or ``fp16`` weights and activations (timestep stays fp32).
         rebuild: compile even if a matching package exists.
         seq_len: text tokens of ``encoder_hidden_states`` (a static axis of the package).
-        part: ``("full" | "shallow", depth)``: one path of the UNet's step-cache pair
-            (:mod:`slimexport.stepcache`; its I/O as :func:`~slimexport.stepcache.export.pair_io_specs`).
+        variant: compile a module made from the UNet instead (:class:`Variant`: e.g. one path of its step-cache
+            pair, ``slimexport.stepcache.engines``), keyed apart from the UNet's own package.
 
     Returns:
         :class:`AotiBuildResult` (``reused`` is True when nothing was compiled).
@@ -496,9 +503,9 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     here = current_target(dev)
     t0 = time.perf_counter()
     source_sha = model_digest(unet)
-    if part is not None:
-        source_sha = hashlib.sha256(f"{source_sha}|stepcache-{part[0]}-{int(part[1])}".encode()).hexdigest()
-        stem = f"{stem}-{part[0]}{int(part[1])}"
+    if variant is not None:
+        source_sha = hashlib.sha256(f"{source_sha}|{variant.tag}".encode()).hexdigest()
+        stem = f"{stem}-{variant.tag}"
     digest_seconds = time.perf_counter() - t0
     code_sha = code_digest()
     folder = Path(out_dir) if out_dir is not None else default_cache_dir(source_sha)
@@ -514,12 +521,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     log.info("compiling %s: %s", package, "rebuild asked for" if decision else why)
     check_compiler()
     ensure_dir(folder)
-    if part is None:
-        io_spec = io_spec_for_unet(unet, dtype=dtype, seq_len=seq_len)
-    else:
-        from slimexport.stepcache.export import pair_io_specs
-
-        io_spec = pair_io_specs(unet, int(part[1]), dtype=dtype, seq_len=seq_len)[0 if part[0] == "full" else 1]
+    io_spec = io_spec_for_unet(unet, dtype=dtype, seq_len=seq_len) if variant is None else variant.io_spec
     model = converted_copy(unet.eval(), device=dev, dtype=TORCH_DTYPES[dtype])
     cfg = unet.config
     label = f"[aoti] compiling {folder.name}/{package.name} ({here.device_type})"
@@ -528,7 +530,8 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
     with heartbeat(label + " (export)"):
         exported, dynamic, fallback = export_unet(model, profile, in_channels=int(cfg.in_channels),
                                                   context_dim=arch.context_dim(cfg),
-                                                  dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len, part=part)
+                                                  dtype=TORCH_DTYPES[dtype], device=dev, seq_len=seq_len,
+                                                  **(variant.export_args() if variant is not None else {}))
     export_seconds = time.perf_counter() - t0
     print(f"{label}: exported in {export_seconds:.0f} s; compiling with AOTInductor (minutes)", file=sys.stderr, flush=True)
     compile_seconds = _compile_package(exported, package, label)
@@ -541,7 +544,7 @@ def build_aoti_package(unet: nn.Module, out_dir: str | Path | None, profile: Eng
         "accepts": accepts.to_dict(), "traced_sizes": trace_sizes(profile), "dynamic_fallback": fallback,
         "inductor_configs": dict(INDUCTOR_CONFIGS), "io_spec": io_spec, "digest_seconds": round(digest_seconds, 2),
         "export_seconds": round(export_seconds, 1), "compile_seconds": round(compile_seconds, 1),
-        "stepcache_part": list(part) if part is not None else None,
+        "variant": variant.tag if variant is not None else None,
     }
     write_json(side, sidecar)
     return AotiBuildResult(package, sidecar, False)
@@ -657,20 +660,3 @@ def create(source, cfg: EngineConfig) -> AotiEngine:
     profile = cfg.profile or default_profile(source)
     res = build_aoti_package(source, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device, seq_len=cfg.seq_len)
     return AotiEngine(res.package, cfg, reused=res.reused)
-
-
-def create_pair(unet: nn.Module, depth: int, cfg: EngineConfig) -> tuple[AotiEngine, AotiEngine]:
-    """``(full, shallow)`` engines of ``unet``'s step-cache pair at ``depth``: two packages compiled into (or reused
-    from) ``cfg.cache_dir``."""
-    profile = cfg.profile or default_profile(unet)
-    engines = []
-    try:
-        for which in ("full", "shallow"):
-            res = build_aoti_package(unet, cfg.cache_dir, profile, dtype=cfg.dtype, device=cfg.device, seq_len=cfg.seq_len,
-                                     part=(which, depth))
-            engines.append(AotiEngine(res.package, cfg, reused=res.reused))
-    except BaseException:
-        for e in engines:
-            e.close()
-        raise
-    return engines[0], engines[1]

@@ -146,7 +146,7 @@ def run(args, command: str = "") -> dict:
     from slimexport.engines.base import EngineConfig
     from slimexport.models import load_model
     from slimexport.stepcache import CacheConfig, CachePlan
-    from slimexport.stepcache.build import pair_engines
+    from slimexport.stepcache.engines import pair_engines
     from slimexport.stepcache.export import CACHE, CachedEngineUNet, EngineUNet
     from slimexport.stepcache.measure import ChangeProfile
 

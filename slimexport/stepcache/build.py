@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from slimexport.errors import UsageError
-from slimexport.stepcache.export import CACHE, FULL_DIR, SHALLOW_DIR, CachedEngineUNet, EngineUNet
+from slimexport.stepcache.engines import pair_engines
+from slimexport.stepcache.export import CACHE, CachedEngineUNet, EngineUNet
 from slimexport.stepcache.schedule import read_schedule
 from slimexport.stepcache.unet import SplitUNet, check_depth
 
@@ -48,27 +49,6 @@ def check_cache_settings(cfg, unet) -> None:
         check_depth(unet, cfg.cache.depth)
     except UsageError as err:
         raise UsageError(f"--cache-depth: {err.message}", err.fix) from None
-
-
-def pair_engines(backend: str, unet, folder: Path, depth: int, ecfg) -> tuple:
-    """``(full, shallow)`` engines of one UNet's pair: its exported graphs in ``folder``, or its PyTorch paths."""
-    from slimexport.engines.base import build_engine
-
-    if backend == "torch":
-        from slimexport.stepcache.torch_pair import torch_pair
-
-        return torch_pair(unet, depth, ecfg)
-    if backend == "aoti":  # two packages in <build>/aoti/<name>-cache, reused like the build's own
-        from slimexport.engines.aoti import create_pair
-
-        cache = folder.parent.parent / "aoti" / folder.name
-        return create_pair(unet, depth, ecfg.replace(cache_dir=str(cache)))
-    full = build_engine(backend, folder / FULL_DIR, ecfg)
-    try:
-        return full, build_engine(backend, folder / SHALLOW_DIR, ecfg)
-    except BaseException:
-        full.close()
-        raise
 
 
 def timing_steps(steps: tuple[int, ...]) -> int:

@@ -382,10 +382,12 @@ def test_step_cache_paths_export_with_dynamic_sizes(dense_unet, which):
     """A step-cache pair's paths under ``torch.export`` (what ``create_pair`` compiles): dynamic batch and size, the
     shallow path's ``cache`` sized by the same symbols; the exported program reproduces the split UNet at another
     size. (Compiled end to end on the CPU machine, 2026-12-03: parity 3e-6 at 32² and 48² latents; too slow for CI.)"""
+    from slimexport.stepcache.engines import aoti_variants
     from slimexport.stepcache.unet import SplitUNet
 
+    variant = dict(zip(("full", "shallow"), aoti_variants(dense_unet, 1)))[which]
     exported, dynamic, fallback = aoti.export_unet(dense_unet, PROFILE, in_channels=4, context_dim=32, dtype=torch.float32,
-                                                   device=torch.device("cpu"), part=(which, 1))
+                                                   device=torch.device("cpu"), **variant.export_args())
     assert fallback is None and all(dynamic.values())
     g = torch.Generator().manual_seed(1)
     x, t, ctx = torch.randn(4, 4, 24, 16, generator=g), torch.full((4,), 300.0), torch.randn(4, 77, 32, generator=g)
@@ -404,11 +406,14 @@ def test_step_cache_paths_export_with_dynamic_sizes(dense_unet, which):
 def test_pair_packages_are_keyed_apart_from_the_unets(dense_unet, tmp_path, monkeypatch):
     monkeypatch.setattr(aoti, "export_unet", _fake_export)
     monkeypatch.setattr(aoti, "_compile_package", lambda exported, package, label: package.write_bytes(b"p") or 0.0)
+    from slimexport.stepcache.engines import aoti_variants
+
+    full_v, shallow_v = aoti_variants(dense_unet, 1)
     unet = build_aoti_package(dense_unet, tmp_path, PROFILE)
-    full = build_aoti_package(dense_unet, tmp_path, PROFILE, part=("full", 1))
-    shallow = build_aoti_package(dense_unet, tmp_path, PROFILE, part=("shallow", 1))
+    full = build_aoti_package(dense_unet, tmp_path, PROFILE, variant=full_v)
+    shallow = build_aoti_package(dense_unet, tmp_path, PROFILE, variant=shallow_v)
     assert len({unet.package, full.package, shallow.package}) == 3
     assert len({r.sidecar["source_sha256"] for r in (unet, full, shallow)}) == 3
     assert [e["name"] for e in shallow.sidecar["io_spec"]["inputs"]][-1] == "cache"
     assert [e["name"] for e in full.sidecar["io_spec"]["outputs"]] == ["latent", "cache"]
-    assert build_aoti_package(dense_unet, tmp_path, PROFILE, part=("shallow", 1)).reused
+    assert build_aoti_package(dense_unet, tmp_path, PROFILE, variant=shallow_v).reused
