@@ -63,10 +63,12 @@ def converted_copy(module: nn.Module, device: str | torch.device | None = None, 
     with torch.no_grad():
         for p in module.parameters():
             dt = torch.float32 if id(p) in keep else target_dtype if p.is_floating_point() else p.dtype
-            memo[id(p)] = nn.Parameter(p.detach().to(device=target_dev, dtype=dt), requires_grad=False)
+            # copy=True: a tensor whose device and dtype stay would otherwise be the original's storage, and an
+            # in-place change of the copy (a re-initialised probe layer) would change the caller's model
+            memo[id(p)] = nn.Parameter(p.detach().to(device=target_dev, dtype=dt, copy=True), requires_grad=False)
         for b in module.buffers():
             dt = torch.float32 if id(b) in keep else target_dtype if b.is_floating_point() else b.dtype
-            memo[id(b)] = b.detach().to(device=target_dev, dtype=dt)
+            memo[id(b)] = b.detach().to(device=target_dev, dtype=dt, copy=True)
     out = copy.deepcopy(module, memo)
     if fp32_norms:
         for name, m in list(out.named_modules()):

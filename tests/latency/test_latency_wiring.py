@@ -47,3 +47,41 @@ def test_a_table_steers_the_plan_and_is_recorded(tiny, tmp_path):
     # the targeted modules are half the time: a 0.8 budget cuts 20 % of the whole, 40 % of their time, within a step
     assert 0.78 <= pred["predicted_ms"] / pred["dense_ms"] <= 0.8 + 1e-9
     assert pred["predicted_speedup"] == pytest.approx(pred["dense_ms"] / pred["predicted_ms"], rel=1e-3)
+
+
+def _digest(module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for _, v in sorted(module.state_dict().items()):
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_a_forced_copy_shares_no_storage_with_the_original():
+    """converted_copy(force_copy=True) at the same device and dtype used to alias every tensor of the original."""
+    import torch
+
+    from slimexport.models.bundle import converted_copy
+
+    layer = torch.nn.Linear(4, 3)
+    before = _digest(layer)
+    copy = converted_copy(layer, force_copy=True)
+    with torch.no_grad():
+        copy.weight.zero_()
+        copy.bias.fill_(1.0)
+    assert _digest(layer) == before
+
+
+def test_measuring_a_table_leaves_the_model_untouched():
+    """The probes re-initialise their copies in place: the build's dense UNet must not change (it is compressed,
+    exported and compared afterwards)."""
+    from slimexport.engines.base import EngineProfile
+    from slimexport.latency import measure_table
+    from slimexport.models import load_model
+
+    unet = load_model("tiny").unet.eval()
+    before = _digest(unet)
+    measure_table(unet, ("attn",), EngineProfile(2, 2, 2, 16, 16, 16, 16, 16, 16), "onnxruntime", cache_dir=None,
+                  progress=False, rounds=2, n_widths=2, dense_ms=1.0)
+    assert _digest(unet) == before
