@@ -373,6 +373,15 @@ class _Run:
         self.dense_export = read_export(folder)
         self._dense_engine = None
         self._judge = None
+        self.latency = None
+        if base.compress.alloc.metric == "latency":  # the engine's latency table, measured (or cached) once, as build
+            from slimexport.api import shared_cache
+            from slimexport.latency import measure_table
+
+            targets = sorted({t for pt in cfg.points() for t in pt.targets})
+            self.latency = measure_table(self.dense, targets, profile, base.backend, base.export.dtype,
+                                         cache_dir=shared_cache(cache_dir) / "latency", device=device,
+                                         alloc=base.compress.alloc, dense_onnx=folder, progress=progress)
 
     def close(self) -> None:
         if self._dense_engine is not None:
@@ -405,7 +414,8 @@ class _Run:
 
     def point_key(self, p: Point) -> str:
         """Everything a point's record depends on, known before any of its stages runs."""
-        return stage_key(POINT_FORMAT, p.cfg.to_dict(), self.bundle.identity(), *self.prompts_key, self.dense_key, self.device,
+        table = [self.latency.key.digest, self.latency.dense_ms] if self.latency is not None else []
+        return stage_key(POINT_FORMAT, p.cfg.to_dict(), self.bundle.identity(), *self.prompts_key, *table, self.dense_key, self.device,
                          torch.__version__, _version("onnxruntime"), _version("openvino"), self.judge_settings())
 
     def judge_settings(self) -> dict | None:
@@ -436,7 +446,8 @@ class _Run:
         from slimexport.stages import result_key, run_stage, timed
         from slimexport.verify.run import run_verify
 
-        res = self.compress(p.cfg.compress, out=pdir, bundle=self.bundle, progress=self.progress, cache_dir=self.cache_dir)
+        res = self.compress(p.cfg.compress, out=pdir, bundle=self.bundle, progress=self.progress, cache_dir=self.cache_dir,
+                            latency=self.latency)
         records = dict(res.stages)
         pman = Manifest(pdir)
         slim = res.load_slim().eval()
