@@ -183,10 +183,11 @@ def markdown(rows: list[dict]) -> str:
 def run(args) -> dict:
     import torch
 
-    from slimexport.allocate.api import plan_ranks
+    from slimexport.allocate.api import plan_ranks, reuses_curves
     from slimexport.bench.timing import compare_speed, environment
     from slimexport.config import AllocConfig, DecomposeConfig
     from slimexport.decompose.api import slim_unet
+    from slimexport.decompose.methods import Factorisations
     from slimexport.engines.base import EngineConfig, build_engine, make_feeds
     from slimexport.engines.onnx_export import export_unet_onnx
     from slimexport.latency.measure import DEFAULT_COPIES, DEFAULT_ROUNDS, DEFAULT_WIDTHS, measure_table
@@ -237,8 +238,10 @@ def run(args) -> dict:
         acfg = AllocConfig(budget=v["budget"], targets=v["targets"], method=v["method"], metric=v["metric"])
         for_backends = backends if v["metric"] == "latency" else backends[:1]
         for backend in for_backends:
+            # the greedy allocation's factorisations, reused by the decomposition (as compress does)
+            factors = Factorisations() if v["method"] == "greedy" and reuses_curves(dcfg) else None
             try:
-                plan = plan_ranks(unet, stats, dcfg, acfg, latent_hw=latent_hw, latency=tables[backend])
+                plan = plan_ranks(unet, stats, dcfg, acfg, latent_hw=latent_hw, latency=tables[backend], factors=factors)
             except UsageError as err:  # a latency budget the targets cannot reach on this backend: said, not timed
                 unreachable.append({"variant": v["name"], "backend": backend, "error": str(err)})
                 log.warning("variant %s on %s: %s", v["name"], backend, err)
@@ -246,9 +249,9 @@ def run(args) -> dict:
             digest = sha256_json(plan["ranks"])[:16]
             folder = work / f"slim-{digest}"
             write_json(work / "plans" / f"{v['name']}-{backend}.json", plan.to_dict())
-            if digest not in slim_exports:
+            if digest not in slim_exports:  # the same ranks (a params variant on every backend) are exported once
                 if not (folder / "export.json").exists():
-                    slim, _ = slim_unet(unet, stats, plan, dcfg, device="cpu", progress=False)
+                    slim, _ = slim_unet(unet, stats, plan, dcfg, device="cpu", progress=False, factors=factors)
                     export_unet_onnx(slim, folder, sample_shape=shape)
                     del slim
                     gc.collect()
