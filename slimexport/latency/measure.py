@@ -18,6 +18,15 @@ time of the probe of ``k`` copies at rank w and ``T_1`` of one copy at the dense
 ``O = T_1 − (T_k(d) − T_1)/(k − 1)`` and ``t(w) = (T_k(w) − O)/k``. All probes of a group are timed in rounds, one
 call of each per round in rotating order, so drift hits them alike. ``dense_ms`` is the whole dense UNet, exported and timed the same way (or given).
 
+Calibration against whole-UNet variants. A module alone in a probe does not run exactly as among the UNet's other
+layers (on the CPU machine the FFN probes' savings came out up to 1.8 times what whole slim UNets gained, the
+attention probes' close to it). So, per ``--targets`` group (attention, FFN, ResNet, projections), one whole-UNet
+variant is exported with that group's modules at the measured width nearest half their dense rank (fresh random
+weights: only shapes matter), timed against the dense UNet in one process (interleaved), and the group's kinds get
+the scale ``s = measured saving / predicted saving`` (``LatencyTable.scales``; within ``SCALE_RANGE``; 1 when the
+predicted saving is under ``MIN_CALIBRATION_SAVING`` of the dense time). ``dense_ms`` is then those runs' dense
+median.
+
 Tables are cached in ``cache_dir`` by :class:`~slimexport.latency.table.TableKey` (backend, device, dtype,
 threads, shape, versions, the UNet's architecture); a second call loads the table and measures only the groups
 it lacks (new targets).
@@ -67,6 +76,10 @@ DEFAULT_COPIES = 4  # modules per probe chain: the fixed per-call time is 1/4 of
 DEFAULT_WIDTHS = 5  # ranks measured per group: the lowest level, the dense rank and evenly spaced ones between
 DEFAULT_ROUNDS = 12  # timed rounds per group (one call of each probe per round)
 DEFAULT_WARMUP = 2
+DEFAULT_CALIBRATION_ITERATIONS = 6  # interleaved dense/variant calls per calibration variant (SD1.4 CPU: ~2 s each)
+CALIBRATION_KEEP = 0.5  # calibration variants cut each module to the measured width nearest this keep ratio
+MIN_CALIBRATION_SAVING = 0.02  # a predicted saving under this fraction of the dense time is too little signal
+SCALE_RANGE = (0.2, 5.0)  # calibration scales outside this say the measurement failed, not the probes
 TEMB = "temb"  # a ResNet probe's time-embedding input
 SEQ_LEN = 77  # text tokens (CLIP) of a cross-attention probe
 
@@ -215,6 +228,47 @@ def slim_module(unet, kind: Kind, info: Info, rank: int, seed: int = 0) -> nn.Mo
     module = holder.get_submodule(f"unit.{sub}" if sub else "unit")
     _fresh_weights(module, seed)
     return module.eval().requires_grad_(False)
+
+
+def _modules_by_id(unet) -> dict[str, tuple[Kind, Info]]:
+    out = {}
+    for unit in UNITS.values():
+        try:
+            infos = unit.find(unet)
+        except UsageError:
+            if unit.optional:
+                continue
+            raise
+        for info in infos:
+            for kind in (k for k in KINDS.values() if k.unit == unit.name):
+                out[kind.module_id(info)] = (kind, info)
+    return out
+
+
+def variant_unet(unet, ranks, seed: int = 0) -> nn.Module:
+    """A copy of ``unet`` with the modules in ``ranks`` (module id → rank) in their slim forms at those ranks, fresh
+    random weights in the resized units (timing only) and the slim attention processor on every attention."""
+    from slimexport.models.bundle import converted_copy
+    from slimexport.slim.apply import install_processors
+    from slimexport.slim.shapes import SLIM_FORMS
+
+    by_id = _modules_by_id(unet)
+    unknown = sorted(set(ranks) - set(by_id))
+    if unknown:
+        raise UsageError(f"the UNet has no module {unknown[0]}", "pass module ids of this UNet (<unit path>.<kind>)")
+    out = converted_copy(unet, "cpu", torch.float32, force_copy=True)
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+    resized = set()
+    for mid, r in ranks.items():
+        kind, info = by_id[mid]
+        entry = _slim_entry(kind, info, r)
+        if entry:
+            SLIM_FORMS[kind.slim].resize(out, info.path, out.get_submodule(info.path), kind, entry, kw)
+            resized.add(info.path)
+    install_processors(out, kernel=None)
+    for i, path in enumerate(sorted(resized)):
+        _fresh_weights(out.get_submodule(path), seed + i)
+    return out.eval()
 
 
 class ProbeChain(nn.Module):
@@ -431,11 +485,85 @@ def measure_group(unet, plan: GroupPlan, backend: str, profile: EngineProfile, *
                  times_ms=tuple(med), spread_ms=tuple(iqr))
 
 
+def calibration_ranks(table: LatencyTable, module_ids, keep: float = CALIBRATION_KEEP) -> dict[str, int]:
+    """Each module at its group's measured width nearest ``keep`` × its dense rank (a calibration variant)."""
+    out = {}
+    for m in module_ids:
+        g = table.group_of(m)
+        out[m] = min(g.widths, key=lambda w: (abs(w - keep * g.max_rank), w))
+    return out
+
+
+def fit_scale(predicted_ms: float, measured_ms: float, dense_ms: float) -> float | None:
+    """``measured / predicted`` saving within ``SCALE_RANGE``; ``None`` when the prediction is too small to learn from."""
+    if predicted_ms < MIN_CALIBRATION_SAVING * dense_ms:
+        return None
+    lo, hi = SCALE_RANGE
+    return min(max(measured_ms / predicted_ms, lo), hi)
+
+
+def calibrate_table(unet, table: LatencyTable, targets, backend: str, profile: EngineProfile, dense_dir: Path, *,
+                    dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
+                    iterations: int = DEFAULT_CALIBRATION_ITERATIONS, work_dir: Path | None = None,
+                    say: Callable = log.info) -> tuple[dict[str, float], dict[str, dict], list[float]]:
+    """Scales of the ``targets`` groups' kinds from whole-UNet variants (module docstring).
+
+    Returns ``(kind → scale, target → details, dense p50s)``; details hold the variant's ranks' keep, the predicted and
+    measured savings and the measured speed-up.
+    """
+    from slimexport.bench.timing import compare_speed
+    from slimexport.engines.onnx_export import export_unet_onnx
+
+    cfg = EngineConfig(device=device, threads=threads, profile=profile, dtype=dtype)
+    shape = (profile.opt_batch, int(unet.config.in_channels), profile.opt_height, profile.opt_width)
+    kinds_of = {m: table.group_of(m).kind for m in table.members}
+    scales, details, dense_p50 = {}, {}, []
+    dense = build_engine(backend, dense_dir, cfg)
+    try:
+        feeds = make_feeds(dense.io_spec, shape[0], shape[2], shape[3], seed=0)
+        for target in targets:
+            kinds = [k.name for k in KINDS.values() if k.target == target]
+            mids = [m for m, k in kinds_of.items() if k in kinds]
+            if not mids:
+                continue
+            ranks = calibration_ranks(table, mids)
+            predicted = LatencyTable(key=table.key, dense_ms=table.dense_ms, groups=table.groups, members=table.members).saved_ms(ranks)
+            if predicted < MIN_CALIBRATION_SAVING * table.dense_ms:
+                details[target] = {"predicted_ms": predicted, "skipped": "predicted saving too small to calibrate on"}
+                continue
+            t1 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="latency-variant-", dir=work_dir) as tmp:
+                variant = variant_unet(unet, ranks)
+                export_unet_onnx(variant, Path(tmp) / target, dtype="fp16" if dtype == "fp16" else "fp32", sample_shape=shape)
+                del variant
+                engine = build_engine(backend, Path(tmp) / target, cfg)
+                try:
+                    speed = compare_speed(dense, engine, feeds, warmup=1, iterations=iterations)
+                finally:
+                    engine.close()
+            measured = speed["dense_ms"]["p50"] - speed["slim_ms"]["p50"]
+            dense_p50.append(speed["dense_ms"]["p50"])
+            scale = fit_scale(predicted, measured, speed["dense_ms"]["p50"])
+            details[target] = {"keep": CALIBRATION_KEEP, "modules": len(mids), "predicted_ms": round(predicted, 3),
+                               "measured_ms": round(measured, 3), "dense_ms": round(speed["dense_ms"]["p50"], 3),
+                               "speedup": round(speed["speedup"], 4), "scale": scale,
+                               "raw_scale": round(measured / predicted, 4)}
+            if scale is not None:
+                scales.update({k: scale for k in kinds})
+            say("latency table: calibrated %s on a whole UNet: saved %.1f ms, the probes predicted %.1f ms (scale %s, %.0f s)",
+                target, measured, predicted, "none" if scale is None else f"{scale:.3f}", time.perf_counter() - t1)
+    finally:
+        dense.close()
+    return scales, details, dense_p50
+
+
 def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxruntime", dtype: str = "fp32", *,
                   cache_dir: str | Path | None = None, device: str = "cpu", threads: int | None = None,
                   dense_ms: float | None = None, dense_onnx: str | Path | None = None, alloc: AllocConfig | None = None,
                   copies: int = DEFAULT_COPIES, n_widths: int = DEFAULT_WIDTHS, rounds: int = DEFAULT_ROUNDS,
-                  warmup: int = DEFAULT_WARMUP, progress: bool = True, work_dir: str | Path | None = None) -> LatencyTable:
+                  warmup: int = DEFAULT_WARMUP, calibrate: bool = True,
+                  calibration_iterations: int = DEFAULT_CALIBRATION_ITERATIONS, progress: bool = True,
+                  work_dir: str | Path | None = None) -> LatencyTable:
     """The latency table of ``unet``'s targeted modules on ``backend`` at the profile's optimum shape.
 
     Args:
@@ -450,6 +578,9 @@ def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxrun
             ``dense_onnx``, an export folder of it, or a new export).
         alloc: its quanta and ``r_min`` set the rank levels the widths span (default ``AllocConfig()``).
         copies, n_widths, rounds, warmup: the probe method (module docstring).
+        calibrate: scale each targeted group's probes by a whole-UNet variant timed on the engine (module
+            docstring; kinds already calibrated in a cached table are not measured again).
+        calibration_iterations: interleaved calls of the dense and the variant UNet per calibration variant.
         progress: log each group with the elapsed time (INFO; DEBUG otherwise).
         work_dir: where probe exports are written (temporary folders, removed).
 
@@ -492,16 +623,38 @@ def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxrun
     dense_source = "given"
     if dense_ms is None and cached is not None:
         dense_ms, dense_source = cached.dense_ms, cached.meta.get("dense_source", "measured")
-    if dense_ms is None:
-        say("latency table: timing the dense UNet on %s (%.0f s so far)", backend, time.perf_counter() - t0)
-        dense_ms = measure_dense_ms(unet, backend, profile, dtype=dtype, device=device, threads=threads,
-                                    onnx_dir=dense_onnx, work_dir=work)
-        dense_source = "measured"
+    scales = dict(cached.scales) if cached is not None else {}
+    calibration = dict((cached.meta if cached is not None else {}).get("calibration", {}))
+    uncalibrated = [t for t in targets if calibrate and t not in calibration]
+    with tempfile.TemporaryDirectory(prefix="latency-dense-", dir=work) as tmp:
+        dense_dir = Path(dense_onnx) if dense_onnx is not None else None
+        if uncalibrated or dense_ms is None:
+            if dense_dir is None:
+                from slimexport.engines.onnx_export import export_unet_onnx
+
+                dense_dir = Path(tmp) / "dense"
+                export_unet_onnx(unet, dense_dir, dtype="fp16" if dtype == "fp16" else "fp32",
+                                 sample_shape=(profile.opt_batch, int(unet.config.in_channels), profile.opt_height, profile.opt_width))
+        first = None
+        if dense_ms is None:
+            say("latency table: timing the dense UNet on %s (%.0f s so far)", backend, time.perf_counter() - t0)
+            dense_ms = first = measure_dense_ms(unet, backend, profile, dtype=dtype, device=device, threads=threads,
+                                                onnx_dir=dense_dir, work_dir=work)
+            dense_source = "measured"
+        if uncalibrated:
+            probe_table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members)
+            new, details, dense_p50 = calibrate_table(unet, probe_table, uncalibrated, backend, profile, dense_dir, dtype=dtype,
+                                                      device=device, threads=threads, iterations=calibration_iterations,
+                                                      work_dir=work, say=say)
+            scales.update(new)
+            calibration.update(details)
+            if dense_p50 and dense_source != "given":  # the dense time of every timed run, interleaved ones included
+                dense_ms, dense_source = statistics.median(dense_p50 + ([first] if first is not None else [])), "measured"
     meta = {**(cached.meta if cached is not None else {}), "copies": copies, "rounds": rounds, "warmup": warmup,
-            "dense_source": dense_source, "measured_groups": [p.gid for p in todo],
+            "dense_source": dense_source, "measured_groups": [p.gid for p in todo], "calibration": calibration,
             "seconds": round(time.perf_counter() - t0, 1)}
-    table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members, meta=meta)
-    if path is not None and (todo or cached is None or dense_source == "measured" and cached.dense_ms != dense_ms):
+    table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members, meta=meta, scales=scales)
+    if path is not None and (todo or uncalibrated or cached is None or dense_source == "measured" and cached.dense_ms != dense_ms):
         table.save(path)
     say("latency table: %d groups, dense %.2f ms, %.0f s", len(groups), table.dense_ms, time.perf_counter() - t0)
     return table

@@ -13,9 +13,12 @@ softmax over N×N scores, the residual of a probe): ``base_m``, the lowest segme
 module's rank controls, so the targeted costs of two kinds sharing one layer (an attention's QK and VO pairs)
 are not counted twice. Only differences enter the prediction, so the offset does not change it:
 
-    predict_ms(ranks) = dense_ms − Σ_m (t_m(max_m) − t_m(r_m))
+    predict_ms(ranks) = dense_ms − Σ_m s_k · (t_m(max_m) − t_m(r_m))
 
-``dense_ms`` is the whole dense UNet on the engine: what no module's rank touches is in it, fixed.
+``dense_ms`` is the whole dense UNet on the engine: what no module's rank touches is in it, fixed. ``s_k``
+(``scales``, per kind, 1 when absent) calibrates the probes against whole-UNet variants timed on the same engine
+(``slimexport.latency.measure``): a module alone in a probe does not run exactly as it does among the UNet's
+other layers, and the scale is the measured saving of a whole UNet over the probes' prediction of it.
 
 The table is keyed (:class:`TableKey`: backend, device, dtype, shape, threads, versions, the UNet's
 architecture), versioned (``format``) and saved atomically as JSON; a cached table is reused only under the same key.
@@ -150,7 +153,9 @@ class LatencyTable:
         dense_ms: the whole dense UNet on the engine (p50).
         groups: group id → :class:`Group`.
         members: module id (``<unit path>.<kind>``) → group id.
-        meta: how it was measured (copies per probe, iterations, seconds, where ``dense_ms`` came from).
+        scales: kind → ``s_k``, the probes' calibration against whole-UNet variants (module docstring).
+        meta: how it was measured (copies per probe, iterations, seconds, where ``dense_ms`` came from, the
+            calibration variants' predicted and measured savings).
     """
 
     key: TableKey
@@ -158,6 +163,7 @@ class LatencyTable:
     groups: dict[str, Group]
     members: dict[str, str]
     meta: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
     format: str = TABLE_FORMAT
 
     def __post_init__(self):
@@ -187,18 +193,21 @@ class LatencyTable:
         """``t_m(rank)``: the module's measured (interpolated) engine time."""
         return self.group_of(module_id).time_at(rank)
 
+    def scale(self, kind: str) -> float:
+        return float(self.scales.get(kind, 1.0))
+
     def level_costs(self, module_id: str, levels: Iterable[int]) -> list[float]:
-        """The module's rank-dependent time at each rank level, ms: ``t_m(r) − base_m`` (module docstring)."""
+        """The module's rank-dependent time at each rank level, ms: ``s_k · (t_m(r) − base_m)`` (module docstring)."""
         g = self.group_of(module_id)
-        base = g.base_ms
-        return [max(g.time_at(r) - base, 0.0) for r in levels]
+        base, s = g.base_ms, self.scale(g.kind)
+        return [s * max(g.time_at(r) - base, 0.0) for r in levels]
 
     def saved_ms(self, ranks: Mapping[str, int]) -> float:
-        """``Σ_m (t_m(max_m) − t_m(r_m))`` over the modules in ``ranks``."""
+        """``Σ_m s_k · (t_m(max_m) − t_m(r_m))`` over the modules in ``ranks``."""
         out = 0.0
         for name, r in ranks.items():
             g = self.group_of(name)
-            out += g.time_at(g.max_rank) - g.time_at(r)
+            out += self.scale(g.kind) * (g.time_at(g.max_rank) - g.time_at(r))
         return out
 
     def predict_ms(self, ranks: Mapping[str, int]) -> float:
@@ -221,13 +230,14 @@ class LatencyTable:
         """This table with ``other``'s groups and members added (same key); this one's dense latency is kept."""
         if other.key != self.key:
             raise UsageError("cannot merge latency tables of different keys", "measure both on the same engine and shape")
-        return replace(self, groups={**self.groups, **other.groups}, members={**self.members, **other.members})
+        return replace(self, groups={**self.groups, **other.groups}, members={**self.members, **other.members},
+                       scales={**self.scales, **other.scales})
 
     # --- I/O ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": self.format, "key": self.key.to_dict(), "digest": self.key.digest, "dense_ms": self.dense_ms,
                 "groups": {g: v.to_dict() for g, v in self.groups.items()}, "members": dict(self.members),
-                "meta": dict(self.meta)}
+                "scales": dict(self.scales), "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "latency table") -> LatencyTable:
@@ -240,7 +250,7 @@ class LatencyTable:
                                widths=tuple(v["widths"]), times_ms=tuple(v["times_ms"]), spread_ms=tuple(v.get("spread_ms", ())))
                       for g, v in d["groups"].items()}
             return cls(key=key, dense_ms=float(d["dense_ms"]), groups=groups, members=dict(d["members"]),
-                       meta=dict(d.get("meta") or {}))
+                       meta=dict(d.get("meta") or {}), scales={k: float(v) for k, v in (d.get("scales") or {}).items()})
         except (KeyError, TypeError, ValueError) as err:
             raise IncompatibleArtifactError(f"{where} lacks or mistypes {err}", "delete it and measure the table again") from err
 

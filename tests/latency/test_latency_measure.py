@@ -89,7 +89,7 @@ def test_a_backend_without_probes_is_refused(tiny):
 
 def test_measure_on_onnxruntime_then_reuse_the_cache(tiny, tmp_path, monkeypatch):
     kw = dict(cache_dir=tmp_path / "cache", dense_ms=10.0, copies=2, n_widths=2, rounds=2, warmup=0, threads=1,
-              progress=False, work_dir=tmp_path / "work")
+              progress=False, work_dir=tmp_path / "work", calibrate=False)
     table = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", **kw)
     blocks = UNITS["block"].find(tiny.unet)
     assert table.covers(f"{b.path}.ff" for b in blocks) and not table.covers([f"{blocks[0].path}.attn1.qk"])
@@ -114,3 +114,43 @@ def test_measure_on_onnxruntime_then_reuse_the_cache(tiny, tmp_path, monkeypatch
     calls.clear()
     other = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", **{**kw, "threads": 2})
     assert len(calls) == len(other.groups) and other.key.digest != table.key.digest  # another key: measured again
+
+
+def test_calibration_variants_and_scales(tiny):
+    from slimexport.latency.table import LatencyTable, TableKey
+
+    blocks = UNITS["block"].find(tiny.unet)
+    g = Group(kind="ff", max_rank=128, signature={}, widths=(8, 36, 68, 128), times_ms=(1.0, 2.0, 3.0, 5.0))
+    key = TableKey(backend="onnxruntime", device="cpu", device_name="x", dtype="fp32", threads=1, batch=2, height=16,
+                   width=16, versions={}, arch="a")
+    table = LatencyTable(key=key, dense_ms=100.0, groups={"g": g}, members={f"{blocks[0].path}.ff": "g"})
+    ranks = measure.calibration_ranks(table, table.members)
+    assert ranks == {f"{blocks[0].path}.ff": 68}  # the measured width nearest half of 128
+    assert measure.fit_scale(10.0, 6.0, 100.0) == pytest.approx(0.6)
+    assert measure.fit_scale(10.0, -3.0, 100.0) == measure.SCALE_RANGE[0]  # noise: clipped, not negative
+    assert measure.fit_scale(1.0, 0.5, 100.0) is None  # 1% of the dense time: too little to learn from
+    v = measure.variant_unet(tiny.unet, {**ranks, f"{blocks[0].path}.attn1.qk": 8})
+    assert v.get_submodule(f"{blocks[0].path}.ff.net.2").in_features == 68
+    assert v.get_submodule(f"{blocks[0].path}.attn1.to_q").out_features == 8 * blocks[0].num_heads
+    assert tiny.unet.get_submodule(f"{blocks[0].path}.ff.net.2").in_features == 128  # the model is untouched
+    x = torch.randn(2, 4, 16, 16)
+    out = v(x, torch.tensor([10.0, 10.0]), encoder_hidden_states=torch.randn(2, 77, blocks[0].context_dim)).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    scaled = LatencyTable(key=key, dense_ms=100.0, groups={"g": g}, members=table.members, scales={"ff": 0.5})
+    assert scaled.saved_ms(ranks) == pytest.approx(0.5 * table.saved_ms(ranks))
+    assert scaled.level_costs(f"{blocks[0].path}.ff", [128]) == pytest.approx([0.5 * table.level_costs(f"{blocks[0].path}.ff", [128])[0]])
+
+
+def test_calibrated_measurement_on_onnxruntime(tiny, tmp_path):
+    table = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", cache_dir=tmp_path / "cache", copies=2,
+                                  n_widths=2, rounds=2, warmup=0, threads=1, progress=False, work_dir=tmp_path / "work",
+                                  calibration_iterations=2)
+    cal = table.meta["calibration"]["ffn"]
+    assert cal["predicted_ms"] == cal["predicted_ms"]  # recorded
+    if "skipped" not in cal:
+        assert cal["dense_ms"] > 0 and table.scales["ff"] == cal["scale"]
+        assert measure.SCALE_RANGE[0] <= table.scales["ff"] <= measure.SCALE_RANGE[1]
+    assert table.meta["dense_source"] == "measured" and table.dense_ms > 0
+    again = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", cache_dir=tmp_path / "cache", threads=1,
+                                  progress=False)
+    assert again.scales == table.scales and again.meta["calibration"] == table.meta["calibration"]  # not measured again
