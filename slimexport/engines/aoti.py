@@ -620,6 +620,8 @@ class AotiEngine(Engine):
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         """Inputs are copied to the device once; the returned call leaves its output on the device."""
         args = self._to_device(self.check(feeds))  # a [1] timestep repeated to the batch
+        if len(self.io_spec["outputs"]) == 1:
+            return lambda: self._call(args)[0]  # the latent itself, as the other engines' prepared calls return
         return lambda: self._call(args)
 
     def info(self) -> dict:
