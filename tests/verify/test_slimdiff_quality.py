@@ -28,7 +28,7 @@ def test_slimdiff_eps_error_below_plain_svd(tmp_path):
     base = CompressConfig(model="digits", device="cpu", calib=CalibConfig(num_prompts=32, num_steps=10, num_bins=5, batch_size=16))
     plain_cfg = base.replace(decompose=DecomposeConfig(qkvo_method="weight", ffn_selection="weight"),
                              alloc=AllocConfig(budget=0.73, method="uniform"))
-    slimdiff_cfg = base.replace(alloc=AllocConfig(budget=0.73))
+    slimdiff_cfg = base.replace(alloc=AllocConfig(budget=0.73, method="softmax"))  # the paper's allocation
     cache = tmp_path / "cache"  # one calibration for both
     slimdiff = compress(slimdiff_cfg, out=tmp_path / "slimdiff", bundle=bundle, cache_dir=cache, progress=False)
     plain = compress(plain_cfg, out=tmp_path / "plain", bundle=bundle, cache_dir=cache, progress=False)
