@@ -25,7 +25,12 @@ def frontier_figure(frontier: Mapping, path: str | Path) -> Path:
     positive = [e for e in errs if isinstance(e, (int, float)) and e > 0]
     floor = min(positive) * ZERO_FLOOR_FACTOR if positive else 1e-6
     sets = sorted({tuple(p["config"]["targets"]) for p in pts}, key=lambda t: (len(t), t))
-    fig, ax = plt.subplots(figsize=(9, 6))
+    cache = frontier.get("cache")
+    if cache:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+        _cache_panel(ax2, cache)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 6))
     for p, e in zip(pts, errs, strict=True):
         y = max(e, floor) if isinstance(e, (int, float)) else floor
         colour = ALLOCATION_COLOURS.get(p["config"]["allocation"], "C3")
@@ -60,6 +65,36 @@ def frontier_figure(frontier: Mapping, path: str | Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def _cache_panel(ax, cache: Mapping) -> None:
+    """Step caching: final-sample error (log) against per-image speed-up, one marker per variant, Pareto front."""
+    rows = list(cache["rows"])
+    errs = [r["final_rel_error"] for r in rows]
+    positive = [e for e in errs if isinstance(e, (int, float)) and e > 0]
+    floor = min(positive) * ZERO_FLOOR_FACTOR if positive else 1e-6
+    style = {"slim": ("o", "C0"), "cached": ("*", "C3"), "cached+slim": ("D", "C2")}
+    for r, e in zip(rows, errs, strict=True):
+        y = max(e, floor) if isinstance(e, (int, float)) else floor
+        marker, colour = style[r["variant"]]
+        ax.scatter([r["speedup"]], [y], s=70 if r["pareto"] else 40, marker=marker, zorder=3,
+                   facecolors=colour if r["passed"] else "none", edgecolors="k" if r["pareto"] else colour)
+        ax.annotate(r["id"].replace("-b", " ").replace("+cache", "+c"), (r["speedup"], y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["speedup"])
+    if front:
+        ax.plot([r["speedup"] for r in front], [max(r["final_rel_error"], floor) for r in front], color="k", lw=1.2, ls="--",
+                zorder=2, label="Pareto front")
+    for v, (marker, colour) in style.items():
+        ax.scatter([], [], marker=marker, color=colour, label={"slim": "slim", "cached": "dense, cached",
+                                                                 "cached+slim": "slim, cached"}[v])
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"per-image speed-up ({cache['steps']}-step loops vs dense uncached)")
+    ax.set_ylabel("final-sample error vs dense uncached (log)")
+    ax.set_title(f"step caching ({cache['describe']}); hollow: gate failed", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
 
 
 __all__ = ["frontier_figure"]

@@ -4,7 +4,10 @@ One load, one calibration (shared by every point through the calibration cache: 
 dense ONNX export and one dense engine; then for each grid point (budget × target set × allocation) the build's own
 stages: compress → slim ONNX export → slim engine → verify (ε error, final-latent cosine and final-sample error of
 a fixed-seed trajectory, the default gate) → bench (dense vs slim on the engine, interleaved, with a 95% interval);
-on ``digits`` also the judge's accuracy and Fréchet distance of generated samples.
+on ``digits`` also the judge's accuracy and Fréchet distance of generated samples. With ``--cache``, step caching
+(as ``build --cache``): the dense UNet's full/shallow pair once (``dense/``), each point's slim pair, and per point
+the pair parity, the cached trajectories' fidelity and whole-loop per-image timing of dense, slim, cached and
+cached + slim: ``frontier.*`` gain a per-image section with its own Pareto front.
 
 Layout of ``DIR``: ``manifest.json`` (the sweep's stages), ``dense/`` (the dense export, the judge's dense scores),
 ``points/<id>/`` (one build folder per point: ``calib/``, ``plan.json``, ``slim_unet/``, ``onnx/slim``,
@@ -245,6 +248,7 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
     )
     from slimexport.flags import apply_flags
     from slimexport.models import load as model_load
+    from slimexport.stepcache.build import check_cache_settings
 
     cfg = _with_flags(cfg if cfg is not None else SweepConfig(), flags, apply_flags)
     if out is None:
@@ -260,6 +264,7 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
     bundle = model_load.load_model(base.compress.model, random_weights=base.compress.random_weights,
                                    config_of=base.compress.config_of)
     profile = engine_profile(base, bundle)  # a bad --height fails here, before the first calibration
+    check_cache_settings(base, bundle.unet)
     judge_n = _judge_samples(cfg, bundle)
     ensure_dir(out_dir)
     for stale in remove_stale_temporaries(out_dir):
@@ -360,6 +365,7 @@ class _Run:
         self.cfg, self.base, self.bundle, self.profile, self.device = cfg, base, bundle, profile, device
         self.out_dir, self.manifest, self.judge_n, self.cache_dir, self.progress = out_dir, manifest, judge_n, cache_dir, progress
         self.compress, self.export = compress, _export
+        self._dense_cache = None  # the dense UNet's step-cache record (--cache): made with the first point, shared
         self.dense = move(bundle.unet, "cpu", torch.float32).eval()
         self.seq_len = int(bundle.encoder.encode([""])[0].shape[1])  # text tokens: 77 for CLIP, 6 for digits
         pf = base.compress.calib.prompts_file
@@ -477,13 +483,64 @@ class _Run:
         finally:
             if "slim" in made:
                 made["slim"].close()
+        cache = self._cache_point(p, pdir, res, slim, pman, records, ekey, rebuilt) if p.cfg.cache.enabled else None
         judge = None
         if self.judge_n:
             self._judge_dense()
             with timed(records, "judge", False):
                 judge = self._judge_point(slim)
         return point_record(p, res.plan, parity, speed, judge,
-                            {k: {"seconds": round(v.seconds, 2), "cached": v.cached} for k, v in records.items()})
+                            {k: {"seconds": round(v.seconds, 2), "cached": v.cached} for k, v in records.items()}, cache)
+
+    # -- step caching (--cache) ---------------------------------------------------------------------------------
+
+    def _cache_record(self, manifest, records: dict, folder: Path, name: str, unet, key: str, res, cached) -> dict:
+        """One UNet's full/shallow pair and schedule in ``folder`` (``stepcache/record.json``), as the build's stage."""
+        from slimexport.api import _export_args
+        from slimexport.calibrate.stats import CalibStats
+        from slimexport.stages import run_stage
+        from slimexport.stepcache.api import cache_stage, pair_dir
+        from slimexport.stepcache.schedule import SCHEDULE_FILE
+
+        rec_path = folder / "stepcache" / "record.json"
+        return run_stage(manifest, records, f"stepcache_{name}" if name == "dense" else "stepcache", key,
+                         [folder / SCHEDULE_FILE, rec_path, pair_dir(folder, name)],
+                         lambda: _written(rec_path, cache_stage(
+                             self.bundle, {name: unet}, folder, self.base.cache, prompts=CalibStats.read_prompts(res.stats_dir),
+                             calib=self.base.compress.calib, **_export_args(self.base, self.dense, self.profile, self.seq_len))),
+                         load=lambda: read_json(rec_path, "step-cache record"), cached=cached)
+
+    def _cache_point(self, p: Point, pdir: Path, res, slim, pman, records: dict, ekey: str, rebuilt: bool) -> dict:
+        """The point's step caching: the shared dense pair (made once, in ``dense/``), the point's slim pair, then
+        the build's checks (pair parity, cached fidelity, per-image loops: dense, slim, cached, cached + slim)."""
+        from slimexport.engines.select import engine_config
+        from slimexport.stages import run_stage
+        from slimexport.stepcache.build import CHECK_FILE, check_cached
+
+        calib_key = pman.stage("calibrate")["key"]
+        ckey = stage_key("stepcache", self.base.cache.to_dict(), calib_key)
+        if self._dense_cache is None:
+            self._dense_cache = self._cache_record(self.manifest, {}, self.out_dir / "dense", "dense", self.dense,
+                                                   stage_key(ckey, self.dense_key), res, False if self.dense_rebuilt else None)
+        slim_rec = self._cache_record(pman, records, pdir, "slim", slim, stage_key(ckey, pman.stage("slim")["key"]), res,
+                                      False if rebuilt else None)
+        # One record for the check, paths relative to the sweep folder: each UNet with its own schedule file.
+        merged = {"config": slim_rec["config"], "describe": slim_rec["describe"], "unets": {}}
+        for rec, root in ((self._dense_cache, Path("dense")), (slim_rec, pdir.relative_to(self.out_dir))):
+            for name, entry in rec["unets"].items():
+                merged["unets"][name] = {**entry, "schedule": str(root / rec["schedule"]["path"]),
+                                         "pair": {**entry["pair"], "path": str(root / entry["pair"]["path"])}}
+        check_path = pdir / CHECK_FILE
+        ecfg = engine_config(p.cfg, self.device, self.profile, self.seq_len)
+        return run_stage(pman, records, "stepcache_check", stage_key("stepcache_check", ckey, ekey, p.cfg.verify.to_dict()),
+                         [check_path],
+                         lambda: _written(check_path, check_cached(
+                             p.cfg, self.bundle, {"dense": self.dense, "slim": slim}, self.out_dir, merged, self.profile, ecfg,
+                             onnx_dirs={"dense": self.out_dir / "dense" / "onnx", "slim": pdir / "onnx" / "slim"})),
+                         load=lambda: read_json(check_path, "step-cache check"),
+                         cached=False if rebuilt or not records["stepcache"].cached else None) | {
+                             "describe": slim_rec["describe"],
+                             "schedules": {k: e["schedules"] for k, e in merged["unets"].items()}}
 
     # -- the judge (digits) ------------------------------------------------------------------------------------
 
@@ -542,8 +599,10 @@ class _Run:
                 }
 
 
-def point_record(p: Point, plan, parity: dict, speed: dict, judge: dict | None, stages: dict) -> dict:
-    """One point of ``frontier.json``: its config, cost ratios, measured speed-up and fidelity, and the gate."""
+def point_record(p: Point, plan, parity: dict, speed: dict, judge: dict | None, stages: dict, cache: dict | None = None) -> dict:
+    """One point of ``frontier.json``: its config, cost ratios, measured speed-up and fidelity, and the gate; with
+    ``--cache``, ``cache``: the per-image speed-ups and trajectory fidelity of ``slim``, ``cached`` (the dense UNet
+    cached) and ``cached+slim`` against the dense uncached loop, and the cache gates."""
     params = plan["params"]
     macs = plan["macs"] if "macs" in plan else None
     sv = parity["slim_vs_dense"]
@@ -569,10 +628,47 @@ def point_record(p: Point, plan, parity: dict, speed: dict, judge: dict | None, 
         "gate": {"passed": bool(sv["passed"]), "failed": sv.get("failed", []), "reason": sv.get("reason"), **(sv.get("gate") or {})},
         "export_parity": exports,
         "passed": bool(sv["passed"]) and all(exports.values()),
+        "cache": None if cache is None else cache_summary(cache),
         "stages": stages,
         "environment": {k: speed.get("environment", {}).get(k) for k in ("device_name", "cpus_available", "torch_threads", "versions")},
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def cache_summary(check: dict) -> dict:
+    """A point's step-cache result for the frontier: per-image speed-ups (whole loops vs the dense uncached engine),
+    the trajectory fidelity of each variant against the dense uncached UNet, and the gates."""
+    per = check["per_image"]
+    fid = check["fidelity"]
+    return {"describe": check.get("describe"), "schedules": check.get("schedules"), "passed": bool(check["passed"]),
+            "pair_parity_passed": all(x["passed"] for v in check["parity"].values() for x in v.values()),
+            "steps": per["steps"], "median_s": {k: v["median_s"] for k, v in per["variants"].items()},
+            "speedup": dict(per["speedup"]),
+            "fidelity": {k: {"latent_cosine": v["final_cosine"], "final_rel_error": v["final_rel_l2"], "passed": bool(v["passed"])}
+                         for k, v in fid.items()}}
+
+
+def cache_rows(records: list[dict]) -> list[dict]:
+    """The per-image rows of a sweep with ``--cache``: the dense UNet cached (its loops timed beside every point:
+    the median speed-up), then per point its slim UNet and its slim UNet cached; each with the per-image speed-up
+    against the dense uncached loop and the final-latent fidelity of the same fixed-seed trajectories, and the
+    Pareto flag over (per-image speed-up, final-sample error)."""
+    import statistics
+
+    done = [r for r in records if r.get("cache")]
+    if not done:
+        return []
+    first = done[0]["cache"]
+    rows = [{"id": "dense+cache", "point": None, "variant": "cached", "speedup": statistics.median(r["cache"]["speedup"]["cached"] for r in done),
+             "timed_with": len(done), **first["fidelity"]["cached"]}]
+    for r in done:
+        c = r["cache"]
+        for v, suffix in (("slim", ""), ("cached+slim", "+cache")):
+            rows.append({"id": r["id"] + suffix, "point": r["id"], "variant": v, "speedup": c["speedup"][v], "timed_with": 1,
+                         **c["fidelity"][v], "passed": bool(c["fidelity"][v]["passed"] and (v == "slim" or c["pair_parity_passed"]))})
+    rows[0]["passed"] = bool(rows[0]["passed"] and first["pair_parity_passed"])
+    front = pareto_front([(x["speedup"], x["final_rel_error"]) for x in rows])
+    return [{**x, "pareto": on} for x, on in zip(rows, front, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,10 +682,17 @@ def make_frontier(cfg: SweepConfig, records: list[dict], header: dict) -> dict:
     points = [{**r, "pareto": on} for r, on in zip(records, front, strict=True)]
     ids = [r["id"] for r in sorted((r for r in points if r["pareto"]), key=lambda r: -r["speedup"])]
     env = next((r["environment"] for r in records if r.get("environment")), None)
+    rows = cache_rows(records)
+    cache = None if not rows else {
+        "describe": next(r["cache"]["describe"] for r in records if r.get("cache")),
+        "steps": next(r["cache"]["steps"] for r in records if r.get("cache")),
+        "pareto_objective": "higher per-image speed-up, lower final-sample error", "rows": rows,
+        "pareto": [x["id"] for x in sorted((x for x in rows if x["pareto"]), key=lambda x: -x["speedup"])]}
     return {"format": FRONTIER_FORMAT, **header, "environment": env, "grid": {"budgets": list(cfg.budgets), "targets": [list(t) for t in cfg.targets],
                                                           "allocations": list(cfg.allocations)},
             "pareto_objective": "higher measured speed-up, lower mean ε error", "pareto": ids,
-            "complete": len(points) == len(cfg.points()), "planned_points": len(cfg.points()), "points": points}
+            "complete": len(points) == len(cfg.points()), "planned_points": len(cfg.points()), "points": points,
+            "cache": cache}
 
 
 def write_frontier(out_dir: Path, frontier: dict) -> None:
@@ -662,6 +765,8 @@ def render_frontier_md(fr: dict) -> str:
               + (f" Gate (the build's default): mean ε error ≤ {gate.get('max_eps_error'):g} and final-latent cosine ≥ "
                  f"{gate.get('min_latent_cosine'):g} ({gate.get('basis')}), and both export parities."
                  if gate.get("max_eps_error") is not None else "")]
+    if fr.get("cache"):
+        lines += ["", *render_cache_md(fr["cache"])]
     if judge:
         lines.append(f"Judge: {judge['samples']} generated digits per row ({judge['sample_steps']} DDIM steps, CFG "
                      f"{judge['guidance']:g}, the same seeds for every model); accuracy (Δ vs dense, points) and Fréchet "
@@ -669,5 +774,23 @@ def render_frontier_md(fr: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FRONTIER_FORMAT", "Point", "SweepConfig", "SweepResult", "make_frontier", "pareto_front", "parse_allocations",
-           "parse_budgets", "parse_target_sets", "point_id", "render_frontier_md", "sweep", "write_frontier"]
+def render_cache_md(cache: dict) -> list[str]:
+    """The step-caching section of ``frontier.md``: per-image rows sorted by speed-up, Pareto-optimal ones ★."""
+    lines = [f"## Step caching ({cache['describe']}): per image, {cache['steps']}-step loops", "",
+             "| | row | UNet | per-image speed-up | final-latent cosine | final-sample error | gate |",
+             "|---|---|---|---|---|---|---|"]
+    for x in sorted(cache["rows"], key=lambda x: -x["speedup"]):
+        unet = {"cached": "dense, cached", "slim": "slim", "cached+slim": "slim, cached"}[x["variant"]]
+        lines.append(f"| {'★' if x['pareto'] else ''} | `{x['id']}` | {unet} | {x['speedup']:.3f}× | "
+                     f"{_fmt(x['latent_cosine'], '.4f')} | {_fmt(x['final_rel_error'], '.4g')} | {'pass' if x['passed'] else 'FAIL'} |")
+    lines += ["", "Per-image speed-up: the median whole denoising loop (every engine call, CFG, batch 1) of the dense "
+              "uncached engine over the row's, interleaved in the same process"
+              + (f" (`dense+cache`: the median of its {cache['rows'][0]['timed_with']} points' loops)" if cache["rows"][0]["timed_with"] > 1 else "")
+              + ". Cosine and final-sample error: the final latents of the verify's fixed-seed trajectories against the "
+              "dense uncached PyTorch UNet; gate: that cosine and the full/shallow pair parity. ★: no other row is at "
+              "least as fast with at most its final-sample error."]
+    return lines
+
+
+__all__ = ["FRONTIER_FORMAT", "Point", "SweepConfig", "SweepResult", "cache_rows", "cache_summary", "make_frontier",
+           "pareto_front", "parse_allocations", "parse_budgets", "parse_target_sets", "point_id", "render_frontier_md", "sweep", "write_frontier"]

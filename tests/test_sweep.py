@@ -140,3 +140,40 @@ def test_config_round_trip():
     assert again.points()[0].cfg.compress.alloc.method == "greedy" and not math.isnan(again.budgets[0])
     base = BuildConfig().compress.alloc  # no --targets or --allocations: the build's own
     assert SweepConfig(budgets=(0.8,)).targets == (base.targets,) and SweepConfig(budgets=(0.8,)).allocations == (base.method,)
+
+
+def test_sweep_with_step_caching(tmp_path, monkeypatch):
+    """--cache N: the dense pair is made once in dense/, each point adds its slim pair, and the frontier gets the
+    per-image rows (dense cached, slim, slim cached) with their Pareto front, in all three outputs."""
+    monkeypatch.setenv("SLIMEXPORT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "sw"
+    args = [*ARGS[:ARGS.index("--budgets")], "--budgets", "0.6", "--targets", "attn,ffn", "--allocations", "softmax,greedy",
+            "--cache", "2", "--out", str(out)]
+    assert main(["-q", "sweep", *args]) == 0
+    fr = json.loads((out / "frontier.json").read_text())
+    cache = fr["cache"]
+    assert cache["describe"] and cache["steps"] > 0
+    assert [x["id"] for x in cache["rows"]] == ["dense+cache", "attn+ffn-softmax-b0.6", "attn+ffn-softmax-b0.6+cache",
+                                                "attn+ffn-greedy-b0.6", "attn+ffn-greedy-b0.6+cache"]
+    assert [x["variant"] for x in cache["rows"]] == ["cached", "slim", "cached+slim", "slim", "cached+slim"]
+    for x in cache["rows"]:
+        assert x["speedup"] > 0 and 0 < x["latent_cosine"] <= 1 + 1e-9 and x["final_rel_error"] > 0
+    assert [x["pareto"] for x in cache["rows"]] == pareto_front([(x["speedup"], x["final_rel_error"]) for x in cache["rows"]])
+    for p in fr["points"]:  # each point's own check: the pair parity passed, the dense-cached loop timed beside it
+        c = p["cache"]
+        assert c["pair_parity_passed"] and set(c["speedup"]) == {"dense", "slim", "cached", "cached+slim"}
+        assert (out / "points" / p["id"] / "stepcache" / "check.json").exists()
+        assert (out / "points" / p["id"] / "onnx" / "slim-cache" / "shallow").is_dir()
+        # the cached slim UNet departs further from dense than the slim UNet alone (the cache's error adds on)
+        assert c["fidelity"]["cached+slim"]["final_rel_error"] > c["fidelity"]["slim"]["final_rel_error"]
+    # one dense pair, shared: made in dense/, none in the points
+    assert (out / "dense" / "onnx" / "dense-cache" / "full").is_dir()
+    assert not any((out / "points").glob("*/onnx/dense-cache"))
+    md = (out / "frontier.md").read_text()
+    section = md.split("## Step caching", 1)[1]
+    assert sum(line.startswith("| ") and "`" in line for line in section.splitlines()) == 5
+    assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    # a rerun reuses every point, cached rows included
+    assert main(["-q", "sweep", *args]) == 0
+    again = json.loads((out / "frontier.json").read_text())
+    assert again["cache"]["rows"] == cache["rows"]

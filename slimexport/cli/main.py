@@ -223,8 +223,7 @@ def _build_options_except(*names: str):
 
 
 @cli.command()
-@_build_options_except("budget", "targets", "allocation", "speedup", "config_file", "pipeline", "cache", "cache_depth",
-                       "cache_threshold")
+@_build_options_except("budget", "targets", "allocation", "speedup", "config_file", "pipeline")
 @click.option("--budgets", required=True, help="Budgets, comma-separated, each in (0, 1] (of --budget-metric, --budget-scope), "
                                                "e.g. 0.9,0.8,0.73,0.6.")
 @click.option("--targets", "target_sets", multiple=True, help="A target set, e.g. attn,ffn; repeat for more "
@@ -254,6 +253,9 @@ def sweep(ctx, out, dump_config, budgets, target_sets, allocations, judge_sample
     fr = res.frontier
     click.echo(f"sweep folder: {res.out_dir}  (frontier: {res.out_dir / 'frontier.md'})")
     click.echo(f"{len(fr['points'])} points ({sum(res.reused.values())} reused), Pareto-optimal: {', '.join(fr['pareto'])}")
+    if fr.get("cache"):
+        click.echo(f"step caching ({fr['cache']['describe']}), per image at {fr['cache']['steps']} steps, Pareto-optimal: "
+                   + ", ".join(f"{i} {next(x['speedup'] for x in fr['cache']['rows'] if x['id'] == i):.3f}×" for i in fr["cache"]["pareto"]))
 
 
 @cli.command("models")

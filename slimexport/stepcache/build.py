@@ -75,13 +75,17 @@ def pair_parity(unet, depth: int, full, shallow, inputs: list[dict[str, np.ndarr
     return {k: summarize(v, tol) for k, v in pairs.items()}
 
 
-def check_cached(cfg, bundle, models: dict, out_dir: Path, record: dict, profile, ecfg) -> dict:
+def check_cached(cfg, bundle, models: dict, out_dir: Path, record: dict, profile, ecfg,
+                 onnx_dirs: dict[str, Path] | None = None) -> dict:
     """Parity, fidelity and per-image speed of every cached UNet of a build (``stepcache/check.json``'s content).
 
     Args:
         cfg: the ``BuildConfig``; models: ``{"dense", "slim"}`` fp32 PyTorch UNets on the CPU.
-        record: what :func:`~slimexport.stepcache.api.cache_stage` returned (the manifest's ``stepcache`` entry).
+        record: what :func:`~slimexport.stepcache.api.cache_stage` returned (the manifest's ``stepcache`` entry);
+            paths relative to ``out_dir``; a UNet's entry may name its own ``"schedule"`` file (a sweep's dense
+            pair is shared by its points), else ``record["schedule"]``.
         profile, ecfg: the engines' profile and ``EngineConfig`` (as the build's own engines).
+        onnx_dirs: name -> the uncached UNet's ONNX folder (default ``out_dir/onnx/<name>``, a build's layout).
 
     Returns:
         ``{"passed", "gate", "parity": {name: {"full", "shallow"}}, "fidelity": {variant: ...},
@@ -93,7 +97,9 @@ def check_cached(cfg, bundle, models: dict, out_dir: Path, record: dict, profile
 
     hw = (profile.opt_height, profile.opt_width)
     vcfg, basis = default_gate(cfg.verify, bundle)
-    plans = read_schedule(out_dir / record["schedule"]["path"])
+    plans = {name: read_schedule(out_dir / entry.get("schedule", record.get("schedule", {}).get("path", "")), name)
+             for name, entry in record["unets"].items()}
+    onnx_dirs = {name: out_dir / "onnx" / name for name in ("dense", "slim")} | dict(onnx_dirs or {})
     tol = export_tolerance(cfg.export.dtype, vcfg)
     inputs = fixed_inputs(bundle, vcfg.replace(num_prompts=1), hw)
     engines: dict = {}
@@ -101,7 +107,7 @@ def check_cached(cfg, bundle, models: dict, out_dir: Path, record: dict, profile
         for name, entry in record["unets"].items():
             engines[name] = pair_engines(cfg.backend, models[name], out_dir / entry["pair"]["path"], entry["pair"]["depth"], ecfg)
         for name in ("dense", "slim"):
-            source = models[name] if cfg.backend == "torch" else out_dir / "onnx" / name
+            source = models[name] if cfg.backend == "torch" else onnx_dirs[name]
             engines[f"{name}-uncached"] = build_engine(cfg.backend, source, ecfg)
         parity = {name: pair_parity(models[name], entry["pair"]["depth"], *engines[name], inputs, tol)
                   for name, entry in record["unets"].items()}
