@@ -122,12 +122,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dt
 
 
-def check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path, entries: frozenset[str] = OUTPUT_ENTRIES) -> None:
     """Refuse, before any work, an --out that cannot be written, or a folder of someone else's files (slimexport
-    would write calib/, onnx/ and reports among them)."""
+    would write calib/, onnx/ and reports among them); ``entries``: the names slimexport writes there."""
     check_writable_dir(out_dir)
     if out_dir.is_dir() and json_object(out_dir / "manifest.json", "manifest") is None:
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in entries and not p.name.startswith("."))
         if foreign:
             raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
                              f"{', …' if len(foreign) > 3 else ''}) and no readable manifest.json", "pass a new or empty --out folder")

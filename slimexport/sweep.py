@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 import torch
 
 from slimexport.artifacts import (
-    check_writable_dir,
     ensure_dir,
     load_tensors,
     read_json,
@@ -258,7 +257,7 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
     check_backend_available(base.backend)
     device = resolve_engine_device(base)
     check_engine_dtype(base, device)
-    _check_sweep_dir(out_dir)
+    check_out_dir(out_dir, SWEEP_ENTRIES)  # a folder of someone else's files is refused (points/ would go among them)
     points = cfg.points()
     t_start = time.perf_counter()
     bundle = model_load.load_model(base.compress.model, random_weights=base.compress.random_weights,
@@ -303,18 +302,6 @@ def _with_flags(cfg: SweepConfig, flags: dict, apply_flags) -> SweepConfig:
     if "allocations" in grid and isinstance(grid["allocations"], str):
         grid["allocations"] = parse_allocations(grid["allocations"])
     return cfg.replace(build=apply_flags(cfg.build, flags), **grid) if flags or grid else cfg
-
-
-def _check_sweep_dir(out_dir: Path) -> None:
-    """Refuse an unwritable ``--out``, or a folder of someone else's files (a sweep writes points/ among them)."""
-    from slimexport.folder import json_object
-
-    check_writable_dir(out_dir)
-    if out_dir.is_dir() and json_object(out_dir / "manifest.json", "manifest") is None:
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in SWEEP_ENTRIES and not p.name.startswith("."))
-        if foreign:
-            raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
-                             f"{', …' if len(foreign) > 3 else ''}) and no readable manifest.json", "pass a new or empty --out folder")
 
 
 def _judge_samples(cfg: SweepConfig, bundle) -> int:

@@ -66,7 +66,7 @@ from slimexport.engines.base import (
 from slimexport.errors import ArtifactError, UsageError
 from slimexport.latency.table import Group, LatencyTable, TableKey, table_path
 from slimexport.models.arch import context_dim
-from slimexport.models.kinds import KINDS, UNITS, Info, Kind, targeted_kinds
+from slimexport.models.kinds import KINDS, UNITS, Info, Kind, find_units, targeted_kinds
 from slimexport.timer import CallTimer
 
 log = logging.getLogger("slimexport")
@@ -145,17 +145,12 @@ def plan_groups(unet, targets, height: int, width: int, alloc: AllocConfig | Non
     kinds = targeted_kinds(targets)
     out: dict[str, GroupPlan] = {}
     members: dict[str, list[str]] = {}
+    found = find_units(unet)
     for unit in UNITS.values():
         mine = [KINDS[k] for k in kinds if KINDS[k].unit == unit.name]
         if not mine:
             continue
-        try:
-            infos = unit.find(unet)
-        except UsageError:
-            if unit.optional:
-                continue
-            raise
-        for info in infos:
+        for info in found[unit.name]:
             h, w, f = unit_resolution(tokens[info.path], height, width)
             for kind in mine:
                 d = max_rank(info, kind.name)
@@ -232,15 +227,9 @@ def slim_module(unet, kind: Kind, info: Info, rank: int, seed: int = 0) -> nn.Mo
 
 def _modules_by_id(unet) -> dict[str, tuple[Kind, Info]]:
     out = {}
-    for unit in UNITS.values():
-        try:
-            infos = unit.find(unet)
-        except UsageError:
-            if unit.optional:
-                continue
-            raise
+    for unit_name, infos in find_units(unet).items():
         for info in infos:
-            for kind in (k for k in KINDS.values() if k.unit == unit.name):
+            for kind in (k for k in KINDS.values() if k.unit == unit_name):
                 out[kind.module_id(info)] = (kind, info)
     return out
 
