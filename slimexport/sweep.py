@@ -353,6 +353,7 @@ class _Run:
         self.out_dir, self.manifest, self.judge_n, self.cache_dir, self.progress = out_dir, manifest, judge_n, cache_dir, progress
         self.compress, self.export = compress, _export
         self._dense_cache = None  # the dense UNet's step-cache record (--cache): made with the first point, shared
+        self.dense_memo: dict = {}  # the dense side of verify (export parity, ε, trajectory): computed once
         self.dense = move(bundle.unet, "cpu", torch.float32).eval()
         self.seq_len = int(bundle.encoder.encode([""])[0].shape[1])  # text tokens: 77 for CLIP, 6 for digits
         pf = base.compress.calib.prompts_file
@@ -461,7 +462,8 @@ class _Run:
         rebuilt = self.dense_rebuilt or any(not r.cached for k, r in records.items() if k != "load")
         try:
             parity = run_stage(pman, records, "verify", result_key("verify", ekey, p.cfg), [pdir / "verify.json"],
-                               lambda: _written(pdir / "verify.json", run_verify(p.cfg, self.bundle, models, engines(), self.profile)),
+                               lambda: _written(pdir / "verify.json", run_verify(p.cfg, self.bundle, models, engines(), self.profile,
+                                                                                dense_memo=self.dense_memo)),
                                load=lambda: read_json(pdir / "verify.json", "verification results"), cached=False if rebuilt else None)
             speed = run_stage(pman, records, "bench", result_key("bench", ekey, p.cfg), [pdir / "bench.json"],
                               lambda: _written(pdir / "bench.json", relative_paths(run_bench(p.cfg, engines(), self.profile), pdir)),

@@ -1,16 +1,26 @@
 """``slimexport sweep`` on ``tiny``: the three outputs, reuse of finished points, resuming, the Pareto front, and
 one-line errors for a bad grid."""
 
+import copy
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from slimexport.cli.main import main
 from slimexport.config import BuildConfig
+from slimexport.engines.base import build_engine
+from slimexport.engines.onnx_export import export_unet_onnx
+from slimexport.engines.select import engine_config, engine_profile
 from slimexport.errors import UsageError
+from slimexport.models import load_model
+from slimexport.models.arch import context_dim
 from slimexport.sweep import SweepConfig, pareto_front, point_id, sweep
+from slimexport.verify import parity
+from slimexport.verify.run import run_verify
 
 # A short calibration and bench: the whole file runs in well under a minute on one CPU thread.
 ARGS = ["--model", "tiny", "--calib-prompts", "4", "--calib-steps", "2", "--calib-bins", "2", "--calib-batch", "4",
@@ -177,3 +187,48 @@ def test_sweep_with_step_caching(tmp_path, monkeypatch):
     assert main(["-q", "sweep", *args]) == 0
     again = json.loads((out / "frontier.json").read_text())
     assert again["cache"]["rows"] == cache["rows"]
+
+
+def test_verify_reuses_the_dense_side_across_points(monkeypatch):
+    """A sweep verifies many slim UNets against one dense UNet: with a memo the dense side runs once, and the
+    results equal those computed without it."""
+    bundle = load_model("tiny")
+    dense = bundle.unet.eval()
+    slims = []
+    for scale in (0.9, 1.1):
+        s = copy.deepcopy(dense)
+        with torch.no_grad():
+            s.conv_out.weight.mul_(scale)
+        slims.append(s)
+    cfg = BuildConfig().replace(compress=BuildConfig().compress.replace(model="tiny"))
+    profile = engine_profile(cfg, bundle)
+    seq_len = int(bundle.encoder.encode([""])[0].shape[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        c = int(dense.config.in_channels)
+        export_unet_onnx(dense, Path(tmp), sample_shape=(profile.opt_batch, c, profile.opt_height, profile.opt_width),
+                         context_shape=(profile.opt_batch, seq_len, context_dim(dense)))
+        engine = build_engine("onnxruntime", Path(tmp), engine_config(cfg, "cpu", profile, seq_len))
+        calls = {"n": 0}
+        real = parity.torch_eps
+
+        def counted(unet, feeds):
+            calls["n"] += unet is dense
+            return real(unet, feeds)
+
+        monkeypatch.setattr(parity, "torch_eps", counted)
+        try:
+            memo: dict = {}
+            with_memo = [run_verify(cfg, bundle, {"dense": dense, "slim": s}, {"dense": engine, "slim": engine}, profile,
+                                    dense_memo=memo) for s in slims]
+            n_memo = calls["n"]
+            calls["n"] = 0
+            without = [run_verify(cfg, bundle, {"dense": dense, "slim": s}, {"dense": engine, "slim": engine}, profile)
+                       for s in slims]
+        finally:
+            engine.close()
+    assert n_memo * 2 == calls["n"] > 0  # the dense ε computed for the first slim UNet only
+    for a, b in zip(with_memo, without, strict=True):
+        assert a["slim_vs_dense"]["eps_rel_error"] == b["slim_vs_dense"]["eps_rel_error"]
+        assert a["slim_vs_dense"]["trajectory"] == b["slim_vs_dense"]["trajectory"]
+        assert a["dense_export"]["passed"] == b["dense_export"]["passed"]
+    assert with_memo[0]["slim_vs_dense"]["eps_rel_error_mean"] != with_memo[1]["slim_vs_dense"]["eps_rel_error_mean"]

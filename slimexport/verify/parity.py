@@ -110,15 +110,20 @@ def default_gate(cfg: VerifyConfig, bundle) -> tuple[VerifyConfig, str]:
     return cfg.replace(**filled), basis
 
 
-def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg: VerifyConfig, latent_hw) -> dict:
+def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg: VerifyConfig, latent_hw,
+                  dense_memo: dict | None = None) -> dict:
     """Compression fidelity: ε per timestep and the final latents of a fixed-seed trajectory, gated by ``cfg``'s
-    thresholds or, where unset, :func:`default_gate`'s."""
+    thresholds or, where unset, :func:`default_gate`'s. ``dense_memo``: the dense UNet's ε and final latents for
+    these inputs and settings, filled on first use and reused (one dense UNet against many slim ones)."""
     cfg, basis = default_gate(cfg, bundle)
     from slimexport.calibrate.runner import denoise, initial_latents
 
+    memo = {} if dense_memo is None else dense_memo
+    if "eps" not in memo:
+        memo["eps"] = [torch_eps(dense, feeds) for feeds in inputs]
     pairs, per_t = [], {}
-    for feeds in inputs:
-        e_d, e_s = torch_eps(dense, feeds), torch_eps(slim, feeds)
+    for feeds, e_d in zip(inputs, memo["eps"], strict=True):
+        e_s = torch_eps(slim, feeds)
         pairs.append((e_s, e_d))
         per_t[str(float(feeds["timestep"][0]))] = relative_l2(e_s, e_d)
     nan_free = all(np.isfinite(a).all() for a, _ in pairs)
@@ -130,6 +135,9 @@ def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg:
         uncond = bundle.encoder.encode([""] * len(prompts))[0].float()
     finals = []
     for unet in (dense, slim):
+        if unet is dense and "final" in memo:
+            finals.append(memo["final"])
+            continue
         sched = bundle.make_scheduler()
         lat = initial_latents([cfg.seed + i for i in range(len(prompts))], (int(unet.config.in_channels), *latent_hw),
                               "cpu", torch.float32, sched.init_noise_sigma)
@@ -137,6 +145,8 @@ def slim_vs_dense(dense, slim, bundle, inputs: list[dict[str, np.ndarray]], cfg:
         out = denoise(unet, sched, cond.to(p.device, p.dtype), uncond.to(p.device, p.dtype), lat.to(p.device, p.dtype),
                       cfg.trajectory_steps, cfg.guidance_scale)
         finals.append(out.float().cpu().numpy())
+        if unet is dense:
+            memo["final"] = finals[-1]
     traj = compare(finals[1], finals[0], UNGATED)
     traj_rel = relative_l2(finals[1], finals[0])
     failed, reasons = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from slimexport.artifacts import sha256_json
 from slimexport.config import MAX_VERIFY_PROMPTS
 from slimexport.errors import SettingError
 from slimexport.verify import parity
@@ -11,7 +12,7 @@ from slimexport.verify import parity
 log = logging.getLogger("slimexport")
 
 
-def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
+def run_verify(cfg, bundle, models: dict, engines: dict, profile, dense_memo: dict | None = None) -> dict:
     """The three parity comparisons on fixed inputs at the profile's optimal latent size.
 
     Args:
@@ -19,6 +20,9 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
         bundle: the loaded model (text encoder, scheduler, sizes).
         models: ``{"dense", "slim"}`` torch UNets, fp32 on the CPU; engines: the same pair as engines.
         profile: the engines' ``EngineProfile``.
+        dense_memo: a dict kept by a caller that verifies many slim UNets against one dense UNet and engine (a
+            sweep): the dense side's results (its export parity, ε, trajectory) are computed into it once, keyed
+            by the verify settings, and reused.
 
     Returns:
         ``{"dense_export", "slim_export", "slim_vs_dense"}``: each comparison's metrics and verdict.
@@ -37,8 +41,16 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile) -> dict:
     # the engines' precision: the export's, or bf16 where an fp32 graph runs in bf16 (OpenVINO)
     dtype = "bf16" if cfg.export.dtype == "bf16" else engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp")
     tol = parity.export_tolerance(dtype, vcfg)
+    memo = None
+    if dense_memo is not None:
+        memo = dense_memo.setdefault(sha256_json([vcfg.to_dict(), list(hw), dtype]), {})
     out = {}
     for kind in ("dense", "slim"):
+        if kind == "dense" and memo is not None and "export" in memo:
+            out["dense_export"] = memo["export"]
+            continue
         out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)
-    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw)
+        if kind == "dense" and memo is not None:
+            memo["export"] = out["dense_export"]
+    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw, dense_memo=memo)
     return out
