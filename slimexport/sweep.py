@@ -483,7 +483,7 @@ class _Run:
 
     # -- step caching (--cache) ---------------------------------------------------------------------------------
 
-    def _cache_record(self, manifest, records: dict, folder: Path, name: str, unet, key: str, res, cached) -> dict:
+    def _cache_record(self, manifest, records: dict, stage: str, folder: Path, name: str, unet, key: str, res, cached) -> dict:
         """One UNet's full/shallow pair and schedule in ``folder`` (``stepcache/record.json``), as the build's stage."""
         from slimexport.api import _export_args
         from slimexport.calibrate.stats import CalibStats
@@ -492,7 +492,7 @@ class _Run:
         from slimexport.stepcache.schedule import SCHEDULE_FILE
 
         rec_path = folder / "stepcache" / "record.json"
-        return run_stage(manifest, records, f"stepcache_{name}" if name == "dense" else "stepcache", key,
+        return run_stage(manifest, records, stage, key,
                          [folder / SCHEDULE_FILE, rec_path, pair_dir(folder, name)],
                          lambda: _written(rec_path, cache_stage(
                              self.bundle, {name: unet}, folder, self.base.cache, prompts=CalibStats.read_prompts(res.stats_dir),
@@ -509,9 +509,9 @@ class _Run:
         calib_key = pman.stage("calibrate")["key"]
         ckey = stage_key("stepcache", self.base.cache.to_dict(), calib_key)
         if self._dense_cache is None:
-            self._dense_cache = self._cache_record(self.manifest, {}, self.out_dir / "dense", "dense", self.dense,
+            self._dense_cache = self._cache_record(self.manifest, {}, "stepcache_dense", self.out_dir / "dense", "dense", self.dense,
                                                    stage_key(ckey, self.dense_key), res, False if self.dense_rebuilt else None)
-        slim_rec = self._cache_record(pman, records, pdir, "slim", slim, stage_key(ckey, pman.stage("slim")["key"]), res,
+        slim_rec = self._cache_record(pman, records, "stepcache", pdir, "slim", slim, stage_key(ckey, pman.stage("slim")["key"]), res,
                                       False if rebuilt else None)
         # One record for the check, paths relative to the sweep folder: each UNet with its own schedule file.
         merged = {"config": slim_rec["config"], "describe": slim_rec["describe"], "unets": {}}

@@ -41,16 +41,9 @@ def run_verify(cfg, bundle, models: dict, engines: dict, profile, dense_memo: di
     # the engines' precision: the export's, or bf16 where an fp32 graph runs in bf16 (OpenVINO)
     dtype = "bf16" if cfg.export.dtype == "bf16" else engines["dense"].io_spec["inputs"][0]["dtype"].replace("float", "fp")
     tol = parity.export_tolerance(dtype, vcfg)
-    memo = None
-    if dense_memo is not None:
-        memo = dense_memo.setdefault(sha256_json([vcfg.to_dict(), list(hw), dtype]), {})
-    out = {}
-    for kind in ("dense", "slim"):
-        if kind == "dense" and memo is not None and "export" in memo:
-            out["dense_export"] = memo["export"]
-            continue
-        out[f"{kind}_export"] = parity.engine_vs_torch(engines[kind], models[kind], inputs, tol)
-        if kind == "dense" and memo is not None:
-            memo["export"] = out["dense_export"]
-    out["slim_vs_dense"] = parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw, dense_memo=memo)
-    return out
+    memo = {} if dense_memo is None else dense_memo.setdefault(sha256_json([vcfg.to_dict(), list(hw), dtype]), {})
+    if "export" not in memo:
+        memo["export"] = parity.engine_vs_torch(engines["dense"], models["dense"], inputs, tol)
+    return {"dense_export": memo["export"],
+            "slim_export": parity.engine_vs_torch(engines["slim"], models["slim"], inputs, tol),
+            "slim_vs_dense": parity.slim_vs_dense(models["dense"], models["slim"], bundle, inputs, vcfg, hw, dense_memo=memo)}
