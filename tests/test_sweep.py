@@ -228,7 +228,9 @@ def test_verify_reuses_the_dense_side_across_points(monkeypatch):
             engine.close()
     assert n_memo * 2 == calls["n"] > 0  # the dense ε computed for the first slim UNet only
     for a, b in zip(with_memo, without, strict=True):
-        assert a["slim_vs_dense"]["eps_rel_error"] == b["slim_vs_dense"]["eps_rel_error"]
-        assert a["slim_vs_dense"]["trajectory"] == b["slim_vs_dense"]["trajectory"]
+        # the same computation in one process; approx only so that no kernel-order detail can matter
+        assert a["slim_vs_dense"]["eps_rel_error"] == pytest.approx(b["slim_vs_dense"]["eps_rel_error"], rel=1e-6)
+        for k in ("cosine", "rel_error"):
+            assert a["slim_vs_dense"]["trajectory"][k] == pytest.approx(b["slim_vs_dense"]["trajectory"][k], rel=1e-6)
         assert a["dense_export"]["passed"] == b["dense_export"]["passed"]
     assert with_memo[0]["slim_vs_dense"]["eps_rel_error_mean"] != with_memo[1]["slim_vs_dense"]["eps_rel_error_mean"]
