@@ -5,8 +5,6 @@ through :func:`slimexport.stages.run_stage`, keyed by a content hash of its inpu
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -14,12 +12,12 @@ import torch
 
 from slimexport.allocate.api import plan_ranks, reuses_curves
 from slimexport.artifacts import (
-    check_writable_dir,
     ensure_dir,
     read_json,
     remove_stale_temporaries,
     sha256_json,
     write_json,
+    write_result,
 )
 from slimexport.bench.run import run_bench
 from slimexport.cache import Manifest, stage_key
@@ -29,10 +27,12 @@ from slimexport.calibrate.prompts import read_prompts_file
 from slimexport.calibrate.stats import STATS_FORMAT
 from slimexport.config import BuildConfig, CompressConfig
 from slimexport.decompose.api import Factorisations, slim_unet
+from slimexport.devices import resolve_device, resolve_dtype
 from slimexport.distributed import broadcast, dist_backend, dist_info
-from slimexport.engines.onnx_export import export_unet_onnx, read_export
+from slimexport.engines.onnx_export import build_export_args, export_for_build, read_export
 from slimexport.engines.pipeline_folder import (
     PIPELINE_FORMAT,
+    is_pipeline_source,
     pipeline_components,
     read_pipeline_folder,
     write_pipeline_folder,
@@ -51,98 +51,27 @@ from slimexport.figures import FIGURES_DIR, FIGURES_FORMAT, make_figures
 from slimexport.flags import apply_flags
 from slimexport.folder import (
     BuildResult,
+    CompressResult,
     bench_folder,
     finish_manifest,
-    json_object,
     relative_paths,
     verify_folder,
 )
 from slimexport.models import load as model_load
-from slimexport.models.arch import context_dim
 from slimexport.models.bundle import move
 from slimexport.models.macs import count_macs
+from slimexport.outdir import check_out_dir, default_out, shared_cache
 from slimexport.plan import RankPlan
 from slimexport.report import make_report, write_report
-from slimexport.slim.apply import load_slim_unet, save_slim_unet
+from slimexport.slim.apply import save_slim_unet
 from slimexport.stages import StageRecord, calibration_cached, result_key, run_stage, share_calibration, timed
-from slimexport.stepcache.api import cache_stage, pair_dir
-from slimexport.stepcache.build import CHECK_FILE, check_cache_settings, check_cached
-from slimexport.stepcache.schedule import SCHEDULE_FILE
+from slimexport.stepcache.build import cache_stages, check_cache_settings
 from slimexport.verify.run import run_verify
 
 __all__ = ["BuildResult", "CompressResult", "bench_folder", "build", "compress", "verify_folder"]
 
 log = logging.getLogger("slimexport")
-DEFAULT_ROOT = Path("engines")
-# Where calibration statistics are shared between builds (a new budget reuses them): $SLIMEXPORT_CACHE_DIR, else here.
-CACHE_ENV = "SLIMEXPORT_CACHE_DIR"
-# What slimexport writes into an --out folder (its temporaries start with '.'): any other entry is someone else's.
-OUTPUT_ENTRIES = frozenset({"manifest.json", "calib", "plan.json", "slim_unet", "onnx", "aoti", "openvino", "verify.json",
-                            "bench.json", "report.json", "report.md", "report.html", "figures", "pipeline", "stepcache"})
 
-
-@dataclass
-class CompressResult:
-    """What ``compress`` returns.
-
-    Attributes:
-        out_dir: the output folder; ``slim_dir``: the slim UNet folder inside it (``load_slim_unet(slim_dir)``).
-        plan: the rank plan (ranks, per-module diagnostics, parameter counts; ``plan.json``).
-        stages: per stage, wall seconds and whether it was a cache hit.
-    """
-
-    out_dir: Path
-    slim_dir: Path
-    stats_dir: Path
-    plan: RankPlan
-    stages: dict[str, StageRecord] = field(default_factory=dict)
-    bundle: object = None
-
-    def load_slim(self, device="cpu", dtype=torch.float32):
-        return load_slim_unet(self.slim_dir, device=device, dtype=dtype)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise SettingError(f"CompressConfig.device={device!r} asked for, but no CUDA GPU is visible",
-                           "use CompressConfig.device='cpu' (or 'auto')")
-    return d
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    if dt is not torch.float32 and device.type == "cpu":
-        raise SettingError(f"CompressConfig.calib_dtype={name!r} on the CPU is slow and imprecise",
-                           "use CompressConfig.calib_dtype='fp32' (or 'auto') on the CPU")
-    return dt
-
-
-def check_out_dir(out_dir: Path, entries: frozenset[str] = OUTPUT_ENTRIES) -> None:
-    """Refuse, before any work, an --out that cannot be written, or a folder of someone else's files (slimexport
-    would write calib/, onnx/ and reports among them); ``entries``: the names slimexport writes there."""
-    check_writable_dir(out_dir)
-    if out_dir.is_dir() and json_object(out_dir / "manifest.json", "manifest") is None:
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in entries and not p.name.startswith("."))
-        if foreign:
-            raise UsageError(f"{out_dir} holds files slimexport did not write ({', '.join(foreign[:3])}"
-                             f"{', …' if len(foreign) > 3 else ''}) and no readable manifest.json", "pass a new or empty --out folder")
-
-
-def default_out(model: str, budget: float, suffix: str = "", tag: str | None = None) -> Path:
-    """``engines/<name>-b<budget><suffix>`` (``tag`` in place of ``b<budget>``): a folder's name (its pipeline's for a
-    ``unet/`` folder), else the id."""
-    path = Path(model).expanduser().resolve()
-    if path.exists():
-        name = path.parent.name if path.name == "unet" and (path.parent / "model_index.json").exists() else path.name
-        name = path.stem if path.is_file() and path.suffix == ".safetensors" else name  # a single-file checkpoint
-    else:
-        name = model.replace("/", "--")
-    return DEFAULT_ROOT / f"{name}-{tag or f'b{budget:g}'}{suffix}"
 
 
 def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, bundle=None, progress: bool = True,
@@ -170,7 +99,6 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
                          "measure", "use slimexport build --budget-metric latency (it measures the table on --backend), "
                          "or pass latency= a slimexport.latency.measure_table(...) result")
     out_dir = Path(out) if out is not None else default_out(cfg.model, cfg.alloc.budget)
-    cache_root = shared_cache(cache_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.calib_dtype, device)
     check_out_dir(out_dir)
@@ -185,14 +113,35 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
         with timed(records, "load", False):
             bundle = model_load.load_model(cfg.model, random_weights=cfg.random_weights, config_of=cfg.config_of)
     calib_key = stage_key("calibrate", STATS_FORMAT, bundle.identity(), cfg.calib.to_dict(), str(dtype), device.type, *prompts_key)
-    stats_dir, plan_path, slim_dir = out_dir / "calib", out_dir / "plan.json", out_dir / "slim_unet"
-    shared = cache_root / "calib" / calib_key[:32]
-    manifest, cached = None, False
-    if rank == 0:
-        manifest = _open_manifest(out_dir, cfg, bundle)
-        cached = calibration_cached(manifest, calib_key, stats_dir, shared)
+    manifest = _open_manifest(out_dir, cfg, bundle) if rank == 0 else None
+    stats = _calibrate(cfg, bundle, manifest, records, calib_key, out_dir / "calib", shared_cache(cache_dir), device, dtype,
+                       progress)
+    if rank != 0:
+        return None
+    # The bundle's UNet is borrowed (fp32, on the device) and given back as it was.
+    p0 = next(bundle.unet.parameters())
+    home = (p0.device, p0.dtype)
+    unet = move(bundle.unet, device, torch.float32)
+    try:
+        plan = _plan_and_slim(cfg, bundle, unet, stats, manifest, records, calib_key, out_dir, device, latency, progress)
+    finally:
+        move(bundle.unet, *home)
+    manifest.set("params", plan["params"])
+    manifest.save()
+    return CompressResult(out_dir=out_dir, slim_dir=out_dir / "slim_unet", stats_dir=out_dir / "calib", plan=plan,
+                          stages=records, bundle=bundle)
 
-    def calibrated():  # under torch.distributed every rank calibrates a shard; rank 0 alone writes and goes on
+
+def _calibrate(cfg: CompressConfig, bundle, manifest, records: dict, calib_key: str, stats_dir: Path, cache_root: Path,
+               device, dtype, progress: bool) -> CalibStats | None:
+    """Stage ``calibrate``: SlimSet prompts, then the statistics of the model's own denoising loop (reused from this
+    folder or the shared cache, and shared from there). Under ``torch.distributed`` every rank calibrates a shard;
+    rank 0 alone writes and gets the statistics (the others ``None``)."""
+    rank, _ = dist_info()
+    shared = cache_root / "calib" / calib_key[:32]
+    cached = calibration_cached(manifest, calib_key, stats_dir, shared) if rank == 0 else False
+
+    def calibrated():
         check_steps(bundle, cfg.calib.num_steps)  # before the prompt selection's minute of embedding
         prompts = select_prompts(bundle, cfg.calib, device=device, cache_dir=cache_root / "embed")  # pool embeddings kept
         stats = calibrate(bundle, prompts, cfg.calib, device=device, dtype=dtype, progress=progress)
@@ -202,15 +151,16 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
 
     stats = run_stage(manifest, records, "calibrate", calib_key, [stats_dir], calibrated, device=device,
                       load=lambda: CalibStats.load(stats_dir) if rank == 0 else None, cached=broadcast(cached))
-    if rank != 0:
-        return None
-    if not records["calibrate"].cached:
+    if rank == 0 and not records["calibrate"].cached:
         share_calibration(stats_dir, shared)
+    return stats if rank == 0 else None
 
-    # The bundle's UNet is borrowed (fp32, on the device) and given back as it was.
-    p0 = next(bundle.unet.parameters())
-    home = (p0.device, p0.dtype)
-    unet = move(bundle.unet, device, torch.float32)
+
+def _plan_and_slim(cfg: CompressConfig, bundle, unet, stats: CalibStats, manifest, records: dict, calib_key: str,
+                   out_dir: Path, device, latency, progress: bool) -> RankPlan:
+    """Stages ``allocate`` (the rank plan, ``plan.json``) and ``decompose`` (the slim UNet, ``slim_unet/``; the plan
+    completed with each module's error and the MACs)."""
+    plan_path, slim_dir = out_dir / "plan.json", out_dir / "slim_unet"
     latent_hw = bundle.latent_size(cfg.calib.height, cfg.calib.width)
     plan_key = stage_key("plan", calib_key, cfg.decompose.to_dict(), cfg.alloc.to_dict(),
                          *([sha256_json(latency.to_dict())] if latency is not None else []))
@@ -223,8 +173,9 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
         return plan
 
     def decomposed():
-        slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress, factors=factors)
-        if factors is not None:
+        slim, diag = slim_unet(unet, stats, plan, cfg.decompose, device=device, progress=progress,
+                               factors=None if records["allocate"].cached else factors)
+        if diag.get("factorisations_reused"):
             log.info("decompose: %d factorisations taken from the allocation", diag["factorisations_reused"])
         done = _finish_plan(plan, diag, unet, slim, latent_hw)
         write_json(plan_path, done.to_dict())
@@ -234,25 +185,11 @@ def compress(cfg: CompressConfig | None = None, out: str | Path | None = None, b
                                                      "params": done["params"], "ranks": done["ranks"]})
         return done
 
-    try:
-        plan = run_stage(manifest, records, "allocate", plan_key, [plan_path], allocated, stage="plan", device=device,
-                         load=lambda: RankPlan.from_dict(read_json(plan_path, "rank plan")))
-        if records["allocate"].cached:
-            factors = None
-        # A recomputed plan lacks what decomposing adds to it (errors, MACs): decompose again rather than keep a stale plan.
-        plan = run_stage(manifest, records, "decompose", stage_key("slim", plan_key), [slim_dir], decomposed, stage="slim",
-                         load=lambda: plan, device=device, cached=None if records["allocate"].cached else False)
-    finally:
-        move(bundle.unet, *home)
-    manifest.set("params", plan["params"])
-    manifest.save()
-    return CompressResult(out_dir=out_dir, slim_dir=slim_dir, stats_dir=stats_dir, plan=plan, stages=records, bundle=bundle)
-
-
-def shared_cache(cache_dir: str | Path | None = None) -> Path:
-    """Where builds share calibration statistics, prompt embeddings and latency tables: ``cache_dir``, else
-    ``$SLIMEXPORT_CACHE_DIR``, else ``engines/.cache``."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_ROOT / ".cache")
+    plan = run_stage(manifest, records, "allocate", plan_key, [plan_path], allocated, stage="plan", device=device,
+                     load=lambda: RankPlan.from_dict(read_json(plan_path, "rank plan")))
+    # A recomputed plan lacks what decomposing adds to it (errors, MACs): decompose again rather than keep a stale plan.
+    return run_stage(manifest, records, "decompose", stage_key("slim", plan_key), [slim_dir], decomposed, stage="slim",
+                     load=lambda: plan, device=device, cached=None if records["allocate"].cached else False)
 
 
 def _open_manifest(out_dir: Path, cfg: CompressConfig, bundle) -> Manifest:
@@ -306,24 +243,16 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
                                         config_of=cfg.compress.config_of)
     profile = engine_profile(cfg, bundle)  # checked before the long stages: a bad --height fails in seconds
     check_cache_settings(cfg, bundle.unet)
-    if cfg.compress.alloc.metric == "latency":
-        from slimexport.latency.measure import PROBE_BACKENDS
-
-        if cfg.backend not in PROBE_BACKENDS:
-            raise UsageError(f"--budget-metric latency measures the engine per module, on {' or '.join(PROBE_BACKENDS)} "
-                             f"(ONNX engines), not --backend {cfg.backend}", "use --backend onnxruntime or openvino, or "
-                             "--budget-metric macs")
-    pipeline = cfg.pipeline if cfg.pipeline is not None else _is_pipeline_source(bundle)
+    pipeline = cfg.pipeline if cfg.pipeline is not None else is_pipeline_source(bundle)
     if pipeline:
         pipeline_components(bundle)  # a model without a text encoder or VAE is refused before the long stages
     latency = None
     if cfg.compress.alloc.metric == "latency":  # engine time per module and rank, measured (or cached) first
-        from slimexport.latency import measure_table
+        from slimexport.latency.measure import build_table
 
         with timed(records, "latency", False):
-            latency = measure_table(bundle.unet, cfg.compress.alloc.targets, profile, cfg.backend, cfg.export.dtype,
-                                    cache_dir=shared_cache(cache_dir) / "latency", device=device,
-                                    alloc=cfg.compress.alloc, progress=progress)
+            latency = build_table(cfg, bundle.unet, profile, device=device, cache_dir=shared_cache(cache_dir) / "latency",
+                                  progress=progress)
     res = compress(cfg.compress, out=out_dir, bundle=bundle, progress=progress, cache_dir=cache_dir, latency=latency)
     if res is None:
         return None
@@ -331,20 +260,7 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
     manifest = Manifest(out_dir)
     models = {"dense": move(bundle.unet, "cpu", torch.float32).eval(), "slim": res.load_slim()}
     seq_len = int(bundle.encoder.encode([""])[0].shape[1])  # text tokens: 77 for CLIP, 6 for digits
-    upstream = {"dense": bundle.identity(), "slim": manifest.stage("slim")["key"]}
-    keys, exports = {}, {}
-    for kind in ("dense", "slim"):
-        keys[kind] = stage_key("export", kind, upstream[kind], cfg.export.to_dict(), profile.to_dict())
-        folder = out_dir / "onnx" / kind
-        run_stage(manifest, records, f"export_{kind}", keys[kind], [folder],
-                  partial(_export, cfg, models[kind], folder, profile, seq_len))
-        exports[kind] = read_export(folder)
-    if pipeline:  # the whole pipeline as ONNX, with the slim UNet, for diffusers' and Optimum's ONNX pipelines
-        pipe_dir = out_dir / "pipeline"
-        pipe = run_stage(manifest, records, "pipeline", stage_key("pipeline", PIPELINE_FORMAT, keys["slim"], upstream["dense"]),
-                         [pipe_dir], lambda: write_pipeline_folder(bundle, out_dir / "onnx" / "slim", pipe_dir),
-                         load=lambda: read_pipeline_folder(pipe_dir))
-        manifest.set("pipeline", {"path": "pipeline", **pipe.to_dict()})
+    keys, exports = _export(cfg, bundle, models, manifest, records, out_dir, profile, seq_len, pipeline)
     ekey = engine_key(keys["dense"], keys["slim"], cfg, device)
     make = partial(make_engines, cfg, exports, models, device, profile, out_dir)  # built, or loaded from their files
     engines = run_stage(manifest, records, "engine", ekey, lambda e: [f for x in e.values() for f in x.files], make,
@@ -354,38 +270,14 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
     # Results are reused only when every artifact they were measured on was reused in this run: a file rebuilt here
     # (say, an export that `slimexport verify` found altered) is checked and timed afresh, under the same keys.
     rebuilt = any(not r.cached for k, r in records.items() if k != "load")
-    try:
-        parity = run_stage(manifest, records, "verify", result_key("verify", ekey, cfg), [out_dir / "verify.json"],
-                           lambda: _written(out_dir / "verify.json", run_verify(cfg, bundle, models, engines, profile)),
-                           load=lambda: read_json(out_dir / "verify.json", "verification results"), cached=False if rebuilt else None)
-        speed = run_stage(manifest, records, "bench", result_key("bench", ekey, cfg), [out_dir / "bench.json"],
-                          lambda: _written(out_dir / "bench.json", relative_paths(run_bench(cfg, engines, profile), out_dir)),
-                          load=lambda: read_json(out_dir / "bench.json", "benchmark results"), cached=False if rebuilt else None,
-                          device=torch.device(device))
-    finally:
-        for e in engines.values():
-            e.close()
+    again = False if rebuilt else None
+    parity, speed = _verify_and_bench(cfg, bundle, models, engines, manifest, records, ekey, out_dir, profile, device, again)
     cache = None
     if cfg.cache.enabled:  # step caching: a full/shallow pair per UNet, schedule.json, then their checks and speed
-        ckey = stage_key("stepcache", cfg.cache.to_dict(), keys["dense"], keys["slim"], manifest.stage("calibrate")["key"])
-        pairs = [out_dir / SCHEDULE_FILE, out_dir / "stepcache" / "record.json", *(pair_dir(out_dir, k) for k in models)]
-        cache = run_stage(manifest, records, "stepcache", ckey, pairs, lambda: _written(
-            out_dir / "stepcache" / "record.json", cache_stage(
-                bundle, models, out_dir, cfg.cache, prompts=CalibStats.read_prompts(res.stats_dir), calib=cfg.compress.calib,
-                **_export_args(cfg, models["dense"], profile, seq_len))),
-            load=lambda: read_json(out_dir / "stepcache" / "record.json", "step-cache record"), cached=False if rebuilt else None)
-        check_path = out_dir / CHECK_FILE
-        cache["check"] = run_stage(
-            manifest, records, "stepcache_check", stage_key("stepcache_check", ckey, ekey, cfg.verify.to_dict()), [check_path],
-            lambda: _written(check_path, check_cached(cfg, bundle, models, out_dir, cache, profile,
-                                                      engine_config(cfg, device, profile, seq_len))),
-            load=lambda: read_json(check_path, "step-cache check"), cached=False if rebuilt or not records["stepcache"].cached else None)
-    fig_dir = out_dir / FIGURES_DIR
-    figs = run_stage(manifest, records, "figures", stage_key("figures", FIGURES_FORMAT, result_key("verify", ekey, cfg),
-                                                             result_key("bench", ekey, cfg)), [fig_dir],
-                     lambda: _written(fig_dir / "index.json", make_figures(out_dir, res.plan, parity, speed, bundle, models["dense"],
-                                                                           models["slim"], cfg.verify, (profile.opt_height, profile.opt_width))),
-                     load=lambda: read_json(fig_dir / "index.json", "figure index"), cached=False if rebuilt else None)
+        cache = cache_stages(manifest, records, cfg, bundle, models, out_dir, {**keys, "calibrate": manifest.stage("calibrate")["key"]},
+                             ekey, res.stats_dir, profile, engine_config(cfg, device, profile, seq_len),
+                             build_export_args(cfg, models["dense"], profile, seq_len), rebuilt)
+    figs = _figures(cfg, bundle, models, manifest, records, ekey, res.plan, parity, speed, out_dir, profile, again)
     stages = {k: {"seconds": v.seconds, "cached": v.cached} for k, v in records.items()}
     report = make_report(cfg.compress.model, res.plan, parity, speed, stages,
                          extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict(), "figures": figs,
@@ -397,24 +289,50 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
     return BuildResult(out_dir=out_dir, report=report, passed=report["passed"])
 
 
-def _is_pipeline_source(bundle) -> bool:
-    """Whether a build writes ``pipeline/`` by default: a trained model read from a pipeline folder or the hub."""
-    return not bundle.weights_random and {"text_encoder", "vae", "tokenizer"} <= set(bundle.components)
+def _export(cfg: BuildConfig, bundle, models: dict, manifest, records: dict, out_dir: Path, profile, seq_len: int,
+            pipeline: bool) -> tuple[dict, dict]:
+    """Stages ``export_dense`` and ``export_slim`` (``onnx/<kind>/``), and ``pipeline`` (the whole pipeline as ONNX
+    with the slim UNet, for diffusers' and Optimum's ONNX pipelines) when asked for; the export keys and results."""
+    upstream = {"dense": bundle.identity(), "slim": manifest.stage("slim")["key"]}
+    keys, exports = {}, {}
+    for kind in ("dense", "slim"):
+        keys[kind] = stage_key("export", kind, upstream[kind], cfg.export.to_dict(), profile.to_dict())
+        folder = out_dir / "onnx" / kind
+        run_stage(manifest, records, f"export_{kind}", keys[kind], [folder],
+                  partial(export_for_build, cfg, models[kind], folder, profile, seq_len))
+        exports[kind] = read_export(folder)
+    if pipeline:
+        pipe_dir = out_dir / "pipeline"
+        pipe = run_stage(manifest, records, "pipeline", stage_key("pipeline", PIPELINE_FORMAT, keys["slim"], upstream["dense"]),
+                         [pipe_dir], lambda: write_pipeline_folder(bundle, out_dir / "onnx" / "slim", pipe_dir),
+                         load=lambda: read_pipeline_folder(pipe_dir))
+        manifest.set("pipeline", {"path": "pipeline", **pipe.to_dict()})
+    return keys, exports
 
 
-def _export_args(cfg: BuildConfig, unet, profile, seq_len: int) -> dict:
-    """ONNX export settings of a build (its dense, slim and step-cache graphs alike)."""
-    c = int(unet.config.in_channels)
-    dtype = "fp32" if cfg.export.dtype == "bf16" else cfg.export.dtype  # bf16: an fp32 graph OpenVINO runs in bf16
-    return {"opset": cfg.export.opset, "dtype": dtype, "output_name": cfg.export.output_name,
-            "sample_shape": (profile.opt_batch, c, profile.opt_height, profile.opt_width),
-            "context_shape": (profile.opt_batch, seq_len, context_dim(unet))}
+def _verify_and_bench(cfg: BuildConfig, bundle, models: dict, engines: dict, manifest, records: dict, ekey: str,
+                      out_dir: Path, profile, device: str, cached: bool | None) -> tuple[dict, dict]:
+    """Stages ``verify`` (parity and fidelity, ``verify.json``) and ``bench`` (dense vs slim engine speed,
+    ``bench.json``); the engines are closed after them."""
+    try:
+        parity = run_stage(manifest, records, "verify", result_key("verify", ekey, cfg), [out_dir / "verify.json"],
+                           lambda: write_result(out_dir / "verify.json", run_verify(cfg, bundle, models, engines, profile)),
+                           load=lambda: read_json(out_dir / "verify.json", "verification results"), cached=cached)
+        speed = run_stage(manifest, records, "bench", result_key("bench", ekey, cfg), [out_dir / "bench.json"],
+                          lambda: write_result(out_dir / "bench.json", relative_paths(run_bench(cfg, engines, profile), out_dir)),
+                          load=lambda: read_json(out_dir / "bench.json", "benchmark results"), cached=cached,
+                          device=torch.device(device))
+    finally:
+        for e in engines.values():
+            e.close()
+    return parity, speed
 
 
-def _export(cfg: BuildConfig, unet, folder: Path, profile, seq_len: int) -> None:
-    export_unet_onnx(unet, folder, **_export_args(cfg, unet, profile, seq_len))
-
-
-def _written(path: Path, obj):
-    write_json(path, obj)
-    return obj
+def _figures(cfg: BuildConfig, bundle, models: dict, manifest, records: dict, ekey: str, plan: RankPlan, parity: dict,
+             speed: dict, out_dir: Path, profile, cached: bool | None) -> dict:
+    """Stage ``figures``: the report's figures (``figures/index.json`` names them), from the checks and timings."""
+    fig_dir = out_dir / FIGURES_DIR
+    key = stage_key("figures", FIGURES_FORMAT, result_key("verify", ekey, cfg), result_key("bench", ekey, cfg))
+    return run_stage(manifest, records, "figures", key, [fig_dir], lambda: write_result(fig_dir / "index.json", make_figures(
+        out_dir, plan, parity, speed, bundle, models["dense"], models["slim"], cfg.verify, (profile.opt_height, profile.opt_width))),
+                     load=lambda: read_json(fig_dir / "index.json", "figure index"), cached=cached)

@@ -172,6 +172,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
                                        allow_nan=False) + "\n")
 
 
+def json_object(path: Path, what: str) -> dict | None:
+    """The JSON object in ``path``; ``None`` when it is missing, unreadable or not an object."""
+    try:
+        data = read_json(path, what) if path.is_file() else None
+    except ArtifactError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_result(path: str | os.PathLike, obj: Any) -> Any:
+    """``obj`` written to ``path`` as JSON (:func:`write_json`) and returned: a stage's result and its file at once."""
+    write_json(path, obj)
+    return obj
+
+
 def _json_safe(o):
     if isinstance(o, dict):
         return {k: _json_safe(v) for k, v in o.items()}

@@ -3,6 +3,7 @@ DIR`` times the engines again; both keep the folder's report and the manifest's 
 
 A folder is checked as built: altered files are reported, never rebuilt here, and TensorRT plans or AOTInductor
 packages are loaded as compiled (one made for another GPU, device or torch version is refused, not recompiled).
+What the pipeline returns is defined here too: ``CompressResult`` (``compress``) and ``BuildResult``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from slimexport.artifacts import read_json, sha256_json, write_json
+from slimexport.artifacts import json_object, read_json, sha256_json, write_json
 from slimexport.bench.run import run_bench
 from slimexport.cache import Manifest
 from slimexport.config import BuildConfig
@@ -39,9 +40,10 @@ from slimexport.errors import (
 from slimexport.figures import FIGURES_DIR, latency_figure
 from slimexport.models import load as model_load
 from slimexport.models.bundle import move
+from slimexport.plan import RankPlan
 from slimexport.report import make_report, write_report
 from slimexport.slim.apply import load_slim_unet
-from slimexport.stages import result_key
+from slimexport.stages import StageRecord, result_key
 from slimexport.verify.run import run_verify
 
 # Stages whose records (and files) every finished build has: a manifest without them vouches for nothing.
@@ -58,13 +60,25 @@ class BuildResult:
     passed: bool
 
 
-def json_object(path: Path, what: str) -> dict | None:
-    """The JSON object in ``path``; ``None`` when it is missing, unreadable or not an object."""
-    try:
-        data = read_json(path, what) if path.is_file() else None
-    except ArtifactError:
-        return None
-    return data if isinstance(data, dict) else None
+@dataclass
+class CompressResult:
+    """What ``compress`` returns.
+
+    Attributes:
+        out_dir: the output folder; ``slim_dir``: the slim UNet folder inside it (``load_slim_unet(slim_dir)``).
+        plan: the rank plan (ranks, per-module diagnostics, parameter counts; ``plan.json``).
+        stages: per stage, wall seconds and whether it was a cache hit.
+    """
+
+    out_dir: Path
+    slim_dir: Path
+    stats_dir: Path
+    plan: RankPlan
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    bundle: object = None
+
+    def load_slim(self, device="cpu", dtype=torch.float32):
+        return load_slim_unet(self.slim_dir, device=device, dtype=dtype)
 
 
 def relative_paths(obj, root: Path):

@@ -41,6 +41,7 @@ from slimexport.artifacts import (
     save_tensors,
     sha256_json,
     write_json,
+    write_result,
     write_text,
 )
 from slimexport.cache import Manifest, stage_key
@@ -238,7 +239,7 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
     Returns:
         :class:`SweepResult`.
     """
-    from slimexport.api import check_out_dir, compress
+    from slimexport.api import compress
     from slimexport.engines.select import (
         check_backend_available,
         check_engine_dtype,
@@ -247,6 +248,7 @@ def sweep(cfg: SweepConfig | None = None, out: str | Path | None = None, progres
     )
     from slimexport.flags import apply_flags
     from slimexport.models import load as model_load
+    from slimexport.outdir import check_out_dir
     from slimexport.stepcache.build import check_cache_settings
 
     cfg = _with_flags(cfg if cfg is not None else SweepConfig(), flags, apply_flags)
@@ -327,11 +329,6 @@ def _speedup_short(rec: dict) -> str:
     return f"{rec['speedup']:.3f}×" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _written(path: Path, obj):
-    write_json(path, obj)
-    return obj
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -343,15 +340,14 @@ class _Run:
     """A sweep in progress: the shared model, dense export, dense engine (made on first use) and judge."""
 
     def __init__(self, cfg, base, bundle, profile, device, out_dir, manifest, judge_n, cache_dir, progress, compress):
-        from slimexport.api import _export  # the build's own export (the same graph settings for every point)
         from slimexport.calibrate.prompts import read_prompts_file
-        from slimexport.engines.onnx_export import read_export
+        from slimexport.engines.onnx_export import export_for_build, read_export
         from slimexport.models.bundle import move
         from slimexport.stages import run_stage
 
         self.cfg, self.base, self.bundle, self.profile, self.device = cfg, base, bundle, profile, device
         self.out_dir, self.manifest, self.judge_n, self.cache_dir, self.progress = out_dir, manifest, judge_n, cache_dir, progress
-        self.compress, self.export = compress, _export
+        self.compress, self.export = compress, export_for_build  # the build's own export settings
         self._dense_cache = None  # the dense UNet's step-cache record (--cache): made with the first point, shared
         self.dense_memo: dict = {}  # the dense side of verify (export parity, ε, trajectory): computed once
         self.dense = move(bundle.unet, "cpu", torch.float32).eval()
@@ -362,20 +358,19 @@ class _Run:
         self.dense_key = stage_key("export", "dense", bundle.identity(), base.export.to_dict(), profile.to_dict())
         folder = out_dir / "dense" / "onnx"
         run_stage(manifest, self.records, "export_dense", self.dense_key, [folder],
-                  partial(_export, base, self.dense, folder, profile, self.seq_len))
+                  partial(export_for_build, base, self.dense, folder, profile, self.seq_len))
         self.dense_rebuilt = not self.records["export_dense"].cached
         self.dense_export = read_export(folder)
         self._dense_engine = None
         self._judge = None
         self.latency = None
         if base.compress.alloc.metric == "latency":  # the engine's latency table, measured (or cached) once, as build
-            from slimexport.api import shared_cache
-            from slimexport.latency import measure_table
+            from slimexport.latency.measure import build_table
+            from slimexport.outdir import shared_cache
 
-            targets = sorted({t for pt in cfg.points() for t in pt.targets})
-            self.latency = measure_table(self.dense, targets, profile, base.backend, base.export.dtype,
-                                         cache_dir=shared_cache(cache_dir) / "latency", device=device,
-                                         alloc=base.compress.alloc, dense_onnx=folder, progress=progress)
+            self.latency = build_table(base, self.dense, profile, device=device, cache_dir=shared_cache(cache_dir) / "latency",
+                                       progress=progress, targets=sorted({t for pt in cfg.points() for t in pt.targets}),
+                                       dense_onnx=folder)
 
     def close(self) -> None:
         if self._dense_engine is not None:
@@ -462,11 +457,11 @@ class _Run:
         rebuilt = self.dense_rebuilt or any(not r.cached for k, r in records.items() if k != "load")
         try:
             parity = run_stage(pman, records, "verify", result_key("verify", ekey, p.cfg), [pdir / "verify.json"],
-                               lambda: _written(pdir / "verify.json", run_verify(p.cfg, self.bundle, models, engines(), self.profile,
+                               lambda: write_result(pdir / "verify.json", run_verify(p.cfg, self.bundle, models, engines(), self.profile,
                                                                                 dense_memo=self.dense_memo)),
                                load=lambda: read_json(pdir / "verify.json", "verification results"), cached=False if rebuilt else None)
             speed = run_stage(pman, records, "bench", result_key("bench", ekey, p.cfg), [pdir / "bench.json"],
-                              lambda: _written(pdir / "bench.json", relative_paths(run_bench(p.cfg, engines(), self.profile), pdir)),
+                              lambda: write_result(pdir / "bench.json", relative_paths(run_bench(p.cfg, engines(), self.profile), pdir)),
                               load=lambda: read_json(pdir / "bench.json", "benchmark results"), cached=False if rebuilt else None,
                               device=torch.device(self.device))
         finally:
@@ -485,26 +480,17 @@ class _Run:
 
     def _cache_record(self, manifest, records: dict, stage: str, folder: Path, name: str, unet, key: str, res, cached) -> dict:
         """One UNet's full/shallow pair and schedule in ``folder`` (``stepcache/record.json``), as the build's stage."""
-        from slimexport.api import _export_args
-        from slimexport.calibrate.stats import CalibStats
-        from slimexport.stages import run_stage
-        from slimexport.stepcache.api import cache_stage, pair_dir
-        from slimexport.stepcache.schedule import SCHEDULE_FILE
+        from slimexport.engines.onnx_export import build_export_args
+        from slimexport.stepcache.build import record_stage
 
-        rec_path = folder / "stepcache" / "record.json"
-        return run_stage(manifest, records, stage, key,
-                         [folder / SCHEDULE_FILE, rec_path, pair_dir(folder, name)],
-                         lambda: _written(rec_path, cache_stage(
-                             self.bundle, {name: unet}, folder, self.base.cache, prompts=CalibStats.read_prompts(res.stats_dir),
-                             calib=self.base.compress.calib, **_export_args(self.base, self.dense, self.profile, self.seq_len))),
-                         load=lambda: read_json(rec_path, "step-cache record"), cached=cached)
+        return record_stage(manifest, records, stage, key, folder, self.base, self.bundle, {name: unet}, res.stats_dir,
+                            build_export_args(self.base, self.dense, self.profile, self.seq_len), cached=cached)
 
     def _cache_point(self, p: Point, pdir: Path, res, slim, pman, records: dict, ekey: str, rebuilt: bool) -> dict:
         """The point's step caching: the shared dense pair (made once, in ``dense/``), the point's slim pair, then
         the build's checks (pair parity, cached fidelity, per-image loops: dense, slim, cached, cached + slim)."""
         from slimexport.engines.select import engine_config
-        from slimexport.stages import run_stage
-        from slimexport.stepcache.build import CHECK_FILE, check_cached
+        from slimexport.stepcache.build import check_stage
 
         calib_key = pman.stage("calibrate")["key"]
         ckey = stage_key("stepcache", self.base.cache.to_dict(), calib_key)
@@ -519,17 +505,12 @@ class _Run:
             for name, entry in rec["unets"].items():
                 merged["unets"][name] = {**entry, "schedule": str(root / rec["schedule"]["path"]),
                                          "pair": {**entry["pair"], "path": str(root / entry["pair"]["path"])}}
-        check_path = pdir / CHECK_FILE
-        ecfg = engine_config(p.cfg, self.device, self.profile, self.seq_len)
-        return run_stage(pman, records, "stepcache_check", stage_key("stepcache_check", ckey, ekey, p.cfg.verify.to_dict()),
-                         [check_path],
-                         lambda: _written(check_path, check_cached(
-                             p.cfg, self.bundle, {"dense": self.dense, "slim": slim}, self.out_dir, merged, self.profile, ecfg,
-                             onnx_dirs={"dense": self.out_dir / "dense" / "onnx", "slim": pdir / "onnx" / "slim"})),
-                         load=lambda: read_json(check_path, "step-cache check"),
-                         cached=False if rebuilt or not records["stepcache"].cached else None) | {
-                             "describe": slim_rec["describe"],
-                             "schedules": {k: e["schedules"] for k, e in merged["unets"].items()}}
+        check = check_stage(pman, records, stage_key("stepcache_check", ckey, ekey, p.cfg.verify.to_dict()), pdir, p.cfg,
+                            self.bundle, {"dense": self.dense, "slim": slim}, self.out_dir, merged, self.profile,
+                            engine_config(p.cfg, self.device, self.profile, self.seq_len),
+                            cached=False if rebuilt or not records["stepcache"].cached else None,
+                            onnx_dirs={"dense": self.out_dir / "dense" / "onnx", "slim": pdir / "onnx" / "slim"})
+        return check | {"describe": slim_rec["describe"], "schedules": {k: e["schedules"] for k, e in merged["unets"].items()}}
 
     # -- the judge (digits) ------------------------------------------------------------------------------------
 
@@ -555,7 +536,7 @@ class _Run:
             images, labels = generate(self.dense, self.bundle, self._judge_args())
             out, cache = judge_scores(judge, images, labels, None, JUDGE_PROTOCOL["boot"])
             save_tensors(tensors, {"feats": cache["feats"], "correct": cache["correct"]})
-            return _written(scores, out)
+            return write_result(scores, out)
 
         key = stage_key("judge_dense", self.bundle.identity(), self.judge_settings(), judge.test_accuracy)
         dense = run_stage(self.manifest, {}, "judge_dense", key, [tensors, scores], scored,

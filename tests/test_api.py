@@ -131,21 +131,6 @@ def test_compress_gives_the_bundle_unet_back_as_it_was(tmp_path):
     assert {p.dtype for p in bundle.unet.parameters()} == {torch.float16}
 
 
-def test_default_out_names_the_model(tmp_path):
-    from pathlib import Path
-
-    from slimexport.api import default_out
-
-    (tmp_path / "my-pipe" / "unet").mkdir(parents=True)
-    (tmp_path / "my-pipe" / "model_index.json").write_text("{}")
-    (tmp_path / "solo" / "unet").mkdir(parents=True)  # a unet/ folder without a pipeline around it keeps its name
-    assert default_out(str(tmp_path / "my-pipe"), 0.73) == Path("engines/my-pipe-b0.73")
-    assert default_out(str(tmp_path / "my-pipe" / "unet"), 0.73, "-onnxruntime") == Path("engines/my-pipe-b0.73-onnxruntime")
-    assert default_out(str(tmp_path / "solo" / "unet"), 0.5) == Path("engines/unet-b0.5")
-    assert default_out("CompVis/stable-diffusion-v1-4", 0.73) == Path("engines/CompVis--stable-diffusion-v1-4-b0.73")
-    assert default_out("digits", 0.73) == Path("engines/digits-b0.73")
-
-
 def test_a_long_stage_says_it_is_alive(caplog, monkeypatch):
     import logging
     import time

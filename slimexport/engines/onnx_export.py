@@ -378,6 +378,21 @@ def export_unet_onnx(unet, out_dir: str | Path, *, opset: int = 19, dtype: str =
     return result
 
 
+def build_export_args(cfg, unet, profile, seq_len: int) -> dict:
+    """:func:`export_unet_onnx`'s settings in a build (``cfg``: a ``BuildConfig``): its dense, slim and step-cache
+    graphs alike, traced at the profile's optimum shape with ``seq_len`` text tokens."""
+    c = int(unet.config.in_channels)
+    dtype = "fp32" if cfg.export.dtype == "bf16" else cfg.export.dtype  # bf16: an fp32 graph OpenVINO runs in bf16
+    return {"opset": cfg.export.opset, "dtype": dtype, "output_name": cfg.export.output_name,
+            "sample_shape": (profile.opt_batch, c, profile.opt_height, profile.opt_width),
+            "context_shape": (profile.opt_batch, seq_len, context_dim(unet))}
+
+
+def export_for_build(cfg, unet, folder: Path, profile, seq_len: int) -> None:
+    """A build's export of ``unet`` into ``folder`` (:func:`build_export_args`)."""
+    export_unet_onnx(unet, folder, **build_export_args(cfg, unet, profile, seq_len))
+
+
 def export_traced(module, args: tuple, io_spec: dict, out_dir: str | Path, opset: int, dtype: str,
                   t0: float | None = None) -> ExportResult:
     """``module(*args)`` traced to ``out_dir`` under ``io_spec``'s names, then the steps every export takes: graph

@@ -205,6 +205,11 @@ def write_pipeline_folder(bundle, slim_onnx_folder: str | Path, out_dir: str | P
     return result
 
 
+def is_pipeline_source(bundle) -> bool:
+    """Whether a build writes ``pipeline/`` by default: a trained model read from a pipeline folder or the hub."""
+    return not bundle.weights_random and {"text_encoder", "vae", "tokenizer"} <= set(bundle.components)
+
+
 def pipeline_components(bundle) -> tuple:
     """``(text_encoder, tokenizer, vae)`` of the bundle, or a one-line error saying what a pipeline folder needs
     (cheap: call it before the long stages when a pipeline folder is asked for).

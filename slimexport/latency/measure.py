@@ -546,6 +546,20 @@ def calibrate_table(unet, table: LatencyTable, targets, backend: str, profile: E
     return scales, details, dense_p50
 
 
+def build_table(cfg, unet, profile: EngineProfile, *, device: str, cache_dir: str | Path | None, progress: bool = True,
+                targets=None, dense_onnx: str | Path | None = None) -> LatencyTable:
+    """The table a build (``cfg``: a ``BuildConfig``) allocates by under ``--budget-metric latency``: measured on its
+    backend, dtype and device at its profile (:func:`measure_table`), or loaded from ``cache_dir``; ``targets``:
+    the groups to cover (default the build's ``--targets``)."""
+    if cfg.backend not in PROBE_BACKENDS:
+        raise UsageError(f"--budget-metric latency measures the engine per module, on {' or '.join(PROBE_BACKENDS)} "
+                         f"(ONNX engines), not --backend {cfg.backend}", "use --backend onnxruntime or openvino, or "
+                         "--budget-metric macs")
+    return measure_table(unet, targets or cfg.compress.alloc.targets, profile, cfg.backend, cfg.export.dtype,
+                         cache_dir=cache_dir, device=device, alloc=cfg.compress.alloc, dense_onnx=dense_onnx,
+                         progress=progress)
+
+
 def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxruntime", dtype: str = "fp32", *,
                   cache_dir: str | Path | None = None, device: str = "cpu", threads: int | None = None,
                   dense_ms: float | None = None, dense_onnx: str | Path | None = None, alloc: AllocConfig | None = None,

@@ -22,10 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimexport.artifacts import read_json, write_result
+from slimexport.cache import stage_key
 from slimexport.errors import UsageError
+from slimexport.stages import run_stage
+from slimexport.stepcache.api import cache_stage, pair_dir
 from slimexport.stepcache.engines import pair_engines
 from slimexport.stepcache.export import CACHE, CachedEngineUNet, EngineUNet
-from slimexport.stepcache.schedule import read_schedule
+from slimexport.stepcache.schedule import SCHEDULE_FILE, read_schedule
 from slimexport.stepcache.unet import SplitUNet, check_depth
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,48 @@ def check_cache_settings(cfg, unet) -> None:
         check_depth(unet, cfg.cache.depth)
     except UsageError as err:
         raise UsageError(f"--cache-depth: {err.message}", err.fix) from None
+
+
+def cache_stages(manifest, records: dict, cfg, bundle, models: dict, out_dir: Path, keys: dict[str, str], ekey: str,
+                 stats_dir: Path, profile, ecfg, export_kw: dict, rebuilt: bool) -> dict:
+    """A build's step caching (``--cache``): the dense and slim full/shallow pairs with their schedule (stage
+    ``stepcache``), then their checks (``stepcache_check``); the record, with the check under ``"check"``.
+
+    ``keys``: the ``dense`` and ``slim`` export keys and the ``calibrate`` key; ``ekey``: the engines' key;
+    ``export_kw``: the build's export settings; ``rebuilt``: an upstream artifact was made afresh in this run."""
+    ckey = stage_key("stepcache", cfg.cache.to_dict(), keys["dense"], keys["slim"], keys["calibrate"])
+    cache = record_stage(manifest, records, "stepcache", ckey, out_dir, cfg, bundle, models, stats_dir, export_kw,
+                         cached=False if rebuilt else None)
+    cache["check"] = check_stage(manifest, records, stage_key("stepcache_check", ckey, ekey, cfg.verify.to_dict()), out_dir,
+                                 cfg, bundle, models, out_dir, cache, profile, ecfg,
+                                 cached=False if rebuilt or not records["stepcache"].cached else None)
+    return cache
+
+
+def record_stage(manifest, records: dict, stage: str, key: str, folder: Path, cfg, bundle, unets: dict, stats_dir: Path,
+                 export_kw: dict, cached: bool | None = None) -> dict:
+    """Stage ``stage``: each of ``unets``' full/shallow pair and their schedule in ``folder``, planned on the
+    calibration's prompts (``stats_dir``); the record (:func:`~slimexport.stepcache.api.cache_stage`) is kept in
+    ``folder/stepcache/record.json``."""
+    from slimexport.calibrate.stats import CalibStats
+
+    rec_path = folder / RECORD_FILE
+    return run_stage(manifest, records, stage, key, [folder / SCHEDULE_FILE, rec_path, *(pair_dir(folder, n) for n in unets)],
+                     lambda: write_result(rec_path, cache_stage(bundle, unets, folder, cfg.cache,
+                                                                prompts=CalibStats.read_prompts(stats_dir),
+                                                                calib=cfg.compress.calib, **export_kw)),
+                     load=lambda: read_json(rec_path, "step-cache record"), cached=cached)
+
+
+def check_stage(manifest, records: dict, key: str, folder: Path, cfg, bundle, models: dict, root: Path, record: dict,
+                profile, ecfg, cached: bool | None = None, onnx_dirs: dict[str, Path] | None = None) -> dict:
+    """Stage ``stepcache_check``: :func:`check_cached` kept in ``folder/stepcache/check.json`` (paths in ``record``
+    relative to ``root``)."""
+    check_path = folder / CHECK_FILE
+    return run_stage(manifest, records, "stepcache_check", key, [check_path],
+                     lambda: write_result(check_path, check_cached(cfg, bundle, models, root, record, profile, ecfg,
+                                                                   onnx_dirs=onnx_dirs)),
+                     load=lambda: read_json(check_path, "step-cache check"), cached=cached)
 
 
 def timing_steps(steps: tuple[int, ...]) -> int:

@@ -8,7 +8,7 @@ SMALL = ["--calib-prompts", "4", "--calib-steps", "4", "--calib-bins", "2", "--c
 
 
 def test_compress_command_end_to_end(tmp_path, capsys, monkeypatch):
-    from slimexport.api import CACHE_ENV
+    from slimexport.outdir import CACHE_ENV
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared-cache"))
