@@ -277,7 +277,8 @@ def build(cfg: BuildConfig | None = None, out: str | Path | None = None, progres
         cache = cache_stages(manifest, records, cfg, bundle, models, out_dir, {**keys, "calibrate": manifest.stage("calibrate")["key"]},
                              ekey, res.stats_dir, profile, engine_config(cfg, device, profile, seq_len),
                              build_export_args(cfg, models["dense"], profile, seq_len), rebuilt)
-    figs = _figures(cfg, bundle, models, manifest, records, ekey, res.plan, parity, speed, out_dir, profile, again)
+    figs = _figures(cfg, bundle, models, manifest, records, ekey, res.plan, parity, speed, out_dir, profile, again) \
+        if cfg.figures else None
     stages = {k: {"seconds": v.seconds, "cached": v.cached} for k, v in records.items()}
     report = make_report(cfg.compress.model, res.plan, parity, speed, stages,
                          extra={"backend": cfg.backend, "engine_device": device, "profile": profile.to_dict(), "figures": figs,

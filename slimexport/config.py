@@ -489,6 +489,8 @@ class BuildConfig(_Config):
             pipelines load, with the slim UNet; ``None``: where the model was read from a pipeline folder or the hub
             (trained weights with a text encoder and a VAE).
         cache: step caching (``--cache auto|off|N``): a full/shallow engine pair per UNet and ``schedule.json``.
+        figures: draw ``figures/`` (sample images, ε error per timestep, ranks, latency) for the report; ``False``
+            skips the trajectories they sample (minutes at SD sizes on a CPU).
     """
 
     _nested: ClassVar[dict[str, type]] = {"compress": CompressConfig, "export": ExportConfig, "verify": VerifyConfig,
@@ -506,11 +508,13 @@ class BuildConfig(_Config):
     optimization_level: int = 3
     pipeline: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    figures: bool = True
 
     def __post_init__(self):
         n = type(self).__name__
         _check(n, "backend", self.backend, self.backend in BACKENDS, " or ".join(BACKENDS))
         _check(n, "pipeline", self.pipeline, self.pipeline in (None, True, False), "None, True or False")
+        _check(n, "figures", self.figures, self.figures in (True, False), "True or False")
         _check(n, "engine_device", self.engine_device, _is_device(self.engine_device),
                "auto, cpu or cuda[:N]")
         for k, lo in (("batch", 1), ("height", 8), ("width", 8)):

@@ -102,6 +102,7 @@ FLAGS: dict[str, Flag] = {
     "engine_device": _f("engine_device"),
     "optimization_level": _f("optimization_level"),
     "pipeline": _f("pipeline"),
+    "figures": _f("figures"),
     "cache": _f("cache.mode", convert=parse_cache_mode),
     "cache_depth": _f("cache.depth"),
     "cache_threshold": _f("cache.threshold"),

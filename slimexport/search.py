@@ -6,8 +6,9 @@ bench, interleaved dense/slim). The search keeps the largest budget that reached
 the next budget comes from the last measurements (the latency fraction taken as linear in the budget:
 :func:`next_budget`), kept strictly between the two, or their midpoint; it stops when they are within ``tolerance`` of each
 other, after ``max_trials`` builds, or when S cannot be reached (a budget below the allocation's floor, or the
-floor's measured speed-up short of S). The folder ends holding the build at the chosen budget, with
-``search.json`` (every trial: budget, measured speed-up and interval, verdict) beside its report.
+floor's measured speed-up short of S). Trials skip the report's figures; the folder ends holding the build at
+the chosen budget (with its figures, unless ``--no-figures``) and ``search.json`` (every trial: budget, measured
+speed-up and interval, verdict) beside its report.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def speedup_search(cfg, target: float, out: str | Path, build: Callable, *, prog
     while len(trials) < max_trials:
         log.info("speed target %.3gx: trial %d at budget %g", target, len(trials) + 1, budget)
         try:
-            res = build(cfg, out=out, progress=progress, cache_dir=cache_dir, budget=budget)
+            res = build(cfg, out=out, progress=progress, cache_dir=cache_dir, budget=budget, figures=False)
         except UsageError as err:
             below = FLOOR.search(err.message)
             if below is None:
@@ -123,8 +124,10 @@ def _finish(cfg, target, out: Path, trials: list[dict], results: dict, reached, 
     best = max(measured, key=lambda t: t["speedup"]) if measured else None
     chosen = reached if reached is not None else (best["budget"] if best else None)
     res = results.get(chosen)
-    if res is not None and trials and [t for t in trials if "speedup" in t][-1]["budget"] != chosen:
-        res = rebuild(chosen)  # the folder ends at it
+    # The folder ends at the chosen budget, with the figures the trials skipped (a rebuild of the last trial reuses
+    # every stage but the figures).
+    if res is not None and (measured[-1]["budget"] != chosen or cfg.figures):
+        res = rebuild(chosen)
     record = {"format": SEARCH_FORMAT, "target": target, "reached": reached is not None, "chosen_budget": chosen,
               "trials": trials}
     if res is not None:  # what the folder's own bench says (re-timed when the chosen build was rebuilt)

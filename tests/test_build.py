@@ -74,6 +74,16 @@ def test_second_run_is_a_cache_hit(built):
     assert again.report["parity"] == first.report["parity"]
 
 
+def test_no_figures_draws_none_and_the_report_reads_without_them(built, tmp_path):
+    root, _ = built
+    res = build(CFG, out=tmp_path / "nofig", progress=False, cache_dir=root / "cache", figures=False)
+    assert res.passed and res.report["figures"] is None and "figures" not in res.report["stages"]
+    assert not (tmp_path / "nofig" / "figures").exists()
+    assert "figures" not in json.loads((tmp_path / "nofig" / "manifest.json").read_text())["stages"]
+    md = (tmp_path / "nofig" / "report.md").read_text()
+    assert "## " in md and ".png" not in md and (tmp_path / "nofig" / "report.html").exists()
+
+
 def test_verify_and_bench_can_be_rerun_on_a_healthy_folder(built, tmp_path, capsys):
     """verify and bench rewrite verify.json/bench.json: a later verify must not call its own outputs altered."""
     root, _ = built

@@ -35,16 +35,17 @@ def test_keywords_and_flags_give_the_same_config():
     argv = ["--model", "tiny", "--budget", "0.6", "--allocation", "greedy", "--targets", "attn,ffn,resnet",
             "--temperature", "inf", "--calib-prompts", "16", "--calib-steps", "3", "--height", "128,256,384",
             "--cache", "auto", "--cache-depth", "2", "--backend", "openvino", "--dtype", "bf16", "--iterations", "7",
-            "--max-eps-error", "0.2", "--bench-target-ci", "0.05"]
+            "--max-eps-error", "0.2", "--bench-target-ci", "0.05", "--no-figures"]
     out = CliRunner().invoke(cli, ["build", *argv, "--dump-config"])
     assert out.exit_code == 0, out.output
     from_cli = BuildConfig.from_dict(json.loads(out.output))
     from_api = build_config(model="tiny", budget=0.6, allocation="greedy", targets="attn,ffn,resnet", temperature="inf",
                             calib_prompts=16, calib_steps=3, height="128,256,384", cache="auto", cache_depth=2,
-                            backend="openvino", dtype="bf16", iterations=7, max_eps_error=0.2, bench_target_ci=0.05)
+                            backend="openvino", dtype="bf16", iterations=7, max_eps_error=0.2, bench_target_ci=0.05,
+                            figures=False)
     assert from_api == from_cli
     assert from_api.compress.alloc.temperature == math.inf and from_api.compress.calib.num_bins == 3  # one bin per step
-    assert from_api.height == (128, 256, 384) and from_api.cache.mode == "auto"
+    assert from_api.height == (128, 256, 384) and from_api.cache.mode == "auto" and from_api.figures is False
 
 
 def test_keywords_override_a_config_and_none_means_not_given():

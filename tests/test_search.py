@@ -34,8 +34,8 @@ def _fake_build(speed_of, floor=None):
     """``api.build`` answering with ``speed_of(budget)`` (and refusing budgets below ``floor`` as the allocation does)."""
     calls = []
 
-    def fake(cfg, out=None, progress=True, cache_dir=None, budget=None, **kw):
-        calls.append(budget)
+    def fake(cfg, out=None, progress=True, cache_dir=None, budget=None, figures=True, **kw):
+        calls.append(budget if figures is False else ("final", budget))
         if floor is not None and budget < floor:
             raise UsageError(f"budget {budget:g} is below the smallest feasible budget {floor:.4f} (every module at r_min)",
                              "use --budget >= ...")
@@ -53,7 +53,9 @@ def test_search_finds_the_largest_budget_that_reaches_the_target(tmp_path):
     best = (1 / 1.3 - 0.3) / 0.7  # 0.670: the exact largest budget reaching 1.3
     assert rec["reached"] and best - 0.02 <= rec["chosen_budget"] <= best + 1e-9
     assert calls[0] == pytest.approx(1 / 1.3, abs=1e-4) and len(calls) <= 9
-    assert calls[-1] == rec["chosen_budget"] and rec["final"]["speedup"] >= 1.3  # the folder ends holding the chosen build
+    # trials skip the figures; the folder ends holding the chosen build, figures and all
+    assert all(not isinstance(c, tuple) for c in calls[:-1]) and len(calls) - 1 == len(rec["trials"])
+    assert calls[-1] == ("final", rec["chosen_budget"]) and rec["final"]["speedup"] >= 1.3
     assert res.report["speed_target"]["chosen_budget"] == rec["chosen_budget"]
     assert all(t["reached"] == (t["speedup"] >= 1.3) for t in rec["trials"])
 
@@ -64,8 +66,8 @@ def test_unreachable_target_stops_at_the_floor_and_says_the_best(tmp_path):
         speedup_search(BuildConfig(), 2.0, tmp_path / "out", fake)
     rec = json.loads((tmp_path / "out" / SEARCH_FILE).read_text())
     assert not rec["reached"] and rec["chosen_budget"] == 0.3
-    assert calls[0] == 0.5 and len(calls) <= 5  # (one guess fell below the floor and was refused)
-    assert calls[-1] == 0.3  # the fastest build is what the folder holds
+    assert calls[0] == 0.5 and len(calls) <= 6  # (one guess fell below the floor and was refused)
+    assert calls[-1] == ("final", 0.3)  # the fastest build is what the folder holds
 
 
 def test_a_target_below_the_floor_from_the_start_retries_at_the_floor(tmp_path):
@@ -75,7 +77,16 @@ def test_a_target_below_the_floor_from_the_start_retries_at_the_floor(tmp_path):
     calls, fake = _fake_build(lambda b: 1.0 / b, floor=0.6)
     with pytest.raises(TargetNotReachedError, match="best measured 1.667x at budget 0.6"):
         speedup_search(BuildConfig(), 2.2, tmp_path / "out2", fake)
-    assert calls == [0.4545, 0.6]
+    assert calls == [0.4545, 0.6, ("final", 0.6)]
+
+
+def test_the_last_trial_is_rebuilt_only_for_its_figures(tmp_path):
+    """When the search ends on the chosen budget, the folder already holds it: rebuilt (every stage reused) only to
+    draw the figures the trials skipped."""
+    for figures, expected in ((True, [0.8, ("final", 0.8)]), (False, [0.8])):
+        calls, fake = _fake_build(lambda b: 1.0 / b)
+        res = speedup_search(BuildConfig(figures=figures), 1.25, tmp_path / f"out-{figures}", fake, max_trials=1)
+        assert calls == expected and res.report["speed_target"]["chosen_budget"] == 0.8
 
 
 def test_other_usage_errors_are_not_taken_for_the_floor(tmp_path):

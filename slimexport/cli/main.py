@@ -223,7 +223,7 @@ def _build_options_except(*names: str):
 
 
 @cli.command()
-@_build_options_except("budget", "targets", "allocation", "speedup", "config_file", "pipeline")
+@_build_options_except("budget", "targets", "allocation", "speedup", "config_file", "pipeline", "figures")
 @click.option("--budgets", required=True, help="Budgets, comma-separated, each in (0, 1] (of --budget-metric, --budget-scope), "
                                                "e.g. 0.9,0.8,0.73,0.6.")
 @click.option("--targets", "target_sets", multiple=True, help="A target set, e.g. attn,ffn; repeat for more "

@@ -156,6 +156,9 @@ build_options = _compose(
     click.option("--pipeline/--no-pipeline", "pipeline", default=None,
                  help="Write pipeline/: the whole pipeline as ONNX (text encoder, slim UNet, VAE) for diffusers' and "
                       "Optimum's ONNX pipelines. [default: when the model is a pipeline folder or hub model]"),
+    click.option("--figures/--no-figures", "figures", default=None,
+                 help="Draw figures/ for the report (sample images, ε error per timestep, ranks, latency); --no-figures "
+                      "skips their sampled trajectories (minutes at SD sizes on a CPU). [default: --figures]"),
     click.option("--speedup", type=float, default=None,
                  help="Build at the largest budget whose measured speed-up on the engine reaches this (trial builds in "
                       "the same folder, starting at budget 1/S; the targets, metric and allocation say what it cuts)."),
