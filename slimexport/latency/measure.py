@@ -24,10 +24,8 @@ attention probes' close to it). So, per ``--targets`` group (attention, FFN, Res
 variant is exported with that group's modules at the measured width nearest half their dense rank (fresh random
 weights: only shapes matter), timed against the dense UNet in one process (interleaved), and the group's kinds get
 the scale ``s = measured saving / predicted saving`` (``LatencyTable.scales``; within ``SCALE_RANGE``; 1 when the
-predicted saving is under ``MIN_CALIBRATION_SAVING`` of the dense time). With two or more targets, one more
-variant cuts all of them at once, and the *joint factor* (``scales["joint"]``, multiplying every kind's scale) is
-its measured saving over the calibrated prediction: on OpenVINO attention + FFN cuts together saved 0.58–0.91 of
-what the per-target scales added up to. ``dense_ms`` is then those runs' dense median.
+predicted saving is under ``MIN_CALIBRATION_SAVING`` of the dense time). ``dense_ms`` is then those runs' dense
+median.
 
 Tables are cached in ``cache_dir`` by :class:`~slimexport.latency.table.TableKey` (backend, device, dtype,
 threads, shape, versions, the UNet's architecture); a second call loads the table and measures only the groups
@@ -66,7 +64,7 @@ from slimexport.engines.base import (
     make_feeds,
 )
 from slimexport.errors import ArtifactError, UsageError
-from slimexport.latency.table import JOINT, Group, LatencyTable, TableKey, table_path
+from slimexport.latency.table import Group, LatencyTable, TableKey, table_path
 from slimexport.models.arch import context_dim
 from slimexport.models.kinds import KINDS, UNITS, Info, Kind, find_units, targeted_kinds
 from slimexport.timer import CallTimer
@@ -494,14 +492,13 @@ def fit_scale(predicted_ms: float, measured_ms: float, dense_ms: float) -> float
 
 
 def calibrate_table(unet, table: LatencyTable, targets, backend: str, profile: EngineProfile, dense_dir: Path, *,
-                    joint_targets=(), dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
+                    dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
                     iterations: int = DEFAULT_CALIBRATION_ITERATIONS, work_dir: Path | None = None,
                     say: Callable = log.info) -> tuple[dict[str, float], dict[str, dict], list[float]]:
-    """Scales of the ``targets`` groups' kinds from whole-UNet variants (module docstring), then, for two or more
-    ``joint_targets``, the joint factor from one variant cutting all of them at once.
+    """Scales of the ``targets`` groups' kinds from whole-UNet variants (module docstring).
 
-    Returns ``(kind → scale (and JOINT → factor), target or "joint" → details, dense p50s)``; details hold the
-    variant's keep, the predicted and measured savings and the measured speed-up.
+    Returns ``(kind → scale, target → details, dense p50s)``; details hold the variant's ranks' keep, the predicted and
+    measured savings and the measured speed-up.
     """
     from slimexport.bench.timing import compare_speed
     from slimexport.engines.onnx_export import export_unet_onnx
@@ -511,52 +508,39 @@ def calibrate_table(unet, table: LatencyTable, targets, backend: str, profile: E
     kinds_of = {m: table.group_of(m).kind for m in table.members}
     scales, details, dense_p50 = {}, {}, []
     dense = build_engine(backend, dense_dir, cfg)
-
-    def variant(name: str, kinds: list[str], probes: LatencyTable) -> float | None:
-        """Time the UNet with ``kinds``' modules at half width; the scale of ``probes``' prediction of its saving."""
-        mids = [m for m, k in kinds_of.items() if k in kinds]
-        if not mids:
-            return None
-        ranks = calibration_ranks(table, mids)
-        predicted = probes.saved_ms(ranks)
-        if predicted < MIN_CALIBRATION_SAVING * table.dense_ms:
-            details[name] = {"predicted_ms": predicted, "skipped": "predicted saving too small to calibrate on"}
-            return None
-        t1 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="latency-variant-", dir=work_dir) as tmp:
-            v = variant_unet(unet, ranks)
-            export_unet_onnx(v, Path(tmp) / name, dtype="fp16" if dtype == "fp16" else "fp32", sample_shape=shape)
-            del v
-            engine = build_engine(backend, Path(tmp) / name, cfg)
-            try:
-                speed = compare_speed(dense, engine, feeds, warmup=1, iterations=iterations)
-            finally:
-                engine.close()
-        measured = speed["dense_ms"]["p50"] - speed["slim_ms"]["p50"]
-        dense_p50.append(speed["dense_ms"]["p50"])
-        scale = fit_scale(predicted, measured, speed["dense_ms"]["p50"])
-        details[name] = {"keep": CALIBRATION_KEEP, "modules": len(mids), "predicted_ms": round(predicted, 3),
-                         "measured_ms": round(measured, 3), "dense_ms": round(speed["dense_ms"]["p50"], 3),
-                         "speedup": round(speed["speedup"], 4), "scale": scale, "raw_scale": round(measured / predicted, 4)}
-        say("latency table: calibrated %s on a whole UNet: saved %.1f ms, the table predicted %.1f ms (scale %s, %.0f s)",
-            name, measured, predicted, "none" if scale is None else f"{scale:.3f}", time.perf_counter() - t1)
-        return scale
-
-    def kinds(targets_) -> list[str]:
-        return [k.name for k in KINDS.values() if k.target in targets_]
-
     try:
         feeds = make_feeds(dense.io_spec, shape[0], shape[2], shape[3], seed=0)
-        probes = LatencyTable(key=table.key, dense_ms=table.dense_ms, groups=table.groups, members=table.members)
         for target in targets:
-            scale = variant(target, kinds((target,)), probes)
+            kinds = [k.name for k in KINDS.values() if k.target == target]
+            mids = [m for m, k in kinds_of.items() if k in kinds]
+            if not mids:
+                continue
+            ranks = calibration_ranks(table, mids)
+            predicted = LatencyTable(key=table.key, dense_ms=table.dense_ms, groups=table.groups, members=table.members).saved_ms(ranks)
+            if predicted < MIN_CALIBRATION_SAVING * table.dense_ms:
+                details[target] = {"predicted_ms": predicted, "skipped": "predicted saving too small to calibrate on"}
+                continue
+            t1 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="latency-variant-", dir=work_dir) as tmp:
+                variant = variant_unet(unet, ranks)
+                export_unet_onnx(variant, Path(tmp) / target, dtype="fp16" if dtype == "fp16" else "fp32", sample_shape=shape)
+                del variant
+                engine = build_engine(backend, Path(tmp) / target, cfg)
+                try:
+                    speed = compare_speed(dense, engine, feeds, warmup=1, iterations=iterations)
+                finally:
+                    engine.close()
+            measured = speed["dense_ms"]["p50"] - speed["slim_ms"]["p50"]
+            dense_p50.append(speed["dense_ms"]["p50"])
+            scale = fit_scale(predicted, measured, speed["dense_ms"]["p50"])
+            details[target] = {"keep": CALIBRATION_KEEP, "modules": len(mids), "predicted_ms": round(predicted, 3),
+                               "measured_ms": round(measured, 3), "dense_ms": round(speed["dense_ms"]["p50"], 3),
+                               "speedup": round(speed["speedup"], 4), "scale": scale,
+                               "raw_scale": round(measured / predicted, 4)}
             if scale is not None:
-                scales.update({k: scale for k in kinds((target,))})
-        if len(joint_targets) >= 2:  # the kinds' scales as calibrated, without an earlier joint factor
-            each = {k: v for k, v in {**table.scales, **scales}.items() if k != JOINT}
-            factor = variant(JOINT, kinds(tuple(joint_targets)), replace(probes, scales=each))
-            scales[JOINT] = factor if factor is not None else 1.0
-            details.setdefault(JOINT, {})["targets"] = sorted(joint_targets)
+                scales.update({k: scale for k in kinds})
+            say("latency table: calibrated %s on a whole UNet: saved %.1f ms, the probes predicted %.1f ms (scale %s, %.0f s)",
+                target, measured, predicted, "none" if scale is None else f"{scale:.3f}", time.perf_counter() - t1)
     finally:
         dense.close()
     return scales, details, dense_p50
@@ -645,12 +629,9 @@ def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxrun
     scales = dict(cached.scales) if cached is not None else {}
     calibration = dict((cached.meta if cached is not None else {}).get("calibration", {}))
     uncalibrated = [t for t in targets if calibrate and t not in calibration]
-    # cuts in several kinds at once can save less than the sum of their savings alone (OpenVINO): one more variant
-    joint = sorted(set(targets)) if calibrate and len(set(targets)) >= 2 else []
-    joint = joint if calibration.get(JOINT, {}).get("targets") != joint else []
     with tempfile.TemporaryDirectory(prefix="latency-dense-", dir=work) as tmp:
         dense_dir = Path(dense_onnx) if dense_onnx is not None else None
-        if uncalibrated or joint or dense_ms is None:
+        if uncalibrated or dense_ms is None:
             if dense_dir is None:
                 from slimexport.engines.onnx_export import export_unet_onnx
 
@@ -663,11 +644,11 @@ def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxrun
             dense_ms = first = measure_dense_ms(unet, backend, profile, dtype=dtype, device=device, threads=threads,
                                                 onnx_dir=dense_dir, work_dir=work)
             dense_source = "measured"
-        if uncalibrated or joint:
-            probe_table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members, scales=scales)
-            new, details, dense_p50 = calibrate_table(unet, probe_table, uncalibrated, backend, profile, dense_dir,
-                                                      joint_targets=joint, dtype=dtype, device=device, threads=threads,
-                                                      iterations=calibration_iterations, work_dir=work, say=say)
+        if uncalibrated:
+            probe_table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members)
+            new, details, dense_p50 = calibrate_table(unet, probe_table, uncalibrated, backend, profile, dense_dir, dtype=dtype,
+                                                      device=device, threads=threads, iterations=calibration_iterations,
+                                                      work_dir=work, say=say)
             scales.update(new)
             calibration.update(details)
             if dense_p50 and dense_source != "given":  # the dense time of every timed run, interleaved ones included
@@ -676,7 +657,7 @@ def measure_table(unet, targets, profile: EngineProfile, backend: str = "onnxrun
             "dense_source": dense_source, "measured_groups": [p.gid for p in todo], "calibration": calibration,
             "seconds": round(time.perf_counter() - t0, 1)}
     table = LatencyTable(key=key, dense_ms=float(dense_ms), groups=groups, members=members, meta=meta, scales=scales)
-    if path is not None and (todo or uncalibrated or joint or cached is None or dense_source == "measured" and cached.dense_ms != dense_ms):
+    if path is not None and (todo or uncalibrated or cached is None or dense_source == "measured" and cached.dense_ms != dense_ms):
         table.save(path)
     say("latency table: %d groups, dense %.2f ms, %.0f s", len(groups), table.dense_ms, time.perf_counter() - t0)
     return table

@@ -18,9 +18,7 @@ are not counted twice. Only differences enter the prediction, so the offset does
 ``dense_ms`` is the whole dense UNet on the engine: what no module's rank touches is in it, fixed. ``s_k``
 (``scales``, per kind, 1 when absent) calibrates the probes against whole-UNet variants timed on the same engine
 (``slimexport.latency.measure``): a module alone in a probe does not run exactly as it does among the UNet's
-other layers, and the scale is the measured saving of a whole UNet over the probes' prediction of it. With more
-than one target, ``s_k`` also carries a joint factor (``scales["joint"]``): cuts in several kinds at once can save
-less than the sum of their savings alone (OpenVINO: 0.58–0.91 of it for six attention + FFN cuts).
+other layers, and the scale is the measured saving of a whole UNet over the probes' prediction of it.
 
 The table is keyed (:class:`TableKey`: backend, device, dtype, shape, threads, versions, the UNet's
 architecture), versioned (``format``) and saved atomically as JSON; a cached table is reused only under the same key.
@@ -39,7 +37,6 @@ from slimexport.artifacts import read_json, sha256_json, write_json
 from slimexport.errors import IncompatibleArtifactError, UsageError
 
 TABLE_FORMAT = "slimexport.latency/1"
-JOINT = "joint"  # the entry of ``scales`` that holds the joint factor (not a kind)
 # The probe method (what a group's times mean); a change to it invalidates cached tables.
 PROBE_VERSION = 1
 
@@ -197,8 +194,7 @@ class LatencyTable:
         return self.group_of(module_id).time_at(rank)
 
     def scale(self, kind: str) -> float:
-        """``s_k``: the kind's calibration times the joint factor (module docstring)."""
-        return float(self.scales.get(kind, 1.0)) * float(self.scales.get(JOINT, 1.0))
+        return float(self.scales.get(kind, 1.0))
 
     def level_costs(self, module_id: str, levels: Iterable[int]) -> list[float]:
         """The module's rank-dependent time at each rank level, ms: ``s_k · (t_m(r) − base_m)`` (module docstring)."""

@@ -154,30 +154,3 @@ def test_calibrated_measurement_on_onnxruntime(tiny, tmp_path):
     again = measure.measure_table(tiny.unet, ("ffn",), PROFILE, "onnxruntime", cache_dir=tmp_path / "cache", threads=1,
                                   progress=False)
     assert again.scales == table.scales and again.meta["calibration"] == table.meta["calibration"]  # not measured again
-
-
-def test_two_targets_get_a_joint_factor_once(tiny, tmp_path, monkeypatch):
-    """attn and ffn each calibrated on a whole-UNet variant, then one variant cutting both: the joint factor, kept in
-    the cached table and not measured again."""
-    def fake(unet, plan, *a, **k):  # probe times proportional to the width: savings far above tiny's real ones
-        return Group(kind=plan.kind.name, max_rank=plan.max_rank, signature=plan.signature, widths=plan.widths,
-                     times_ms=tuple(0.01 * w for w in plan.widths))
-
-    monkeypatch.setattr(measure, "measure_group", fake)
-    kw = dict(cache_dir=tmp_path / "cache", copies=2, n_widths=2, rounds=2, warmup=0, threads=1, progress=False,
-              work_dir=tmp_path / "work", calibration_iterations=2)
-    table = measure.measure_table(tiny.unet, ("attn", "ffn"), PROFILE, "onnxruntime", **kw)
-    cal = table.meta["calibration"]
-    assert {"attn", "ffn", "joint"} <= set(cal) and cal["joint"]["targets"] == ["attn", "ffn"]
-    lo, hi = measure.SCALE_RANGE
-    assert lo <= table.scales["joint"] <= hi
-    if "skipped" not in cal["joint"]:
-        assert table.scales["joint"] == cal["joint"]["scale"] and cal["joint"]["modules"] > cal["ffn"]["modules"]
-    assert table.scale("ff") == pytest.approx(table.scales.get("ff", 1.0) * table.scales["joint"])
-
-    def no_more(*a, **k):
-        raise AssertionError("calibrated again")
-
-    monkeypatch.setattr(measure, "calibrate_table", no_more)
-    again = measure.measure_table(tiny.unet, ("attn", "ffn"), PROFILE, "onnxruntime", **kw)
-    assert again.scales == table.scales

@@ -63,17 +63,6 @@ def test_predict_subtracts_each_modules_saving_from_the_dense_latency():
     assert p["table"] == t.key.digest
 
 
-def test_kind_scales_and_the_joint_factor_multiply_each_saving():
-    from dataclasses import replace
-
-    t = _table(dense_ms=100.0)
-    ranks = {"a.ff": 16, "b.ff": 12, "a.attn1.qk": 4}  # saves 6 + 6.5 (ff) and 3 (attn1.qk) unscaled
-    scaled = replace(t, scales={"ff": 0.5, "joint": 0.8})
-    assert scaled.scale("ff") == pytest.approx(0.4) and scaled.scale("attn1.qk") == pytest.approx(0.8)
-    assert scaled.saved_ms(ranks) == pytest.approx(0.4 * 12.5 + 0.8 * 3.0)
-    assert scaled.level_costs("a.ff", [40]) == pytest.approx([0.4 * (10.0 - 2.0)])  # base: the 8->16 slope to rank 0
-
-
 def test_a_module_the_table_lacks_is_refused_with_the_fix():
     with pytest.raises(UsageError, match="no entry for c.ff.*targets"):
         _table().predict_ms({"c.ff": 8})
