@@ -18,6 +18,7 @@ Results: ``--out`` (JSON, every figure and the environment) and a Markdown table
 
     python tools/latency_check.py                                         # SD1.4 shapes, both backends (about an hour on 2 cores)
     python tools/latency_check.py --model tiny --size 32 --iterations 5   # a smoke run (minutes)
+    python tools/latency_check.py --repredict OLD.json --out NEW.json     # OLD's rows predicted again, nothing timed
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def parse_args(argv=None, root: Path | None = None):
     p.add_argument("--work", type=Path, default=root / "engines" / "latency-check", help="exports, statistics, table cache")
     p.add_argument("--out", type=Path, default=root / "docs" / "results" / f"cpu-latency-check-{day}.json")
     p.add_argument("--keep-exports", action="store_true", help="keep the slim ONNX exports in WORK")
+    p.add_argument("--repredict", type=Path, default=None, metavar="RESULTS",
+                   help="time nothing: predict the rows of an earlier check's RESULTS.json again from the tables in WORK "
+                        "(table-<backend>.json), as this code reads them (after a change to the table's arithmetic)")
     p.add_argument("--alignment", default="", help="also time fine rank steps: KIND:LEVEL:FIRST:STEP[,...] (e.g. "
                    "ff:1:2304:8 times the FFN of the second resolution level from width 2304 to its dense width in steps "
                    "of 8): which multiples the engine runs fast")
@@ -309,6 +313,32 @@ def run(args) -> dict:
     }
 
 
+def repredict(args) -> dict:
+    """An earlier check's measured rows with this code's predictions from the tables it saved in WORK."""
+    from slimexport.artifacts import read_json
+    from slimexport.latency.table import LatencyTable
+
+    old = read_json(args.repredict, "latency check results")
+    tables = {b: LatencyTable.load(args.work / f"table-{b}.json") for b in sorted({r["backend"] for r in old["rows"]})}
+    rows = []
+    for r in old["rows"]:
+        variant = {"name": r["variant"], "targets": r["targets"], "budget": r["budget"], "metric": r["metric"],
+                   "method": r["allocation"]}
+        plan = {"ranks": r["ranks"], "params": {"slim_total": r["params_kept"], "dense_total": 1.0}}
+        speed = {"dense_ms": {"p50": r["measured_dense_ms"], "min": r["measured_dense_min_ms"]},
+                 "slim_ms": {"p50": r["measured_slim_ms"], "min": r["measured_slim_min_ms"]},
+                 "speedup": r["measured_speedup"], "speedup_ci95": r.get("speedup_ci95"), "iterations": r["iterations"]}
+        rows.append(_row(variant, r["backend"], plan, tables[r["backend"]], speed))
+    errs, errs_ms = [abs(r["error_speedup_pct"]) for r in rows], [abs(r["error_ms_pct"]) for r in rows]
+    return {**old, "repredicted_from": str(args.repredict), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tables": {b: {"dense_ms": t.dense_ms, "groups": len(t.groups), "digest": t.key.digest, "scales": t.scales}
+                       for b, t in tables.items()},
+            "rows": rows, "summary": {"max_abs_error_ms_pct": max(errs_ms, default=None),
+                                      "max_abs_error_speedup_pct": max(errs, default=None),
+                                      "within_goal_ms": sum(e <= 100 * GOAL for e in errs_ms),
+                                      "within_goal_speedup": sum(e <= 100 * GOAL for e in errs), "rows": len(rows)}}
+
+
 def main(argv=None, root: Path | None = None) -> int:
     import sys
 
@@ -316,7 +346,7 @@ def main(argv=None, root: Path | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, root)
     args.argv = argv
-    res = run(args)
+    res = repredict(args) if args.repredict is not None else run(args)
     write_json(args.out, res)
     md = markdown(res["rows"])
     write_text(args.out.with_suffix(".md"), md)
