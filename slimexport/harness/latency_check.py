@@ -170,6 +170,14 @@ def _row(variant: dict, backend: str, plan, table, speed: dict) -> dict:
     }
 
 
+def summary(rows: list[dict]) -> dict:
+    """The largest latency and speed-up errors of the rows, and how many are within the goal (±10%)."""
+    errs, errs_ms = [abs(r["error_speedup_pct"]) for r in rows], [abs(r["error_ms_pct"]) for r in rows]
+    return {"max_abs_error_ms_pct": max(errs_ms, default=None), "max_abs_error_speedup_pct": max(errs, default=None),
+            "within_goal_ms": sum(e <= 100 * GOAL for e in errs_ms),
+            "within_goal_speedup": sum(e <= 100 * GOAL for e in errs), "rows": len(rows)}
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| backend | slim UNet | params kept | predicted ms | measured ms | error | predicted speed-up | "
             "measured speed-up (95% CI) | error |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -293,8 +301,6 @@ def run(args) -> dict:
     if not args.keep_exports:
         for folder in slim_exports.values():
             shutil.rmtree(folder, ignore_errors=True)
-    errs = [abs(r["error_speedup_pct"]) for r in rows]
-    errs_ms = [abs(r["error_ms_pct"]) for r in rows]
     return {
         "format": "slimexport.latency-check/1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python tools/latency_check.py " + " ".join(getattr(args, "argv", []) or []),
@@ -305,10 +311,7 @@ def run(args) -> dict:
         "tables": {b: {"dense_ms": t.dense_ms, "groups": len(t.groups), "digest": t.key.digest, "meta": t.meta}
                    for b, t in tables.items()},
         "rows": rows, "unreachable": unreachable, "alignment": aligned,
-        "summary": {"max_abs_error_ms_pct": max(errs_ms) if errs_ms else None,
-                    "max_abs_error_speedup_pct": max(errs) if errs else None,
-                    "within_goal_ms": sum(e <= 100 * GOAL for e in errs_ms),
-                    "within_goal_speedup": sum(e <= 100 * GOAL for e in errs), "rows": len(rows)},
+        "summary": summary(rows),
         "environment": environment("cpu"), "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -329,14 +332,10 @@ def repredict(args) -> dict:
                  "slim_ms": {"p50": r["measured_slim_ms"], "min": r["measured_slim_min_ms"]},
                  "speedup": r["measured_speedup"], "speedup_ci95": r.get("speedup_ci95"), "iterations": r["iterations"]}
         rows.append(_row(variant, r["backend"], plan, tables[r["backend"]], speed))
-    errs, errs_ms = [abs(r["error_speedup_pct"]) for r in rows], [abs(r["error_ms_pct"]) for r in rows]
     return {**old, "repredicted_from": str(args.repredict), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tables": {b: {"dense_ms": t.dense_ms, "groups": len(t.groups), "digest": t.key.digest, "scales": t.scales}
                        for b, t in tables.items()},
-            "rows": rows, "summary": {"max_abs_error_ms_pct": max(errs_ms, default=None),
-                                      "max_abs_error_speedup_pct": max(errs, default=None),
-                                      "within_goal_ms": sum(e <= 100 * GOAL for e in errs_ms),
-                                      "within_goal_speedup": sum(e <= 100 * GOAL for e in errs), "rows": len(rows)}}
+            "rows": rows, "summary": summary(rows)}
 
 
 def main(argv=None, root: Path | None = None) -> int:
